@@ -1,0 +1,181 @@
+"""The ``mox`` command. Plugins add subcommands through ``mox_add_cli_commands``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mox_core import __version__
+from mox_core import logging as moxlog
+from mox_core.config import Config, find_config_path, load_config
+from mox_core.errors import ConfigError, MoxError
+from mox_core.plugins import PluginHost
+
+
+class State:
+    """Global options, shared by every subcommand through the click context."""
+
+    def __init__(self, config: str | None, loglevel: str | None, host: PluginHost):
+        self.config_option = config
+        self.loglevel = loglevel
+        self.host = host
+
+    @property
+    def config_path(self) -> Path:
+        return find_config_path(self.config_option)
+
+    def plugins_for_config(self) -> PluginHost:
+        """The plugin host, reloaded if mox.toml disables plugins by name."""
+        disabled = _peek_disabled_plugins(self.config_path)
+        if disabled:
+            self.host = PluginHost.load(disabled)
+        return self.host
+
+    def load_config(self, *, reapply_cli_level: bool = True) -> Config:
+        """Load the config; except for serve, the command-line level stays the default level."""
+        cfg = load_config(self.config_path, self.plugins_for_config())
+        moxlog.set_levels(cfg.static.log_level, dict(cfg.static.package_log_levels))
+        if reapply_cli_level:
+            moxlog.set_levels(self.loglevel or "info")
+        return cfg
+
+
+def _peek_disabled_plugins(path: Path) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    value = raw.get("disabled_plugins", [])
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", metavar="PATH", default=None,
+              help="mox.toml to use (default: $MOX_CONFIG, else config/mox.toml).")
+@click.option("--loglevel", default=None, metavar="LEVEL",
+              help="tracedata, traceauth, trace, debug, info, warn or error.")
+@click.version_option(__version__, prog_name="mox")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, loglevel: str | None) -> None:
+    """mox: a complete mail server, with transports and web handlers as plugins."""
+    if loglevel is not None:
+        moxlog.parse_level(loglevel)
+    moxlog.set_levels(loglevel or "info")
+    host = ctx.obj if isinstance(ctx.obj, PluginHost) else PluginHost.load()
+    ctx.obj = State(config, loglevel, host)
+
+
+# --------------------------------------------------------------------------------------------
+# mox serve
+
+
+@cli.command()
+@click.pass_obj
+def serve(state: State) -> None:
+    """Run the mail server with the config in mox.toml and domains.toml."""
+    moxlog.configure(json=True)
+    moxlog.set_levels("debug")  # until the config is loaded, as mox does
+    host = state.plugins_for_config()
+    host.raise_for_errors()
+    cfg = state.load_config(reapply_cli_level=False)
+    from mox_core.server import run
+
+    run(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# mox plugins
+
+
+@cli.group()
+def plugins() -> None:
+    """Installed plugins."""
+
+
+@plugins.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@click.option("--all", "show_all", is_flag=True, help="Include core's built-in plugins.")
+@click.pass_obj
+def plugins_list(state: State, as_json: bool, show_all: bool) -> None:
+    """List plugins: name, distribution, version, hooks, kinds and status."""
+    host = state.host
+    infos = [i for i in host.infos.values() if show_all or not i.builtin]
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    rows = [("NAME", "DISTRIBUTION", "VERSION", "HOOKS", "KINDS", "STATUS")]
+    for i in infos:
+        status = i.status if i.status != "error" else f"error: {i.error}"
+        hooks = ",".join(h.removeprefix("mox_") for h in i.hooks) or "-"
+        rows.append((i.name, i.dist or "-", i.version or "-", hooks, ",".join(i.kinds) or "-", status))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
+
+
+# --------------------------------------------------------------------------------------------
+# mox config
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check and describe the config files."""
+
+
+@config_group.command("check")
+@click.pass_obj
+def config_check(state: State) -> None:
+    """Validate mox.toml and domains.toml; print every problem, exit 1 if any."""
+    try:
+        cfg = state.load_config()
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(str(p), err=True)
+        click.echo(f"{len(exc.problems)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo(f"{cfg.path} and {cfg.domains_path}: config OK")
+
+
+@config_group.command("describe")
+@click.pass_obj
+def config_describe(state: State) -> None:
+    """Print a commented example of both config files, plugins' settings included."""
+    from mox_core.describe import describe
+
+    click.echo(describe(state.host), nl=False)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Any:
+    moxlog.configure(json=False)
+    try:
+        host = PluginHost.load()
+    except Exception as exc:  # pragma: no cover - PluginHost.load catches plugin errors
+        click.echo(f"mox: loading plugins: {exc}", err=True)
+        sys.exit(1)
+    host.add_cli_commands(cli)
+    try:
+        return cli.main(args=argv, obj=host, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(f"mox: {p}", err=True)
+        sys.exit(1)
+    except MoxError as exc:
+        click.echo(f"mox: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, moxlog.UsageError) else 1)

@@ -1,0 +1,336 @@
+"""Typed models of ``mox.toml`` and ``domains.toml``. Every field says what it is for.
+
+``mox config describe`` generates a commented example from these models, so a description
+here is documentation. Sections whose keys depend on plugins are plain tables here and are
+validated by :mod:`mox_core.config` against the registered kinds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LogLevel = Literal["tracedata", "traceauth", "trace", "debug", "info", "warn", "error"]
+LOG_LEVELS: tuple[str, ...] = ("tracedata", "traceauth", "trace", "debug", "info", "warn", "error")
+
+# Keys of a [transports.NAME] table that core handles; the rest goes to the kind's model.
+TRANSPORT_COMMON_KEYS = frozenset({"kind", "retry_intervals", "max_attempts"})
+# Keys of a [[web_handlers]] entry that core handles; the rest goes to the kind's model.
+WEBHANDLER_COMMON_KEYS = frozenset({"kind", "log_name", "domain", "path_regexp", "dont_redirect_plaintext"})
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# mox.toml
+
+
+class TLSFiles(Model):
+    cert_file: Path = Field(description="PEM certificate chain, relative to the config directory.")
+    key_file: Path = Field(description="PEM private key, relative to the config directory.")
+
+
+class SMTPListener(Model):
+    enabled: bool = Field(False, description="Accept incoming mail from the internet with SMTP.")
+    port: int = Field(25, ge=1, le=65535, description="Port for incoming SMTP.")
+    no_starttls: bool = Field(False, description="Do not offer STARTTLS (needs no TLS files).")
+    require_starttls: bool = Field(False, description="Refuse MAIL FROM before STARTTLS.")
+
+
+class SubmissionListener(Model):
+    enabled: bool = Field(False, description="Accept mail from accounts, STARTTLS then AUTH.")
+    port: int = Field(587, ge=1, le=65535, description="Port for submission.")
+    no_require_starttls: bool = Field(
+        False, description="Allow AUTH without TLS. For tests on loopback only; never on a network."
+    )
+
+
+class SubmissionsListener(Model):
+    enabled: bool = Field(False, description="Accept mail from accounts over implicit TLS.")
+    port: int = Field(465, ge=1, le=65535, description="Port for submissions (implicit TLS).")
+
+
+class HTTPListener(Model):
+    enabled: bool = Field(False, description="Serve this on the listener.")
+    port: int = Field(80, ge=1, le=65535, description="TCP port.")
+    path: str = Field("/", description="Path prefix; must start and end with /.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("path must start with /")
+        return v if v.endswith("/") else v + "/"
+
+
+class Listener(Model):
+    ips: list[str] = Field(description="IP addresses to listen on, e.g. [\"127.0.0.1\", \"::1\"].")
+    hostname: str | None = Field(None, description="Host name for this listener; default: hostname.")
+    tls: TLSFiles | None = Field(None, description="Certificate for STARTTLS and implicit TLS.")
+    smtp_max_message_size: int = Field(
+        104857600, ge=1024, description="Largest message accepted, in bytes (SIZE extension)."
+    )
+    smtp: SMTPListener = Field(default_factory=SMTPListener, description="Incoming SMTP (port 25).")
+    submission: SubmissionListener = Field(
+        default_factory=SubmissionListener, description="Submission (port 587)."
+    )
+    submissions: SubmissionsListener = Field(
+        default_factory=SubmissionsListener, description="Submissions (port 465)."
+    )
+    account_http: HTTPListener = Field(
+        default_factory=lambda: HTTPListener(port=80, path="/account/"),
+        description="Account pages over plain HTTP.",
+    )
+    admin_http: HTTPListener = Field(
+        default_factory=lambda: HTTPListener(port=80, path="/admin/"),
+        description="Admin pages over plain HTTP.",
+    )
+    webserver_http: HTTPListener = Field(
+        default_factory=lambda: HTTPListener(port=80), description="Web handlers over plain HTTP."
+    )
+    metrics_http: HTTPListener = Field(
+        default_factory=lambda: HTTPListener(port=8010, path="/metrics/"),
+        description="Prometheus metrics.",
+    )
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one IP address is required")
+        for ip in v:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"bad ip {ip!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_needed(self) -> Listener:
+        if self.tls is None:
+            if self.submissions.enabled:
+                raise ValueError("submissions needs tls (cert_file and key_file)")
+            if self.submission.enabled and not self.submission.no_require_starttls:
+                raise ValueError(
+                    "submission requires STARTTLS and so needs tls (or no_require_starttls for tests)"
+                )
+            if self.smtp.enabled and self.smtp.require_starttls:
+                raise ValueError("smtp require_starttls needs tls")
+        return self
+
+
+class DNS(Model):
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description="Resolvers as \"ip\" or \"ip:port\"; empty means the system's (/etc/resolv.conf).",
+    )
+    timeout: float = Field(5.0, gt=0, description="Seconds to wait for a DNS answer.")
+
+
+class Postmaster(Model):
+    account: str = Field(description="Account that receives mail for postmaster@.")
+    mailbox: str = Field("Inbox", description="Mailbox in that account.")
+
+
+class Queue(Model):
+    concurrency: int = Field(10, ge=1, description="Deliveries in progress at once.")
+    retry_intervals: list[float] = Field(
+        default_factory=lambda: [450.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0],
+        description="Seconds to wait after attempt 1, 2, ...; the last repeats.",
+    )
+    max_attempts: int = Field(8, ge=1, description="Attempts before a message fails with a DSN.")
+
+
+class Testing(Model):
+    allow_private_targets: bool = Field(
+        False,
+        description="Let direct delivery and web proxies connect to loopback and private "
+        "addresses. Only for tests; never set on a real server.",
+    )
+    direct_smtp_port: int = Field(25, ge=1, le=65535, description="Port direct delivery dials.")
+
+
+class StaticConfig(Model):
+    """mox.toml: read once at start; changes need a restart."""
+
+    hostname: str = Field(description="Fully qualified host name of this mail server.")
+    data_dir: Path = Field(Path("data"), description="Data directory, relative to this file.")
+    log_level: LogLevel = Field("info", description="Default log level.")
+    package_log_levels: dict[str, LogLevel] = Field(
+        default_factory=dict, description="Log level per component, e.g. smtpserver = \"debug\"."
+    )
+    disabled_plugins: list[str] = Field(
+        default_factory=list, description="Plugins not to load, by name (see mox plugins list)."
+    )
+    dns: DNS = Field(default_factory=DNS, description="DNS resolver used for SPF, DKIM and MX.")
+    postmaster: Postmaster = Field(description="Where mail for postmaster goes.")
+    listeners: dict[str, Listener] = Field(
+        default_factory=dict, description="Listeners by name."
+    )
+    transports: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Outgoing transports by name; `kind` picks the plugin, default direct.",
+    )
+    queue: Queue = Field(default_factory=Queue, description="Outgoing queue.")
+    testing: Testing = Field(default_factory=Testing, description="Settings for test setups only.")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        from mox_core.smtp.domain import to_ascii
+
+        to_ascii(v)
+        return v.lower()
+
+
+class TransportCommon(Model):
+    kind: str = Field("direct", description="Transport kind, from a plugin (mox plugins list).")
+    retry_intervals: list[float] | None = Field(
+        None, description="Retry intervals in seconds for this transport (default: [queue])."
+    )
+    max_attempts: int | None = Field(None, ge=1, description="Attempts before failing.")
+
+
+# --------------------------------------------------------------------------------------------
+# domains.toml
+
+
+class DKIMSelector(Model):
+    private_key_file: Path = Field(description="PEM private key (RSA or Ed25519), relative to config dir.")
+    hash: Literal["sha256"] = Field("sha256", description="Hash algorithm.")
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = Field(
+        "relaxed/relaxed", description="Header/body canonicalization."
+    )
+    headers: list[str] = Field(
+        default_factory=lambda: [
+            "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
+            "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+        ],
+        description="Headers to sign.",
+    )
+
+
+class DKIM(Model):
+    selectors: dict[str, DKIMSelector] = Field(default_factory=dict, description="Selectors by name.")
+    sign: list[str] = Field(default_factory=list, description="Selectors to sign outgoing mail with.")
+
+    @model_validator(mode="after")
+    def _sign_known(self) -> DKIM:
+        for s in self.sign:
+            if s not in self.selectors:
+                raise ValueError(f"sign names unknown selector {s!r}")
+        return self
+
+
+class Domain(Model):
+    description: str = Field("", description="Free text.")
+    localpart_catchall_separator: str | None = Field(
+        None, description="One separator, e.g. \"+\" (you+tag@ reaches you@). Or use the list form."
+    )
+    localpart_catchall_separators: list[str] = Field(
+        default_factory=list, description="Separators, e.g. [\"+\", \"-\"]."
+    )
+    localpart_case_sensitive: bool = Field(False, description="Match localparts with exact case.")
+    disabled: bool = Field(False, description="Refuse mail for this domain with a temporary error.")
+    dkim: DKIM = Field(default_factory=DKIM, description="DKIM signing.")
+    routes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Routes for mail from this domain."
+    )
+
+    @model_validator(mode="after")
+    def _separators(self) -> Domain:
+        if self.localpart_catchall_separator is not None and self.localpart_catchall_separators:
+            raise ValueError(
+                "cannot have both localpart_catchall_separator and localpart_catchall_separators"
+            )
+        seen = set()
+        for s in self.separators():
+            if not s:
+                raise ValueError("empty localpart catchall separator")
+            if s in seen:
+                raise ValueError(f"duplicate localpart catchall separator {s}")
+            seen.add(s)
+        return self
+
+    def separators(self) -> list[str]:
+        if self.localpart_catchall_separator is not None:
+            return [self.localpart_catchall_separator]
+        return list(self.localpart_catchall_separators)
+
+    def canonical_localpart(self, localpart: str, *, strip_separators: bool = True) -> str:
+        """Lower-case unless case sensitive, then cut at the first of each separator."""
+        lp = localpart if self.localpart_case_sensitive else localpart.lower()
+        if strip_separators:
+            for sep in self.separators():
+                lp = lp.split(sep, 1)[0]
+        return lp
+
+
+class Destination(Model):
+    mailbox: str = Field("Inbox", description="Mailbox to deliver to.")
+    full_name: str = Field("", description="Display name used in From by account pages.")
+    smtp_error: str = Field(
+        "", description="Reject at RCPT instead: \"550 text\" or \"421 text\"."
+    )
+
+    @field_validator("smtp_error")
+    @classmethod
+    def _smtp_error(cls, v: str) -> str:
+        if v and not (v.startswith("550") or v.startswith("421")):
+            raise ValueError("smtp_error must start with 550 or 421")
+        return v
+
+
+class Account(Model):
+    domain: str | None = Field(None, description="Default domain of the account.")
+    description: str = Field("", description="Free text.")
+    full_name: str = Field("", description="Display name.")
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict,
+        description="Addresses delivered to this account; \"@example.org\" is a catch-all.",
+    )
+    routes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Routes for mail from this account, checked first."
+    )
+    max_outgoing_messages_per_day: int = Field(
+        1000, description="Recipients this account may send to in 24 hours."
+    )
+    max_first_time_recipients_per_day: int = Field(
+        200, description="New recipients (never sent to before) per 24 hours."
+    )
+    rate_limiters: list[str] | None = Field(
+        None, description="Rate limiters checked for this account, in order; default the built-ins."
+    )
+    quota_message_size: int = Field(0, ge=0, description="Max total size of stored mail; 0 unlimited.")
+
+
+class WebHandlerCommon(Model):
+    kind: str = Field(description="Handler kind, from a plugin: static, redirect, reverse_proxy.")
+    log_name: str = Field("", description="Name in the access log.")
+    domain: str = Field(description="Host name the handler serves.")
+    path_regexp: str = Field("^/", description="Regular expression the request path must match.")
+    dont_redirect_plaintext: bool = Field(False, description="Serve plain HTTP as is.")
+
+
+class DynamicConfig(Model):
+    """domains.toml: reloaded while mox runs."""
+
+    domains: dict[str, Domain] = Field(default_factory=dict, description="Domains by name.")
+    accounts: dict[str, Account] = Field(default_factory=dict, description="Accounts by name.")
+    routes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Global routes, checked after account and domain routes."
+    )
+    web_domain_redirects: dict[str, str] = Field(
+        default_factory=dict, description="Redirect every request for one domain to another."
+    )
+    web_handlers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Web handlers, checked in order."
+    )
+    rate_limiters: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Extra rate limiters by name; `kind` picks the plugin."
+    )
