@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+import structlog
 
 from mox_core import __version__
 from mox_core import logging as moxlog
 from mox_core.config import Config, find_config_path, load_config
 from mox_core.errors import ConfigError, MoxError
 from mox_core.plugins import PluginHost
+
+log = structlog.get_logger(component="cli")
 
 
 class State:
@@ -42,6 +45,7 @@ class State:
         moxlog.set_levels(cfg.static.log_level, dict(cfg.static.package_log_levels))
         if reapply_cli_level:
             moxlog.set_levels(self.loglevel or "info")
+        log.debug("config_loaded", path=str(cfg.path), domains=len(cfg.dynamic.domains))
         return cfg
 
 

@@ -183,7 +183,8 @@ def load_config(path: str | os.PathLike[str], plugins: PluginHost) -> Config:
     transports: dict[str, TransportEntry] = {}
     if static is not None:
         transports = _validate_transports(static, plugins, str(path), problems)
-    dynamic = _load_dynamic(domains_path, static, transports, plugins, problems)
+    names = set(static.transports) if static is not None else None
+    dynamic = _load_dynamic(domains_path, static, names, plugins, problems)
     if problems:
         raise ConfigError(problems)
     assert static is not None and dynamic is not None
@@ -197,7 +198,7 @@ def reload_dynamic(config: Config) -> Dynamic:
     """Parse ``domains.toml`` again against the current static config."""
     problems: list[ConfigProblem] = []
     dyn = _load_dynamic(
-        config.domains_path, config.static, config.transports, config.plugins, problems
+        config.domains_path, config.static, set(config.transports), config.plugins, problems
     )
     if problems:
         raise ConfigError(problems)
@@ -274,10 +275,11 @@ def _validate_transports(
 def _load_dynamic(
     path: Path,
     static: StaticConfig | None,
-    transports: dict[str, TransportEntry],
+    transports: set[str] | None,
     plugins: PluginHost,
     problems: list[ConfigProblem],
 ) -> Dynamic | None:
+    """Validate domains.toml; ``transports`` are the names defined in mox.toml (None: unknown)."""
     file = str(path)
     try:
         mtime = path.stat().st_mtime
@@ -288,6 +290,7 @@ def _load_dynamic(
         return None
     model = _validate_model(DynamicConfig, raw, file, problems)
     if model is None:
+        _check_raw_routes(raw, transports, plugins, file, problems)
         return None
     n = len(problems)
     dyn = Dynamic(model=model, mtime=mtime)
@@ -420,11 +423,31 @@ def _load_dynamic(
     return dyn if len(problems) == n else None
 
 
+def _check_raw_routes(
+    raw: dict[str, Any], transports: set[str] | None, plugins: PluginHost, file: str,
+    problems: list[ConfigProblem],
+) -> None:
+    """Check the routes of a domains.toml that failed validation, to report all problems."""
+
+    def routes(v: Any) -> list[dict[str, Any]]:
+        ok = isinstance(v, list) and all(isinstance(r, dict) for r in v)
+        return v if ok else []
+
+    _validate_routes(routes(raw.get("routes")), "global", "routes", transports, plugins, file, problems)
+    for level, where in (("domains", "domain"), ("accounts", "account")):
+        section = raw.get(level)
+        if isinstance(section, dict):
+            for name, body in section.items():
+                if isinstance(body, dict):
+                    _validate_routes(routes(body.get("routes")), f"{where} {name}",
+                                     f"{level}.{name}.routes", transports, plugins, file, problems)
+
+
 def _validate_routes(
     raw_routes: list[dict[str, Any]],
     where: str,
     path: str,
-    transports: dict[str, TransportEntry],
+    transports: set[str] | None,
     plugins: PluginHost,
     file: str,
     problems: list[ConfigProblem],
@@ -434,7 +457,7 @@ def _validate_routes(
         rpath = f"{path}[{i}]"
         transport = raw.get("transport")
         ok = True
-        if not isinstance(transport, str) or transport not in transports:
+        if not isinstance(transport, str) or (transports is not None and transport not in transports):
             problems.append(ConfigProblem(
                 file, f"{rpath}.transport",
                 f"{where} routes: route references undefined transport {transport or ''!r}",

@@ -1,0 +1,3 @@
+from mox_core.cli import main
+
+main()

@@ -1,0 +1,22 @@
+"""The direct transport object. Delivery itself is built in the queue issue (#4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+
+
+class DirectTransport:
+    """A configured direct transport; built once per config by the plugin's factory."""
+
+    def __init__(self, name: str, settings: Any, **options: Any) -> None:
+        self.name = name
+        self.settings = settings
+        self.options = options
+
+    async def deliver(
+        self, message: OutgoingMessage, ctx: DeliveryContext
+    ) -> Sequence[RecipientResult]:
+        raise NotImplementedError(f"transport kind direct: delivery is not built yet")

@@ -1,0 +1,51 @@
+"""The smtp transport plugin is installed, registered and its settings validate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mox_core.errors import ConfigError
+from mox_core.plugins import PluginHost
+from mox_core.testconfig import load
+
+
+def test_plugin_is_installed():
+    out = subprocess.run(
+        [sys.executable, "-m", "mox_core", "plugins", "list", "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    plugins = {p["name"]: p for p in json.loads(out)}
+    info = plugins["transport_smtp"]
+    assert info["distribution"] == "mox-transport-smtp"
+    assert info["status"] == "ok"
+    assert "mox_register_transports" in info["hooks"]
+    assert any(k.startswith("transport:") for k in info["kinds"])
+
+
+def test_owner_is_this_plugin():
+    host = PluginHost.load()
+    kind = "smtp" if "smtp" != "submission" else "submission"
+    assert host.owner_of("transport", kind) == "transport_smtp"
+
+
+def test_settings_validate(tmp_path):
+    cfg = load(tmp_path, '[transports.relay]\nkind = "smtp"\nhost = "Relay.Example.NET"\nport = 2525\n')
+    s = cfg.transports["relay"].settings
+    assert (s.host, s.port, s.no_starttls) == ("relay.example.net", 2525, False)
+
+
+@pytest.mark.parametrize("host, reason", [("192.0.2.1", "not an IP address"), ("relay.example.", "must not end with a dot")])
+def test_bad_host(tmp_path, host, reason):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, f'[transports.relay]\nkind = "smtp"\nhost = "{host}"\n')
+    [p] = exc.value.problems
+    assert p.path == "transports.relay.host" and reason in p.message
+
+
+def test_starttls_options_conflict(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, '[transports.r]\nkind = "smtp"\nhost = "r.example"\nno_starttls = true\nstarttls_insecure_skip_verify = true\n')
+    assert "cannot have both" in exc.value.problems[0].message

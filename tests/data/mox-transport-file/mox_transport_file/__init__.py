@@ -1,0 +1,1 @@
+"""A third-party transport for mox: each message becomes a file in a directory."""
