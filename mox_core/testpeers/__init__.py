@@ -15,6 +15,7 @@ This module holds the small stdlib-only helpers that they share. A missing progr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -38,7 +39,9 @@ __all__ = [
     "require_file",
     "require_root",
     "require_tool",
+    "Reservation",
     "register_peer",
+    "reserve",
     "run",
     "stop_process",
     "unregister_peer",
@@ -141,7 +144,7 @@ def port_is_free(host: str, port: int, *, udp: bool = False) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on *host*, chosen by the kernel."""
+    """A currently free TCP port on *host*, chosen by the kernel (prefer :func:`reserve`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -149,20 +152,107 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_loopback_host(port: int = 25, *, prefer: str = "127.0.0.2",
                        exclude: set[str] | None = None) -> str:
-    """A 127.0.0.x address (x in 2..254) where nothing listens on *port*.
+    """A 127.0.0.x address (x in 2..254) where nothing listens on *port* (prefer :func:`reserve`).
 
     *prefer* is tried first; after that the addresses are tried in random order, so that
     concurrent test processes rarely race for the same address.
     """
+    return reserve(None, port, prefer_host=prefer, exclude=exclude, hold=False).host
+
+
+_LOCK_DIR = Path(tempfile.gettempdir()) / "mox-testpeers-locks"
+
+
+class Reservation:
+    """An address:port this process intends to listen on.
+
+    Postfix and smtp-sink set SO_REUSEPORT on their listeners, so a second instance on the same
+    address:port does *not* fail with EADDRINUSE: both run and the kernel spreads connections
+    between them. Peers therefore (1) check with a plain bind that nobody listens there and
+    (2) hold an flock on a per-address lock file (under /tmp/mox-testpeers-locks) for as long
+    as they run, so concurrent test processes never pick the same address:port.
+    """
+
+    def __init__(self, host: str, port: int, fd: int | None, path: Path | None = None):
+        self.host = host
+        self.port = port
+        self._fd = fd
+        self._path = path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self._path is not None:
+                # unlink while still holding the lock; a waiter that then gets the lock sees that
+                # the path no longer names its inode and starts over (see _lock)
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def __repr__(self) -> str:
+        return f"<Reservation {self.host}:{self.port}>"
+
+
+def _lock(host: str, port: int) -> tuple[int, Path] | None:
+    import fcntl
+
+    if not _LOCK_DIR.is_dir():
+        _LOCK_DIR.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(_LOCK_DIR, 0o1777)
+    path = _LOCK_DIR / f"{host}-{port}.lock"
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, path
+        os.close(fd)  # the holder released and unlinked it meanwhile: try again
+    return None
+
+
+def reserve(host: str | None = "127.0.0.1", port: int | None = None, *, prefer_host: str = "127.0.0.2",
+            exclude: set[str] | None = None, hold: bool = True) -> Reservation:
+    """Reserve host:port for a peer about to listen there.
+
+    host None: 127.0.0.2 (*prefer_host*) if free, else a random free 127.0.0.x (x in 2..254).
+    port None (or 0): a free port chosen by the kernel.
+    An explicitly given host *and* port that is in use raises :class:`PeerError`.
+    """
     exclude = exclude or set()
-    candidates = [f"127.0.0.{i}" for i in range(2, 255)]
-    random.shuffle(candidates)
-    if prefer:
-        candidates.insert(0, prefer)
-    for host in candidates:
-        if host not in exclude and port_is_free(host, port):
-            return host
-    raise PeerError(f"no free 127.0.0.x address for port {port}")
+    if host:
+        hosts = [host]
+    else:
+        hosts = [f"127.0.0.{i}" for i in range(2, 255)]
+        random.shuffle(hosts)
+        if prefer_host:
+            hosts.insert(0, prefer_host)
+        hosts = [h for h in hosts if h not in exclude]
+    for h in hosts:
+        for _ in range(1 if port else 50):
+            p = port or free_port(h)
+            if not port_is_free(h, p):
+                continue
+            if not hold:
+                return Reservation(h, p, None)
+            locked = _lock(h, p)
+            if locked is None:
+                continue
+            res = Reservation(h, p, *locked)
+            if not port_is_free(h, p):  # someone bound it between check and lock
+                res.release()
+                continue
+            return res
+    if host and port:
+        raise PeerError(f"{host}:{port} is in use (another listener, or another test peer holds it)")
+    raise PeerError(f"no free address for host={host!r} port={port!r}")
 
 
 def is_addr_in_use(text: str) -> bool:
@@ -286,6 +376,6 @@ def unregister_peer(peer) -> None:
 def _stop_leftover_peers() -> None:
     for peer in list(_live_peers):
         try:
-            peer.stop()
+            getattr(peer, "cleanup", peer.stop)()
         except Exception:
             pass

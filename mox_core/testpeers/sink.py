@@ -38,13 +38,12 @@ from typing import Iterable
 from . import (
     MissingToolError,  # noqa: F401  (re-exported for callers)
     PeerError,
-    free_loopback_host,
-    free_port,
     is_addr_in_use,
     make_private_dir,
     register_peer,
     remove_private_dir,
     require_tool,
+    reserve,
     stop_process,
     unregister_peer,
     wait_banner,
@@ -153,7 +152,8 @@ class SmtpSink:
 
     host: listen address; ``None`` picks 127.0.0.2 if nothing listens on *port* there, else
         another free 127.0.0.x (useful for port 25: tests then put ``sink.host`` in DNS).
-    port: ``None`` (default) picks a free port.
+    port: ``None`` (default) picks a free port. An explicit host and port that is busy raises
+        :class:`PeerError` (smtp-sink sets SO_REUSEPORT and would otherwise silently share it).
     Fault options (command lists are "RCPT", "MAIL,RCPT" or ["MAIL", "RCPT"]; the commands are
     CONNECT, HELO, EHLO, LHLO, MAIL, RCPT, VRFY, DATA, "." (end of data), RSET, NOOP, QUIT):
         reject_4xx (-r): answer "450 4.3.0 Error: command failed" (or soft_reply);
@@ -190,6 +190,7 @@ class SmtpSink:
         self.dump = dump
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
+        self._reservation = None
         args: list[str] = []
         for flag, value in (("-r", reject_4xx), ("-f", reject_5xx), ("-q", drop), ("-Q", reply_421)):
             v = _cmds(value)
@@ -225,9 +226,8 @@ class SmtpSink:
         self.fault_args = args
         # with a fault on CONNECT there is no 220 greeting: readiness is a plain TCP connect
         fault_cmds = ",".join(_cmds(v) or "" for v in (drop, reply_421, reject_4xx, reject_5xx)).upper()
-        delayed = [a.lower() for a in args[1::1] if ":" in a]
         self._no_banner = "CONNECT" in fault_cmds.replace(" ", ",").split(",") or any(
-            d.startswith("connect:") for d in delayed)
+            a.lower().startswith("connect:") for a in args)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -251,15 +251,11 @@ class SmtpSink:
             self.dir = make_private_dir("smtp-sink-")
             self.dump_dir.mkdir()
             os.chmod(self.dump_dir, 0o777)  # smtp-sink writes as -u nobody
-        tries = 1 if (self._want_port and self._want_host) else 20
+        tries = 1 if (self._want_port and self._want_host) else 10
         used: set[str] = set()
         for attempt in range(tries):
-            if self._want_host:
-                self.host = self._want_host
-            else:
-                self.host = free_loopback_host(self._want_port or 25, exclude=used) if self._want_port \
-                    else free_loopback_host(0)
-            self.port = self._want_port or free_port(self.host)
+            self._reservation = reserve(self._want_host, self._want_port, exclude=used)
+            self.host, self.port = self._reservation.host, self._reservation.port
             used.add(self.host)
             args = [exe]
             if os.geteuid() == 0:
@@ -278,11 +274,12 @@ class SmtpSink:
                     wait_banner(self.host, self.port, timeout, proc=self.proc)
             except (PeerError, TimeoutError) as e:
                 stop_process(self.proc)
+                self._reservation.release()
                 log_text = self.log_file.read_text(errors="replace")
                 if is_addr_in_use(log_text) and attempt + 1 < tries:
                     self.log_file.write_text("")
                     continue
-                self.stop()
+                self.cleanup()
                 raise PeerError(f"smtp-sink did not start on {self.host}:{self.port}: {e}\n"
                                 f"command: {' '.join(args)}\nlog:\n{log_text}") from None
             register_peer(self)
@@ -293,6 +290,9 @@ class SmtpSink:
         """SIGTERM smtp-sink (by PID); the dump directory stays until :meth:`cleanup`."""
         if self.proc is not None:
             stop_process(self.proc)
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
         unregister_peer(self)
 
     def cleanup(self) -> None:
