@@ -93,6 +93,59 @@ def serve(state: State) -> None:
     run(cfg)
 
 
+@cli.command("setaccountpassword")
+@click.argument("account")
+@click.pass_obj
+def setaccountpassword(state: State, account: str) -> None:
+    """Set the password of ACCOUNT (read from the terminal, or the first line of stdin).
+
+    Only derived credentials are stored (salted hash, SCRAM keys, CRAM-MD5 states).
+    """
+    import getpass
+
+    from mox_core.accountdb import set_password
+
+    cfg = state.load_config()
+    if account not in cfg.dynamic.model.accounts:
+        raise MoxError(f"no account {account!r} in {cfg.domains_path}")
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("repeat password: ") != pw:
+            raise MoxError("passwords do not match")
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        raise MoxError("empty password")
+    set_password(cfg, account, pw)
+    click.echo(f"password for account {account} set")
+
+
+@cli.group()
+def dkim() -> None:
+    """DKIM keys."""
+
+
+@dkim.command("gen")
+@click.option("--selector", required=True, help="Selector name, e.g. 2026a.")
+@click.option("--domain", required=True, help="Domain the key signs for.")
+@click.option("--bits", default=2048, show_default=True, type=click.IntRange(1024, 8192))
+@click.argument("keyfile", type=click.Path(dir_okay=False, path_type=Path))
+def dkim_gen(selector: str, domain: str, bits: int, keyfile: Path) -> None:
+    """Create an RSA key in KEYFILE and print the DNS record to publish, and the config to add."""
+    from mox_core.dkimsign import dns_record, generate_key
+
+    if keyfile.exists():
+        raise MoxError(f"{keyfile} exists, not overwriting")
+    public = generate_key(keyfile, bits)
+    click.echo(dns_record(selector, domain, public))
+    click.echo(f"""
+# domains.toml (key file relative to the config directory, or absolute):
+[domains."{domain}".dkim.selectors."{selector}"]
+private_key_file = "{keyfile}"
+[domains."{domain}".dkim]
+sign = ["{selector}"]""")
+
+
 # --------------------------------------------------------------------------------------------
 # mox plugins
 
@@ -156,6 +209,10 @@ def config_describe(state: State) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+
+from mox_core.cli_queue import register as _register_queue_commands  # noqa: E402
+
+_register_queue_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> Any:

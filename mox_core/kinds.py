@@ -199,6 +199,9 @@ class Submission:
     mail_from: str
     recipients: Sequence[str]  # canonical addresses
     size: int = 0
+    id: str = ""  # unique per submission: lets record() be idempotent
+    time: float = 0.0  # when it was submitted (seconds since the epoch; 0: now)
+    account_config: Any = None  # the account's settings (mox_core.configmodels.Account)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ ENTRY_POINT_GROUP = "mox.plugins"
 # Core's own kinds, registered through the same hooks as any plugin (module, name).
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("mox_core.builtin.route_matchers", "core.route_matchers"),
+    ("mox_core.builtin.rate_limiters", "core.rate_limiters"),
 )
 
 # hook name -> (category shown in "kinds", expected kind class)

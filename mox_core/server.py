@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import structlog
@@ -22,7 +23,17 @@ async def _reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
             pass
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
+async def serve(config: Config, *, stop: asyncio.Event | None = None,
+                started: asyncio.Event | None = None) -> None:
+    from mox_core.accountdb import AccountCredentials
+    from mox_core.ctl import CtlServer, socket_path
+    from mox_core.queue import Queue
+    from mox_core.ratelimit import RateLimits
+    from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
+    from mox_core.sasl.server import AuthFailureLimiter
+    from mox_core.smtpserver.listen import start_listeners
+    from mox_core.store import MaildirStore
+
     stop = stop or asyncio.Event()
     holder = ConfigHolder(config)
     loop = asyncio.get_running_loop()
@@ -31,11 +42,36 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    log.info("mox_started", hostname=config.static.hostname, config=str(config.path))
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    resolver = make_resolver(config.static.dns)
+    install_spf_lookup(resolver)
+    store = MaildirStore()
+    credentials = AccountCredentials(holder)
+    queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
+    await queue.start()
+    ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
+    await ctl.start()
+    listeners = await start_listeners(
+        holder, store=store, credentials=credentials, resolver=resolver,
+        auth_limiter=AuthFailureLimiter(), queue=queue, ratelimits=RateLimits(holder),
+    )
+    log.info("mox_started", hostname=config.static.hostname, config=str(config.path),
+             pid=os.getpid(), listeners=len(listeners))
+    if started is not None:
+        started.set()
     reloader = asyncio.create_task(_reload_loop(holder, stop))
-    await stop.wait()
-    reloader.cancel()
-    log.info("mox_stopped")
+    try:
+        await stop.wait()
+    finally:
+        reloader.cancel()
+        for lst in listeners:
+            lst.server.close()
+        await ctl.close()
+        await queue.close(grace=5)  # before the store: DSNs are delivered through it
+        await store.aclose()
+        credentials.close()
+        log.info("mox_stopped")
 
 
 def run(config: Config) -> None:

@@ -242,3 +242,32 @@ def socks_dante(request, socks_dante_factory):
 def socks_microsocks(request, socks_microsocks_factory):
     """microsocks SOCKS5 on 127.0.0.1 (loopback destinations only); param None or "auth"."""
     return socks_microsocks_factory(*_socks_credentials(_param(request)))
+
+
+# --------------------------------------------------------------------------------------------
+# mox itself
+
+
+@pytest.fixture
+def mox_server_factory(tmp_path):
+    """``factory(domains=..., static_extra="", nameserver=None, start=True) -> MoxServer``.
+
+    A real ``mox serve`` process on 127.0.0.1 with SMTP, submission (STARTTLS) and
+    submissions (implicit TLS) on free ports and a self-signed certificate for localhost.
+    """
+    from mox_core.testpeers.moxserver import MoxServer
+
+    servers = []
+
+    def factory(domains: str, static_extra: str = "", nameserver: str | None = None,
+                passwords: dict[str, str] | None = None, start: bool = True, name: str = "mox"):
+        server = MoxServer(tmp_path / f"{name}{len(servers)}", static_extra=static_extra,
+                           domains=domains, nameserver=nameserver)
+        servers.append(server)
+        for account, password in (passwords or {}).items():
+            server.set_password(account, password)
+        return server.start() if start else server
+
+    yield factory
+    for server in servers:
+        server.stop()

@@ -4,7 +4,14 @@ The SMTP server answers 250 only after ``await store.deliver(...)`` returned (re
 A.5); a :class:`StorageError` carries the 451/452 reply to give instead.
 """
 
-from mox_core.store.durable import Delivery, MaildirCache, MaildirStore, StoreStats, commit_batch, deliver_sync
+from mox_core.store.durable import (
+    Delivery,
+    MaildirCache,
+    MaildirStore,
+    StoreStats,
+    commit_batch,
+    deliver_sync,
+)
 from mox_core.store.maildir import INBOX, Maildir, StorageError, mailbox_dir, unique_name
 
 __all__ = [

@@ -1,11 +1,12 @@
 """Durable, all-or-nothing local delivery into Maildirs, with group commit.
 
-Why group commit (performance-notes.md point 4): the cost of a durable delivery is dominated by
-flushes. With concurrent clients, one writer thread that takes *everything queued right now*,
-writes and fsyncs each file, renames the batch into ``new/`` and then fsyncs each distinct
-``new/`` directory once, turns N directory fsyncs into one. It never waits for a batch to fill:
-with one client each batch holds one delivery and the cost is that of a plain
-``asyncio.to_thread(write + fsync + rename + dir fsync)``.
+Why group commit (performance-notes.md point 4): a durable delivery costs flushes. Each file
+needs its own fsync, but the fsync of the ``new/`` directory it is renamed into can be shared:
+rename everything that is ready, then fsync each distinct ``new/`` once. File writes and
+their fsyncs run in a few threads in parallel (as ``asyncio.to_thread`` would run them); the
+rename + directory fsync step is done by one thread at a time for everything written so far.
+Nothing ever waits for a batch to fill: with one client each batch holds one delivery and the
+cost is that of a plain ``asyncio.to_thread(write + fsync + rename + dir fsync)``.
 
 The rule (reliability.md A.5): a caller's future resolves only after its own files were
 fsynced, renamed, and every ``new/`` directory they were renamed into was fsynced. Only then
@@ -19,6 +20,7 @@ without a 250 having been sent; the client retries and the duplicate is accepted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import queue
@@ -30,9 +32,18 @@ from typing import Any
 
 import structlog
 
-from mox_core.store.maildir import INBOX, Maildir, StorageError, _unlink_quiet, fsync_dir, mailbox_dir, unique_name, write_file
+from mox_core.store.maildir import (
+    INBOX,
+    Maildir,
+    StorageError,
+    fsync_dir,
+    mailbox_dir,
+    unique_name,
+    unlink_quiet,
+    write_file,
+)
 
-__all__ = ["Delivery", "MaildirStore", "StoreStats", "commit_batch", "deliver_sync"]
+__all__ = ["Delivery", "MaildirCache", "MaildirStore", "StoreStats", "commit_batch", "deliver_sync"]
 
 log = structlog.get_logger(component="store.maildir")
 
@@ -83,11 +94,13 @@ class StoreStats:
     largest_batch: int = 0
 
     def add(self, other: StoreStats) -> None:
-        for f in fields(self):
-            if f.name == "largest_batch":
-                self.largest_batch = max(self.largest_batch, other.largest_batch)
-            else:
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        """Merge a thread's local counters (kept lock-free while it works) into these."""
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.largest_batch = max(self.largest_batch, other.largest_batch)
+
+
+_SUMMED = tuple(f.name for f in fields(StoreStats) if f.name != "largest_batch")
 
 
 class MaildirCache:
@@ -130,23 +143,35 @@ class _Unit:
         self.files: list[_File] = []
         self.error: StorageError | None = None
 
-    def fail(self, exc: OSError, step: str, rollback_dirs: set[str]) -> None:
-        """Remove every file of this unit from tmp/ and new/; note dirs that need an fsync."""
-        self.error = StorageError.from_oserror(exc, step)
+    def fail(self, exc: BaseException, step: str, rollback_dirs: set[str]) -> None:
+        """Remove every file of this unit from tmp/ and new/; note dirs that need an fsync.
+
+        Non-OSErrors are bugs; they still become a 451 so that no caller waits forever.
+        """
+        if isinstance(exc, OSError):
+            self.error = StorageError.from_oserror(exc, step)
+            log.error(
+                "maildir_delivery_failed", step=step, errno=exc.errno, error=str(exc), code=self.error.code
+            )
+        else:
+            self.error = StorageError.local_error(step=step, detail=repr(exc))
+            log.error("maildir_delivery_crashed", step=step, exc_info=exc)
+        self.discard(rollback_dirs)
+
+    def discard(self, rollback_dirs: set[str]) -> None:
+        """Unlink this unit's files wherever they are; add the ``new/`` dirs that changed."""
         for f in self.files:
-            if f.state:
-                # unlink new first: a crash between the two leaves at most a tmp/ leftover
-                if _unlink_quiet(f.path_new):
-                    rollback_dirs.add(f.newdir)
-            _unlink_quiet(f.path_tmp)
-        log.error(
-            "maildir_delivery_failed",
-            step=step,
-            errno=exc.errno,
-            error=str(exc),
-            code=self.error.code,
-            recipients=len(self.deliveries),
-        )
+            # unlink new first: a crash between the two leaves at most a tmp/ leftover
+            if f.state and unlink_quiet(f.path_new):
+                rollback_dirs.add(f.newdir)
+            unlink_quiet(f.path_tmp)
+
+    def result(self) -> list[Path] | StorageError:
+        return self.error if self.error is not None else [Path(f.path_new) for f in self.files]
+
+
+def _same_content(a: Delivery, b: Delivery) -> bool:
+    return a.prefix == b.prefix and (a.message is b.message or a.message == b.message)
 
 
 def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
@@ -156,14 +181,7 @@ def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
         md = maildirs.get(d.root, d.mailbox)
         name = unique_name(d.size)
         f = _File(os.path.join(md.tmp, name), os.path.join(md.new, name), md.new)
-        src = next(
-            (
-                path
-                for sd, dev, path in sources
-                if dev == md.dev and sd.prefix == d.prefix and (sd.message is d.message or sd.message == d.message)
-            ),
-            None,
-        )
+        src = next((path for sd, dev, path in sources if dev == md.dev and _same_content(sd, d)), None)
         if src is not None:
             try:
                 # The source inode is already fsynced; the new name becomes durable with the
@@ -187,43 +205,39 @@ def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
         sources.append((d, md.dev, f.path_tmp))
 
 
-def commit_batch(
-    batch: Sequence[Sequence[Delivery]],
-    maildirs: MaildirCache | None = None,
-    stats: StoreStats | None = None,
-) -> list[list[Path] | StorageError]:
-    """Durably deliver each unit of ``batch``; one result per unit, in order.
-
-    A unit is the list of files of one message (one per recipient): all of them end up in
-    their ``new/``, or none does. Units fail independently. Steps: write+fsync every file into
-    ``tmp/``, rename every file into ``new/``, fsync each distinct ``new/`` once. A unit whose
-    step fails is rolled back: its tmp files and already renamed files are unlinked, and the
-    directories it was visible in are fsynced again (best effort: if that unlink is lost in a
-    crash, the unacknowledged message reappears and the client's retry duplicates it, which
-    A.5 accepts; losing acknowledged mail it does not).
-    """
-    maildirs = maildirs if maildirs is not None else MaildirCache()
-    local = StoreStats(batches=1, deliveries=len(batch), largest_batch=len(batch))
-    units = [_Unit(ds) for ds in batch]
-    rollback_dirs: set[str] = set()
-
+def write_units(units: Sequence[_Unit], maildirs: MaildirCache, stats: StoreStats) -> None:
+    """Stage 1: every file of every unit written and fsynced in ``tmp/``. Failures roll back."""
     for unit in units:
         try:
-            _write_unit(unit, maildirs, local)
-        except OSError as exc:
-            unit.fail(exc, "write", rollback_dirs)
+            _write_unit(unit, maildirs, stats)
+        except Exception as exc:
+            unit.fail(exc, "write", set())
 
-    for unit in units:
-        if unit.error is None:
-            try:
-                for f in unit.files:
-                    f.state = 1
-                    os.rename(f.path_tmp, f.path_new)
-            except OSError as exc:
-                unit.fail(exc, "rename", rollback_dirs)
+
+def publish_units(units: Sequence[_Unit], stats: StoreStats) -> None:
+    """Stage 2 (the group commit): rename all files of ``units`` into ``new/``, then fsync
+    each distinct ``new/`` once. Units already failed are skipped; units fail independently.
+
+    A unit whose step fails is rolled back: its tmp files and already renamed files are
+    unlinked, and the directories it was visible in are fsynced again (best effort: if that
+    unlink is lost in a crash, the unacknowledged message reappears and the client's retry
+    duplicates it, which A.5 accepts; losing acknowledged mail it does not).
+    """
+    live = [u for u in units if u.error is None]
+    stats.batches += 1
+    stats.largest_batch = max(stats.largest_batch, len(live))
+    rollback_dirs: set[str] = set()
+
+    for unit in live:
+        try:
+            for f in unit.files:
+                f.state = 1
+                os.rename(f.path_tmp, f.path_new)
+        except OSError as exc:
+            unit.fail(exc, "rename", rollback_dirs)
 
     by_dir: dict[str, list[_Unit]] = {}
-    for unit in units:
+    for unit in live:
         if unit.error is None:
             for f in unit.files:
                 users = by_dir.setdefault(f.newdir, [])
@@ -232,7 +246,7 @@ def commit_batch(
     for newdir, users in by_dir.items():
         try:
             fsync_dir(newdir)
-            local.dir_fsyncs += 1
+            stats.dir_fsyncs += 1
         except OSError as exc:
             # Final for everyone in this directory: no retrying fsync and reporting success.
             for unit in users:
@@ -240,15 +254,29 @@ def commit_batch(
                     unit.fail(exc, "fsync_dir", rollback_dirs)
 
     for newdir in rollback_dirs:
-        try:
+        with contextlib.suppress(OSError):
             fsync_dir(newdir)
-        except OSError:
-            pass
 
+
+def commit_batch(
+    batch: Sequence[Sequence[Delivery]],
+    maildirs: MaildirCache | None = None,
+    stats: StoreStats | None = None,
+) -> list[list[Path] | StorageError]:
+    """Durably deliver each unit of ``batch`` in the calling thread; one result per unit.
+
+    A unit is the list of files of one message (one per recipient): all of them end up in
+    their ``new/``, or none does. Units fail independently.
+    """
+    maildirs = maildirs if maildirs is not None else MaildirCache()
+    local = StoreStats(deliveries=len(batch))
+    units = [_Unit(ds) for ds in batch]
+    write_units(units, maildirs, local)
+    publish_units(units, local)
     local.failed = sum(1 for u in units if u.error is not None)
     if stats is not None:
         stats.add(local)
-    return [u.error if u.error is not None else [Path(f.path_new) for f in u.files] for u in units]
+    return [u.result() for u in units]
 
 
 def deliver_sync(deliveries: Sequence[Delivery], maildirs: MaildirCache | None = None) -> list[Path]:
@@ -265,13 +293,23 @@ def deliver_sync(deliveries: Sequence[Delivery], maildirs: MaildirCache | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# The writer thread(s)
+# The writer threads
 
 _STOP = object()
-_Item = tuple[Sequence[Delivery], asyncio.AbstractEventLoop, "asyncio.Future[list[Path]]"]
 
 
-def _resolve(pairs: list[tuple[asyncio.Future[list[Path]], list[Path] | StorageError]]) -> None:
+class _Job:
+    """One ``deliver()`` call in flight: its unit, and the future to resolve in its loop."""
+
+    __slots__ = ("fut", "loop", "unit")
+
+    def __init__(self, unit: _Unit, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[list[Path]]) -> None:
+        self.unit = unit
+        self.loop = loop
+        self.fut = fut
+
+
+def _resolve_in_loop(pairs: list[tuple[asyncio.Future[list[Path]], list[Path] | StorageError]]) -> None:
     """Runs in the event loop: hand results to the waiting ``deliver()`` calls."""
     for fut, result in pairs:
         if fut.done():  # cancelled meanwhile
@@ -285,23 +323,35 @@ def _resolve(pairs: list[tuple[asyncio.Future[list[Path]], list[Path] | StorageE
 class MaildirStore:
     """Async front end: ``await store.deliver([...])`` resolves when the files are durable.
 
-    ``writers`` threads (default one, the setup measured in performance-notes.md) each take
-    whatever is queued when they become free, up to ``max_batch`` deliveries, and commit it
-    with :func:`commit_batch`. More than one writer lets flushes overlap on a slow disk.
-    Safe to call from several event loops; results go back to the loop that asked.
+    Two stages, so that the expensive part runs in parallel and the cheap part is shared:
 
-    Cancelling a ``deliver()`` before a writer picked it up skips it; after that the write
-    completes, unacknowledged (a possible duplicate, never a loss).
+    1. ``writers`` threads take deliveries from a queue, one at a time, and write and fsync
+       their files into ``tmp/``. A thread keeps taking what is queued *now* (never waiting
+       for more, up to ``max_batch``) before it goes on, so even one thread forms batches.
+       File fsyncs of different threads overlap, as they would with ``asyncio.to_thread``.
+    2. Group commit: the thread that finds no commit running becomes the committer. It takes
+       everything written so far by all threads, renames it into ``new/``, fsyncs each
+       distinct ``new/`` once, and resolves those futures; then it looks again, until nothing
+       is left. Deliveries written meanwhile wait for that commit and join the next one.
+
+    With one client a delivery passes both stages in the same thread, for the cost of one
+    ``asyncio.to_thread(write + fsync + rename + dir fsync)``. Safe to call from several event
+    loops; results go back to the loop that asked.
+
+    Cancelling ``deliver()`` before its files are renamed discards them; after that the
+    message is in ``new/`` unacknowledged (a possible duplicate, never a loss).
     """
 
-    def __init__(self, *, writers: int = 1, max_batch: int = 256) -> None:
+    def __init__(self, *, writers: int = 4, max_batch: int = 64) -> None:
         if writers < 1 or max_batch < 1:
             raise ValueError("writers and max_batch must be at least 1")
         self.stats = StoreStats()
         self._max_batch = max_batch
         self._maildirs = MaildirCache()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()  # stats, pending, committing
+        self._pending: list[_Job] = []  # written, waiting for a commit
+        self._committing = False
         self._state_lock = threading.Lock()  # closed-check + put vs close + stop markers
         self._closed = False
         self._threads = [
@@ -326,7 +376,7 @@ class MaildirStore:
         with self._state_lock:
             if self._closed:
                 raise StorageError.local_error(step="closed", detail="store is shut down")
-            self._queue.put((deliveries, loop, fut))
+            self._queue.put(_Job(_Unit(deliveries), loop, fut))
         return await fut
 
     def close(self) -> None:
@@ -355,43 +405,83 @@ class MaildirStore:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
             item = get()
-            if item is _STOP:
-                return
-            batch: list[_Item] = [item]
+            written: list[_Job] = []
             stop = False
-            # Take what is queued *now*; never wait for more (single-client latency).
-            while len(batch) < self._max_batch:
+            while True:
+                if item is _STOP:  # one marker per thread: leave the others' markers alone
+                    stop = True
+                    break
+                job: _Job = item
+                if not job.fut.cancelled():  # racy read, but it only errs towards writing
+                    self._write(job)
+                    if job.unit.error is None:
+                        written.append(job)
+                if len(written) >= self._max_batch:
+                    break
                 try:
                     item = get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:  # leave further stop markers to the other writers
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
+            if written:
+                self._publish(written)
             if stop:
                 return
 
-    def _commit(self, batch: list[_Item]) -> None:
-        # fut.cancelled() read from this thread is racy but only errs towards writing.
-        live = [it for it in batch if not it[2].cancelled()]
+    def _write(self, job: _Job) -> None:
+        local = StoreStats()
+        write_units([job.unit], self._maildirs, local)
+        with self._lock:
+            self.stats.add(local)
+        if job.unit.error is not None:
+            self._resolve([job])  # no reason to make a failure wait for a commit
+
+    def _publish(self, jobs: list[_Job]) -> None:
+        """Hand written jobs to the committer, becoming it if none is running."""
+        with self._lock:
+            self._pending.extend(jobs)
+            if self._committing:
+                return  # the running committer looks again before it stops
+            self._committing = True
+        while True:
+            with self._lock:
+                batch = self._pending
+                if not batch:
+                    self._committing = False
+                    return
+                self._pending = []
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Job]) -> None:
+        live: list[_Job] = []
+        for job in batch:
+            if job.fut.cancelled():
+                job.unit.discard(set())  # never acknowledged: do not make it visible
+            else:
+                live.append(job)
         if not live:
             return
         local = StoreStats()
         try:
-            results = commit_batch([it[0] for it in live], self._maildirs, local)
-        except BaseException as exc:  # a bug must not leave callers waiting forever
-            log.exception("maildir_batch_crashed")
-            err = StorageError.local_error(step="batch", detail=repr(exc))
-            results = [err] * len(live)
-        with self._stats_lock:
+            publish_units([j.unit for j in live], local)
+        except Exception as exc:  # a bug must not leave callers waiting or files in new/
+            rollback: set[str] = set()
+            for job in live:
+                if job.unit.error is None:
+                    job.unit.fail(exc, "commit", rollback)
+        with self._lock:
             self.stats.add(local)
+        self._resolve(live)
+
+    def _resolve(self, jobs: list[_Job]) -> None:
+        local = StoreStats(deliveries=len(jobs))
         per_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for (_, loop, fut), result in zip(live, results, strict=True):
-            per_loop.setdefault(loop, []).append((fut, result))
+        for job in jobs:
+            result = job.unit.result()
+            if isinstance(result, StorageError):
+                local.failed += 1
+            per_loop.setdefault(job.loop, []).append((job.fut, result))
+        with self._lock:
+            self.stats.add(local)
         for loop, pairs in per_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, pairs)
-            except RuntimeError:  # loop closed: nobody is waiting any more
-                pass
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve_in_loop, pairs)

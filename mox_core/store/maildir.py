@@ -36,6 +36,7 @@ __all__ = [
     "fsync_dir",
     "mailbox_dir",
     "unique_name",
+    "unlink_quiet",
     "write_file",
 ]
 
@@ -238,11 +239,11 @@ def write_file(path: str, prefix: bytes, body: bytes) -> None:
         finally:
             os.close(fd)
     except BaseException:
-        _unlink_quiet(path)
+        unlink_quiet(path)
         raise
 
 
-def _unlink_quiet(path: str) -> bool:
+def unlink_quiet(path: str) -> bool:
     """Best-effort unlink for rollback paths; returns whether something was removed."""
     try:
         os.unlink(path)
@@ -324,7 +325,9 @@ class Maildir:
             return 0
         for entry in entries:
             try:
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:

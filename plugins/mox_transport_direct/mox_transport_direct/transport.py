@@ -1,4 +1,9 @@
-"""The direct transport object. Delivery itself is built in the queue issue (#4)."""
+"""The direct transport: deliver to each recipient domain's MX hosts over TCP port 25.
+
+All the work is in :func:`mox_core.smtpclient.mx.deliver_via_mx`; this class adds what belongs
+to a configured transport: the address-family settings, one MTA-STS cache for its lifetime,
+and the IPs dialed per host in earlier attempts (for mox's family alternation).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,49 @@ from collections.abc import Sequence
 from typing import Any
 
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+from mox_core.smtpclient import HTTPSPolicyFetcher, MTASTSCache, Timeouts, deliver_via_mx, tcp_dial
+
+from mox_transport_direct.settings import DirectSettings
+
+_MAX_REMEMBERED_HOSTS = 10000
 
 
 class DirectTransport:
-    """A configured direct transport; built once per config by the plugin's factory."""
+    """A configured direct transport; built once per config by the plugin's factory.
 
-    def __init__(self, name: str, settings: Any, **options: Any) -> None:
+    ``options`` are for tests and embedding: ``mtasts`` (an :class:`MTASTSCache`, default one
+    per transport, persisted in the data directory), ``dial`` (a dialer), ``timeouts``,
+    ``tls_ca_file`` (extra CAs for verified TLS).
+    """
+
+    def __init__(self, name: str, settings: DirectSettings | None = None, **options: Any) -> None:
         self.name = name
-        self.settings = settings
+        self.settings = settings if settings is not None else DirectSettings()
         self.options = options
+        self._mtasts: MTASTSCache | None = options.get("mtasts")
+        self._dialed_ips: dict[str, list[str]] = {}
+
+    def _mtasts_cache(self, ctx: DeliveryContext) -> MTASTSCache:
+        if self._mtasts is None:
+            allow_private = bool(ctx.config and ctx.config.static.testing.allow_private_targets)
+            data_dir = ctx.config.data_dir if ctx.config is not None else None
+            self._mtasts = MTASTSCache(HTTPSPolicyFetcher(allow_private=allow_private), data_dir=data_dir)
+        return self._mtasts
 
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
-        raise NotImplementedError(f"transport kind direct: delivery is not built yet")
+        if len(self._dialed_ips) > _MAX_REMEMBERED_HOSTS:
+            self._dialed_ips.clear()
+        return await deliver_via_mx(
+            message,
+            ctx,
+            dial=self.options.get("dial", tcp_dial),
+            ehlo_name=ctx.hostname,
+            ipv4=not self.settings.disable_ipv4,
+            ipv6=not self.settings.disable_ipv6,
+            mtasts=self._mtasts_cache(ctx),
+            timeouts=self.options.get("timeouts", Timeouts()),
+            dialed_ips=self._dialed_ips,
+            tls_ca_file=self.options.get("tls_ca_file"),
+        )

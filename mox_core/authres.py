@@ -1,0 +1,95 @@
+"""SPF and DKIM checks of incoming mail, summarised in an Authentication-Results header.
+
+pyspf and dkimpy are synchronous; :func:`check` runs them in a thread, with DNS through the
+resolver from ``[dns]`` in mox.toml. Results follow RFC 8601.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+import dkim
+import dns.exception
+import dns.resolver
+import spf
+import structlog
+
+log = structlog.get_logger(component="authres")
+
+_SIG = re.compile(rb"^dkim-signature:", re.I | re.M)
+
+
+@dataclass
+class AuthResults:
+    spf: str = "none"
+    spf_domain: str = ""
+    dkim: list[tuple[str, str, str]] = field(default_factory=list)  # (result, d=, s=)
+
+    def header(self, hostname: str, ip: str) -> bytes:
+        parts = [f"spf={self.spf} smtp.mailfrom={self.spf_domain or '<>'}"]
+        if not self.dkim:
+            parts.append("dkim=none")
+        for result, d, s in self.dkim:
+            parts.append(f"dkim={result} header.d={d} header.s={s}")
+        text = f"Authentication-Results: {hostname};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
+        return text.encode("utf-8", "replace")
+
+
+def _dkim_dnsfunc(resolver: dns.resolver.Resolver):
+    def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
+        qname = name.decode() if isinstance(name, bytes) else name
+        try:
+            answer = resolver.resolve(qname, "TXT", raise_on_no_answer=False, lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers):
+            return None
+        except dns.exception.Timeout as exc:
+            raise dkim.DnsTimeoutError(str(exc)) from None
+        for rr in answer.rrset or []:
+            return b"".join(rr.strings)
+        return None
+
+    return get_txt
+
+
+def _check_sync(data: bytes, ip: str, helo: str, mail_from: str,
+                resolver: dns.resolver.Resolver) -> AuthResults:
+    res = AuthResults()
+    domain = mail_from.rpartition("@")[2] if mail_from else helo
+    res.spf_domain = domain
+    try:
+        result, *_ = spf.query(i=ip, s=mail_from or f"postmaster@{helo}", h=helo,
+                                          timeout=resolver.lifetime).check()
+        res.spf = {"softfail": "softfail", "neutral": "neutral", "pass": "pass", "fail": "fail",
+                   "none": "none", "temperror": "temperror", "permerror": "permerror"}.get(result, result)
+    except Exception as exc:  # pyspf raises on odd input; never fail the delivery on it
+        log.info("spf_check_error", error=str(exc))
+        res.spf = "temperror"
+    header_end = data.find(b"\r\n\r\n")
+    headers = data[: header_end if header_end >= 0 else len(data)]
+    nsig = len(_SIG.findall(headers))
+    if nsig:
+        d = dkim.DKIM(data, timeout=resolver.lifetime)
+        dnsfunc = _dkim_dnsfunc(resolver)
+        for idx in range(nsig):
+            try:
+                ok = d.verify(idx=idx, dnsfunc=dnsfunc)
+                result = "pass" if ok else "fail"
+            except dkim.DnsTimeoutError:
+                result = "temperror"
+            except dkim.ValidationError:  # e.g. body hash mismatch: the signature does not verify
+                result = "fail"
+            except dkim.DKIMException:
+                result = "permerror"
+            except Exception:
+                result = "permerror"
+            sig = d.signature_fields or {}
+            res.dkim.append((result, (sig.get(b"d") or b"").decode(errors="replace"),
+                             (sig.get(b"s") or b"").decode(errors="replace")))
+    return res
+
+
+async def check(data: bytes, ip: str, helo: str, mail_from: str,
+                resolver: dns.resolver.Resolver) -> AuthResults:
+    return await asyncio.to_thread(_check_sync, data, ip, helo, mail_from, resolver)

@@ -1,0 +1,398 @@
+"""The delivery scheduler: picks due messages, routes them, calls transports, records results.
+
+Rules (mox section 3), and why:
+
+- At most ``[queue] concurrency`` deliveries at once and at most one in flight per recipient
+  domain, so one slow or greylisting domain cannot take every slot and we never open many
+  parallel connections to one receiver.
+- Recipients of one submission to the same domain that resolve to the same transport go in one
+  ``Transport.deliver`` call: one SMTP transaction, the body sent once.
+- Before each attempt, one transaction sets attempts+1, last_attempt=now, next_attempt=now +
+  backoff and appends a "delivering..." result. A crash during delivery therefore leaves a
+  message that is retried after its backoff, and a row is only removed after the transport
+  reported DELIVERED (or the message failed for good): duplicates are possible, losses not
+  (reliability.md A.5, last point).
+- Routes are evaluated at every attempt with the current config (domains.toml reloads).
+
+Time comes from a :class:`Clock`, so tests move time forward with :class:`FakeClock` instead
+of sleeping, and :meth:`Scheduler.settle` waits until the scheduler has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from mox_core.config import Config
+from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.queue import dsn
+from mox_core.queue.store import QueuedMessage, QueueStore
+from mox_core.routing import Resolution, TransportCache, TransportUnavailable, resolve, retry_policy, route_context
+from mox_core.store import MaildirStore, StorageError
+
+__all__ = ["DELAYED_DSN_ATTEMPT", "Clock", "FakeClock", "RealClock", "Scheduler", "remaining_schedule"]
+
+log = structlog.get_logger(component="queue.delivery")
+
+# mox: a "delayed" DSN after the 5th failed attempt (about 2 hours after queueing).
+DELAYED_DSN_ATTEMPT = 5
+
+
+class Clock(Protocol):
+    """Wall-clock time (epoch seconds) and a way to sleep that an event can interrupt."""
+
+    def now(self) -> float: ...
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Return when ``event`` is set or ``timeout`` seconds passed (None: no timeout)."""
+        ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.time()
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+class FakeClock:
+    """Time that only moves when a test calls :meth:`advance`; waiters past their deadline
+    are woken then."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.t = start
+        self._waiters: list[tuple[float, asyncio.Event]] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        for deadline, ev in list(self._waiters):
+            if deadline <= self.t:
+                ev.set()
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        if timeout is not None and timeout <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.t + timeout if timeout is not None else math.inf, event)
+        self._waiters.append(entry)
+        try:
+            await event.wait()
+        finally:
+            self._waiters.remove(entry)
+
+
+def remaining_schedule(attempts: int, max_attempts: int, intervals: Sequence[float]) -> list[float]:
+    """Offsets from the start of attempt ``attempts`` to each attempt still to come."""
+    out: list[float] = []
+    t = 0.0
+    for k in range(attempts - 1, max_attempts - 1):
+        t += intervals[min(k, len(intervals) - 1)]
+        out.append(t)
+    return out
+
+
+def _result_entry(res: RecipientResult, start: float, end: float, transport: str) -> dict[str, Any]:
+    return {
+        "start": start,
+        "duration": round(end - start, 3),
+        "success": res.status is DeliveryStatus.DELIVERED,
+        "code": res.code,
+        "enhanced_code": res.enhanced_code,
+        "remote_host": res.remote_host,
+        "text": res.text,
+        "permanent": res.status is DeliveryStatus.PERMANENT,
+        "transport": transport,
+    }
+
+
+class Scheduler:
+    """One asyncio task running deliveries from a :class:`QueueStore`.
+
+    ``config`` is called for the current config at every attempt (``ConfigHolder.get``).
+    ``maildir_store`` stores DSNs. ``concurrency`` defaults to ``[queue] concurrency``.
+    """
+
+    def __init__(
+        self,
+        store: QueueStore,
+        config: Callable[[], Config],
+        *,
+        maildir_store: MaildirStore | None,
+        clock: Clock | None = None,
+        resolver: Any = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.maildir_store = maildir_store
+        self.clock: Clock = clock or RealClock()
+        self.resolver = resolver
+        self.concurrency = concurrency or config().static.queue.concurrency
+        self.transports = TransportCache()
+        self.max_inflight = 0  # highest number of deliveries at once, for tests and metrics
+        self._inflight: dict[asyncio.Task[None], str] = {}  # task -> recipient domain
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._wake_gen = 0
+        self._idle_gen = -1
+        self._idle_ev = asyncio.Event()
+
+    # -- control ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="queue-scheduler")
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop picking; give running deliveries ``grace`` seconds, then cancel them.
+
+        A cancelled delivery was already counted as an attempt with its retry time set, so it
+        is simply tried again after a restart.
+        """
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        tasks = list(self._inflight)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def kick(self) -> None:
+        """Look for due work now (after add, kick, unhold, or a finished delivery)."""
+        self._wake_gen += 1
+        self._wake.set()
+
+    async def settle(self, timeout: float = 30.0) -> None:
+        """Wait until a full pass after this call found nothing due and nothing in flight."""
+        self.kick()
+        target = self._wake_gen
+        async with asyncio.timeout(timeout):
+            while self._idle_gen < target:
+                await self._idle_ev.wait()
+
+    @property
+    def busy_domains(self) -> set[str]:
+        return set(self._inflight.values())
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            gen = self._wake_gen
+            self._wake.clear()
+            delay: float | None
+            try:
+                started = 0
+                busy = self.busy_domains  # deliveries may finish while we pick: use this set
+                free = self.concurrency - len(self._inflight)
+                if free > 0:
+                    for batch in await self.store.pick(self.clock.now(), busy, free):
+                        self._launch(batch)
+                        started += 1
+                if not started and not busy and not self._inflight:
+                    self._set_idle(gen)
+                if len(self._inflight) >= self.concurrency:
+                    delay = None  # a finishing delivery wakes us
+                else:
+                    nxt = await self.store.next_due(self.busy_domains)
+                    delay = None if nxt is None else max(0.0, nxt - self.clock.now())
+                    if delay == 0.0 and not started:
+                        delay = 0.05  # never spin; should not happen with consistent state
+                    # wake up now and then anyway, in case the wall clock jumped
+                    delay = 3600.0 if delay is None else min(delay, 3600.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("queue_scheduler_error")
+                delay = 60.0
+            await self.clock.wait(self._wake, delay)
+
+    def _set_idle(self, gen: int) -> None:
+        self._idle_gen = gen
+        ev, self._idle_ev = self._idle_ev, asyncio.Event()
+        ev.set()
+
+    def _launch(self, batch: list[QueuedMessage]) -> None:
+        task = asyncio.create_task(self._run_batch(batch), name=f"queue-delivery-{batch[0].id}")
+        self._inflight[task] = batch[0].recipient_domain
+        self.max_inflight = max(self.max_inflight, len(self._inflight))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        self.kick()
+
+    async def _run_batch(self, batch: list[QueuedMessage]) -> None:
+        try:
+            await self.attempt(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("queue_delivery_crashed", msg_id=batch[0].id)
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def _resolve(self, cfg: Config, m: QueuedMessage) -> Resolution:
+        ctx = route_context(mail_from=m.mail_from, recipient=m.recipient, attempts=m.attempts,
+                            account=m.account)
+        return resolve(cfg, ctx, m.transport)
+
+    async def attempt(self, candidates: list[QueuedMessage]) -> None:
+        """Deliver the first candidate plus those of the others that share its transport."""
+        cfg = self.config()
+        start = self.clock.now()
+        first = candidates[0]
+        res = self._resolve(cfg, first)
+        group = [first] + [
+            m for m in candidates[1:]
+            if (r := self._resolve(cfg, m)).name == res.name and r.error == res.error
+        ]
+        intervals, max_attempts = retry_policy(cfg, res)
+        plans = [(m.id, start + intervals[min(m.attempts, len(intervals) - 1)], max_attempts)
+                 for m in group]
+        pending = {"start": start, "text": "delivering...", "transport": res.name, "pending": True}
+        rows = await self.store.start_attempt(plans, start, pending)
+        if not rows:
+            return
+        before = rows[0].attempts - 1
+        log.info("delivery_attempt", msg_ids=[m.id for m in rows], domain=rows[0].recipient_domain,
+                 transport=res.name, source=res.source, attempt=before + 1)
+        data, results = await self._call_transport(cfg, res, rows, before)
+        await self._record(cfg, res, rows, results, data, start, intervals)
+
+    async def _call_transport(
+        self, cfg: Config, res: Resolution, rows: list[QueuedMessage], before: int
+    ) -> tuple[bytes, list[RecipientResult]]:
+        def all_temporary(text: str) -> list[RecipientResult]:
+            return [RecipientResult(m.recipient, DeliveryStatus.TEMPORARY, text=text) for m in rows]
+
+        first = rows[0]
+        try:
+            data = await self.store.read_message(first.file)
+        except OSError as exc:
+            log.error("queue_message_file_unreadable", msg_id=first.id, error=str(exc))
+            return b"", all_temporary(f"reading queued message: {exc.strerror or exc}")
+        try:
+            transport = self.transports.get(cfg, res)
+        except TransportUnavailable as exc:
+            return data, all_temporary(str(exc))
+        except Exception as exc:
+            log.exception("transport_build_failed", transport=res.name, kind=res.kind)
+            return data, all_temporary(f"transport {res.name!r} could not be set up: {exc}")
+        msg = OutgoingMessage(
+            mail_from=first.mail_from, recipients=[m.recipient for m in rows], data=data,
+            account=first.account, smtputf8=first.smtputf8, has_8bit=first.has_8bit,
+        )
+        ctx = DeliveryContext(transport_name=res.name, attempt=before, hostname=cfg.static.hostname,
+                              config=cfg, resolver=self.resolver)
+        try:
+            out = list(await transport.deliver(msg, ctx))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the contract says results, not exceptions: a bug
+            log.exception("transport_raised", transport=res.name, kind=res.kind)
+            return data, all_temporary(f"transport error: {type(exc).__name__}: {exc}")
+        if len(out) == len(rows):
+            return data, out
+        by_rcpt = {r.recipient.lower(): r for r in out}
+        log.error("transport_result_mismatch", transport=res.name, expected=len(rows), got=len(out))
+        return data, [
+            by_rcpt.get(m.recipient.lower())
+            or RecipientResult(m.recipient, DeliveryStatus.TEMPORARY, text="transport gave no result")
+            for m in rows
+        ]
+
+    async def _record(
+        self, cfg: Config, res: Resolution, rows: list[QueuedMessage],
+        results: list[RecipientResult], data: bytes, start: float, intervals: list[float],
+    ) -> None:
+        end = self.clock.now()
+        remove: list[int] = []
+        update: list[tuple[int, dict[str, Any]]] = []
+        failed: list[tuple[QueuedMessage, RecipientResult]] = []
+        delayed: list[tuple[QueuedMessage, RecipientResult]] = []
+        for m, r in zip(rows, results, strict=True):
+            entry = _result_entry(r, start, end, res.name)
+            fields = dict(msg_id=m.id, recipient=m.recipient, transport=res.name,
+                          attempt=m.attempts, code=r.code, enhanced_code=r.enhanced_code,
+                          remote_host=r.remote_host, text=r.text)
+            if r.status is DeliveryStatus.DELIVERED:
+                remove.append(m.id)
+                log.info("delivery_delivered", **fields)
+            elif r.status is DeliveryStatus.PERMANENT or m.attempts >= m.max_attempts:
+                remove.append(m.id)
+                failed.append((m, r))
+                log.info("delivery_failed", permanent=r.permanent, max_attempts=m.max_attempts, **fields)
+            else:
+                update.append((m.id, entry))
+                if m.attempts == DELAYED_DSN_ATTEMPT:
+                    delayed.append((m, r))
+                log.info("delivery_deferred", next_attempt=m.next_attempt, **fields)
+        # DSNs before the rows change: a crash in between repeats work, it does not lose a DSN.
+        if failed:
+            await self.send_dsn(cfg, "failed", failed, data, end)
+        if delayed:
+            sched = remaining_schedule(delayed[0][0].attempts, delayed[0][0].max_attempts, intervals)
+            await self.send_dsn(cfg, "delayed", delayed, data, end, retry_in=sched,
+                                will_retry_until=start + sched[-1] if sched else None)
+        await self.store.finish_attempt(remove, update)
+
+    async def send_dsn(
+        self, cfg: Config, action: str, pairs: Sequence[tuple[QueuedMessage, RecipientResult]],
+        data: bytes, now: float, *, retry_in: Sequence[float] = (),
+        will_retry_until: float | None = None,
+    ) -> int:
+        """One report per submission for ``pairs``; only for local senders, never for ``<>``.
+
+        Returns the number of DSNs stored. A storage failure is logged, not raised: the
+        message's fate does not change because its report could not be written.
+        """
+        by_base: dict[int, list[tuple[QueuedMessage, RecipientResult]]] = {}
+        for m, r in pairs:
+            by_base.setdefault(m.base_id, []).append((m, r))
+        sent = 0
+        for group in by_base.values():
+            m0 = group[0][0]
+            if not m0.mail_from or not m0.account:
+                log.debug("dsn_skipped", msg_id=m0.id, null_sender=not m0.mail_from,
+                          local_sender=bool(m0.account))
+                continue
+            if self.maildir_store is None:
+                log.error("dsn_not_stored", msg_id=m0.id, error="no maildir store")
+                continue
+            recipients = [
+                dsn.DSNRecipient(m.recipient, r.enhanced_code, r.code, r.remote_host, r.text,
+                                 m.last_attempt)
+                for m, r in group
+            ]
+            report = dsn.compose(
+                hostname=cfg.static.hostname, mail_from=m0.mail_from, action=action,
+                recipients=recipients, original=data, arrival=m0.queued, now=now,
+                smtputf8=m0.smtputf8, original_message_id=m0.message_id, retry_in=retry_in,
+                will_retry_until=will_retry_until,
+            )
+            try:
+                await dsn.deliver(cfg, self.maildir_store, account=m0.account,
+                                  mail_from=m0.mail_from, dsn=report)
+            except StorageError as exc:
+                log.error("dsn_not_stored", msg_id=m0.id, action=action, error=str(exc))
+                continue
+            sent += 1
+            log.info("dsn_stored", msg_id=m0.id, action=action, account=m0.account,
+                     recipients=[m.recipient for m, _ in group])
+        return sent

@@ -1,0 +1,592 @@
+"""The queue's durable state: SQLite index (one row per recipient) plus one file per message.
+
+Why this shape (mox ``queue/``): a submission with N remote recipients is one message file and
+N rows sharing ``base_id``, so the body is stored once however many recipients it has, and the
+scheduler can still retry, hold or fail each recipient on its own.
+
+Durability of :meth:`QueueStore.add` (reliability.md A.5): the message file is written into
+``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory fsynced, the
+local Maildir copies of the same submission are committed, and only then are the rows
+committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). A failure at any
+step removes what that submission wrote and raises :class:`StorageError`. A crash between the
+file rename and the commit leaves a message file no row refers to; :meth:`QueueStore.open`
+removes such orphans, so nothing half-written is ever delivered.
+
+Picking due work must not slow down with queue size: ``domain_due`` keeps, per recipient
+domain, the earliest ``next_attempt`` of its non-held rows (maintained by triggers from the
+index ``(hold, recipient_domain, next_attempt)``), so finding the next due domains that are not
+busy reads a handful of rows whatever the number of queued messages.
+
+All SQLite work runs in one thread (one connection, one writer), so concurrent ``add()`` calls
+queue up behind a running commit and are then written and committed together (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mox_core.errors import MoxError
+from mox_core.queue.records import COLUMNS, SCHEMA, Filter, QueuedMessage
+from mox_core.routing import address_domain
+from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
+from mox_core.store.maildir import fsync_dir, write_file
+
+__all__ = ["Filter", "QueueLocked", "QueueStore", "QueuedMessage", "recipient_domain"]
+
+log = structlog.get_logger(component="queue.store")
+
+# Message files per directory: 8192, as mox (queue/<id >> 13>/<id>).
+FILES_PER_DIR_SHIFT = 13
+
+class QueueLocked(MoxError):
+    """Another process (a running ``mox serve``) holds the queue."""
+
+
+recipient_domain = address_domain
+
+
+@dataclass
+class _Add:
+    """One ``add()`` call on its way through the writer thread."""
+
+    account: str | None
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes
+    local: Sequence[Delivery]
+    smtputf8: bool
+    hold: bool
+    transport: str | None
+    now: float
+    loop: asyncio.AbstractEventLoop
+    fut: asyncio.Future[list[int]]
+    rel: str = ""  # file, relative to msg/
+    state: int = 0  # 0 nothing on disk, 1 tmp written, 2 renamed into msg/
+    local_paths: list[Path] = field(default_factory=list)
+    error: StorageError | None = None
+    ids: list[int] = field(default_factory=list)
+
+
+class QueueStore:
+    """``<data_dir>/queue/``: ``index.db``, ``msg/<id >> 13>/<id>`` message files, ``tmp/``.
+
+    Create, then ``await open()``. ``lock=True`` (the server) takes an exclusive lock on
+    ``queue/lock`` so that a second server, or an offline ``mox queue`` command, cannot work
+    on the same queue at the same time, and removes orphaned message files.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(data_dir) / "queue"
+        self.msg_dir = self.dir / "msg"
+        self.tmp_dir = self.dir / "tmp"
+        self.db_path = self.dir / "index.db"
+        self._db: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
+        self._pending: list[_Add] = []
+        self._pending_lock = threading.Lock()
+        self._flush_scheduled = False
+        self._maildirs = MaildirCache()
+        self._known_dirs: set[str] = set()
+        self._lock_fd: int | None = None
+        self.commits = 0  # add() transactions, for tests of group commit
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self, *, lock: bool = True, cleanup: bool = True) -> None:
+        await self._run(self._open_sync, lock, cleanup)
+
+    def _open_sync(self, lock: bool, cleanup: bool) -> None:
+        for d in (self.dir.parent, self.dir, self.msg_dir, self.tmp_dir):
+            _mkdir_durable(str(d))
+        if lock:
+            self._take_lock()
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(SCHEMA)
+        self._db = db
+        if lock and cleanup:
+            self._remove_orphans()
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QueueLocked(f"queue {self.dir} is in use by another process") from None
+        self._lock_fd = fd
+
+    def _remove_orphans(self) -> None:
+        """Files a crash left behind: in tmp/, or in msg/ without a row (not acknowledged)."""
+        assert self._db is not None
+        referenced = {r[0] for r in self._db.execute("SELECT DISTINCT file FROM msg")}
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            removed += _unlink_quiet(entry.path)
+        for sub in os.scandir(self.msg_dir):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if f"{sub.name}/{entry.name}" not in referenced:
+                    removed += _unlink_quiet(entry.path)
+        if removed:
+            log.info("queue_orphans_removed", count=removed)
+
+    async def close(self) -> None:
+        await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("queue store is not open")
+        return self._db
+
+    # -- add: the 250-after-DATA path -------------------------------------------------------
+
+    async def add(
+        self, *, account: str | None, mail_from: str, recipients: Sequence[str], data: bytes,
+        local_deliveries: Sequence[Delivery] = (), smtputf8: bool = False, hold: bool = False,
+        transport: str | None = None, now: float | None = None,
+    ) -> list[int]:
+        """Queue ``data`` for ``recipients``; return the row ids once all of it is durable.
+
+        ``local_deliveries`` (Maildir copies for local recipients of the same submission) are
+        committed in the same step: either both they and the queue rows are durable when this
+        returns, or :class:`StorageError` is raised and neither is kept.
+        """
+        if not recipients:
+            raise ValueError("queue add without recipients")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[int]] = loop.create_future()
+        item = _Add(account, mail_from, list(recipients), data, list(local_deliveries), smtputf8,
+                    hold, transport, time.time() if now is None else now, loop, fut)
+        with self._pending_lock:
+            self._pending.append(item)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._executor.submit(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+            self._flush_scheduled = False
+        try:
+            self._commit_adds(batch)
+        except BaseException as exc:  # a bug must not leave SMTP sessions waiting forever
+            log.exception("queue_add_batch_crashed")
+            for it in batch:
+                if it.error is None:
+                    it.error = StorageError.local_error(step="batch", detail=repr(exc))
+                    it.ids = []
+                    self._rollback(it)
+        for it in batch:
+            it.loop.call_soon_threadsafe(_resolve, it.fut, it.error, it.ids)
+
+    def _commit_adds(self, batch: list[_Add]) -> None:
+        # 1. Message files: write+fsync in tmp/, rename into msg/<xx>/, fsync each dir once.
+        # Ids are assigned here, before anything is written, so the file can be named after
+        # its submission's base id (mox: queue/<id >> 13>/<id>): one batch lands in one
+        # directory, which then costs one directory fsync. This thread is the only writer;
+        # ids of a failed submission are simply used again.
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'msg'").fetchone()
+        next_id = (row[0] if row else 0) + 1
+        dirs: dict[str, list[_Add]] = {}
+        for it in batch:
+            it.ids = list(range(next_id, next_id + len(it.recipients)))
+            next_id += len(it.recipients)
+            name = str(it.ids[0])
+            shard = str(it.ids[0] >> FILES_PER_DIR_SHIFT)
+            it.rel = f"{shard}/{name}"
+            try:
+                write_file(str(self.tmp_dir / name), b"", it.data)
+                it.state = 1
+                shard_dir = str(self.msg_dir / shard)
+                if shard_dir not in self._known_dirs:
+                    _mkdir_durable(shard_dir)
+                    self._known_dirs.add(shard_dir)
+                os.rename(self.tmp_dir / name, self.msg_dir / it.rel)
+                it.state = 2
+                dirs.setdefault(shard_dir, []).append(it)
+            except OSError as exc:
+                self._fail(it, exc, "write")
+        for d, users in dirs.items():
+            try:
+                fsync_dir(d)
+            except OSError as exc:
+                for it in users:
+                    if it.error is None:
+                        self._fail(it, exc, "fsync_dir")
+        # 2. Local Maildir copies of the same submissions, as units of one group commit.
+        with_local = [it for it in batch if it.error is None and it.local]
+        if with_local:
+            results = commit_batch([it.local for it in with_local], self._maildirs)
+            for it, res in zip(with_local, results, strict=True):
+                if isinstance(res, StorageError):
+                    it.error = res
+                    it.ids = []
+                    self._rollback(it)
+                else:
+                    it.local_paths = res
+        # 3. One transaction for the rows of every surviving submission.
+        ok = [it for it in batch if it.error is None]
+        if not ok:
+            return
+        try:
+            self._insert(ok)
+        except (sqlite3.Error, OSError) as exc:
+            err = _sqlite_storage_error(exc)
+            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(ok))
+            for it in ok:
+                it.error = err
+                it.ids = []
+                self._rollback(it)
+            return
+        self.commits += 1
+
+    def _insert(self, items: list[_Add]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = []
+            for it in items:
+                message_id, subject = _header_summary(it.data)
+                has_8bit = not it.data.isascii()
+                smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
+                    not r.isascii() for r in it.recipients
+                )
+                for mid, rcpt in zip(it.ids, it.recipients, strict=True):
+                    rows.append((
+                        mid, it.ids[0], it.account, it.mail_from, rcpt, recipient_domain(rcpt),
+                        it.now, it.now, int(it.hold), it.transport, len(it.data), int(has_8bit),
+                        int(smtputf8), message_id, subject, it.rel,
+                    ))
+            db.executemany(
+                "INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, "
+                "queued, next_attempt, hold, transport, size, has_8bit, smtputf8, message_id, "
+                "subject, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _fail(self, it: _Add, exc: OSError, step: str) -> None:
+        it.error = StorageError.from_oserror(exc, step)
+        it.ids = []
+        log.error("queue_write_failed", step=step, errno=exc.errno, error=str(exc),
+                  code=it.error.code)
+        self._rollback(it)
+
+    def _rollback(self, it: _Add) -> None:
+        """Remove what this submission put on disk; fsync directories it was visible in."""
+        name = it.rel.rpartition("/")[2]
+        if it.state >= 2 and _unlink_quiet(str(self.msg_dir / it.rel)):
+            _fsync_quiet(str((self.msg_dir / it.rel).parent))
+        if it.state >= 1:
+            _unlink_quiet(str(self.tmp_dir / name))
+        it.state = 0
+        newdirs = set()
+        for p in it.local_paths:
+            if _unlink_quiet(str(p)):
+                newdirs.add(str(p.parent))
+        for d in newdirs:
+            _fsync_quiet(d)
+        it.local_paths = []
+
+    # -- scheduler side ---------------------------------------------------------------------
+
+    async def pick(self, now: float, busy: set[str], limit: int) -> list[list[QueuedMessage]]:
+        """Up to ``limit`` batches of due, not held rows, one per domain not in ``busy``.
+
+        A batch is the earliest due row of its domain plus every other due row of the same
+        submission to that domain: candidates for one transaction.
+        """
+        return await self._run(self._pick_sync, now, busy, limit)
+
+    def _pick_sync(self, now: float, busy: set[str], limit: int) -> list[list[QueuedMessage]]:
+        db = self.db
+        domains = [
+            d for (d,) in db.execute(
+                "SELECT domain FROM domain_due WHERE next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+                (now, limit + len(busy)),
+            ) if d not in busy
+        ][:limit]
+        out = []
+        for d in domains:
+            first = db.execute(
+                f"SELECT {COLUMNS} FROM msg WHERE hold = 0 AND recipient_domain = ? "
+                "AND next_attempt <= ? ORDER BY next_attempt, id LIMIT 1", (d, now),
+            ).fetchone()
+            if first is None:
+                continue
+            head = QueuedMessage.from_row(first)
+            rest = [
+                QueuedMessage.from_row(r) for r in db.execute(
+                    f"SELECT {COLUMNS} FROM msg WHERE base_id = ? AND recipient_domain = ? "
+                    "AND hold = 0 AND next_attempt <= ? AND id != ? ORDER BY id",
+                    (head.base_id, d, now, head.id),
+                )
+            ]
+            out.append([head, *rest])
+        return out
+
+    async def next_due(self, busy: set[str]) -> float | None:
+        """Earliest ``next_attempt`` of a non-held row whose domain is not busy."""
+        return await self._run(self._next_due_sync, busy)
+
+    def _next_due_sync(self, busy: set[str]) -> float | None:
+        for d, t in self.db.execute(
+            "SELECT domain, next_attempt FROM domain_due ORDER BY next_attempt LIMIT ?",
+            (len(busy) + 1,),
+        ):
+            if d not in busy:
+                return float(t)
+        return None
+
+    async def start_attempt(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> list[QueuedMessage]:
+        """Before an attempt, in one transaction per row set: attempts+1, last_attempt=now,
+        next_attempt from ``plans`` (id, next_attempt, max_attempts) and a "delivering..."
+        result. Returns the rows still queued and not held, as updated."""
+        return await self._run(self._start_sync, plans, now, result)
+
+    def _start_sync(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> list[QueuedMessage]:
+        db = self.db
+        out = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for mid, nxt, max_attempts in plans:
+                row = db.execute(
+                    "UPDATE msg SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, "
+                    "max_attempts = ?, results = json_insert(results, '$[#]', json(?)) "
+                    f"WHERE id = ? AND hold = 0 RETURNING {COLUMNS}",
+                    (now, nxt, max_attempts, json.dumps(result), mid),
+                ).fetchone()
+                if row is not None:
+                    out.append(QueuedMessage.from_row(row))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return out
+
+    async def finish_attempt(
+        self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]
+    ) -> None:
+        """After an attempt, one transaction: delete ``remove`` rows, replace the last result
+        of ``update`` rows. Message files no longer referenced are deleted afterwards."""
+        await self._run(self._finish_sync, remove, update)
+
+    def _finish_sync(self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        db = self.db
+        files: set[tuple[int, str]] = set()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for mid, res in update:
+                db.execute(
+                    "UPDATE msg SET results = json_set(results, '$[#-1]', json(?)) WHERE id = ?",
+                    (json.dumps(res), mid),
+                )
+            files |= self._delete(remove)[1]
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._remove_unreferenced(files)
+
+    def _delete(self, ids: Sequence[int]) -> tuple[int, set[tuple[int, str]]]:
+        """Delete rows; return how many existed, and the (base_id, file) they referred to."""
+        n = 0
+        files = set()
+        for mid in ids:
+            row = self.db.execute(
+                "DELETE FROM msg WHERE id = ? RETURNING base_id, file", (mid,)
+            ).fetchone()
+            if row is not None:
+                n += 1
+                files.add((row[0], row[1]))
+        return n, files
+
+    def _remove_unreferenced(self, files: set[tuple[int, str]]) -> None:
+        # All rows of a file share its base_id (indexed), so the check stays cheap.
+        # No fsync: a file whose unlink is lost in a crash is an orphan, removed at startup.
+        for base_id, f in files:
+            if self.db.execute(
+                "SELECT 1 FROM msg WHERE base_id = ? LIMIT 1", (base_id,)
+            ).fetchone() is None:
+                _unlink_quiet(str(self.msg_dir / f))
+
+    async def read_message(self, rel: str) -> bytes:
+        """The message bytes (read in a worker thread; may be large)."""
+        path = self.msg_dir / rel
+        return await asyncio.to_thread(path.read_bytes)
+
+    # -- admin side -------------------------------------------------------------------------
+
+    async def list_messages(self, flt: Filter, *, order: str = "next_attempt DESC, id DESC") -> list[QueuedMessage]:
+        return await self._run(self._list_sync, flt, order)
+
+    def _list_sync(self, flt: Filter, order: str) -> list[QueuedMessage]:
+        where, args = flt.where()
+        sql = f"SELECT {COLUMNS} FROM msg{where} ORDER BY {order}"
+        if flt.limit:
+            sql += " LIMIT ?"
+            args.append(flt.limit)
+        return [QueuedMessage.from_row(r) for r in self.db.execute(sql, args)]
+
+    async def get(self, mid: int) -> QueuedMessage | None:
+        rows = await self.list_messages(Filter(ids=(mid,)))
+        return rows[0] if rows else None
+
+    async def update(self, flt: Filter, assignments: dict[str, Any]) -> list[int]:
+        """``UPDATE msg SET <assignments> <filter>``; returns the ids changed."""
+        return await self._run(self._update_sync, flt, assignments)
+
+    def _update_sync(self, flt: Filter, assignments: dict[str, Any]) -> list[int]:
+        allowed = {"next_attempt", "hold", "transport"}
+        if not set(assignments) <= allowed:
+            raise ValueError(f"cannot set {sorted(set(assignments) - allowed)}")
+        where, args = flt.where()
+        if flt.limit:
+            where = f" WHERE id IN (SELECT id FROM msg{where} ORDER BY next_attempt DESC LIMIT ?)"
+            args.append(flt.limit)
+        sets = ", ".join(f"{k} = ?" for k in assignments)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [r[0] for r in db.execute(
+                f"UPDATE msg SET {sets}{where} RETURNING id", [*assignments.values(), *args]
+            )]
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return ids
+
+    async def remove(self, ids: Sequence[int]) -> int:
+        """Delete rows (drop, or after an admin fail); returns how many existed."""
+        return await self._run(self._remove_sync, ids)
+
+    def _remove_sync(self, ids: Sequence[int]) -> int:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            n, files = self._delete(ids)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._remove_unreferenced(files)
+        return n
+
+    async def count(self) -> int:
+        return await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM msg").fetchone()[0])
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def _resolve(fut: asyncio.Future[list[int]], error: StorageError | None, ids: list[int]) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(ids)
+
+
+def _sqlite_storage_error(exc: BaseException) -> StorageError:
+    """A failed commit: 452 when the disk is full, else 451 (reliability.md A.5 step 5)."""
+    if isinstance(exc, OSError):
+        return StorageError.from_oserror(exc, "commit")
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+        return StorageError.from_oserror(OSError(errno.ENOSPC, str(exc)), "commit")
+    return StorageError.local_error(step="commit", detail=str(exc))
+
+
+def _header_summary(data: bytes) -> tuple[str, str]:
+    """Message-ID and Subject for listings and DSN References; parse the header only."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 2] if end >= 0 else data[:65536]
+    try:
+        msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+        mid = str(msg.get("Message-ID", "") or "").strip()
+        subject = str(msg.get("Subject", "") or "").strip()
+    except Exception:  # a broken header must not fail the submission
+        return "", ""
+    return mid[:998], subject[:200]
+
+
+def _mkdir_durable(path: str) -> None:
+    """Create ``path`` (and missing parents), fsyncing each parent that gained an entry."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if not parent or parent == path:
+            raise
+        _mkdir_durable(parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def _unlink_quiet(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def _fsync_quiet(path: str) -> None:
+    try:
+        fsync_dir(path)
+    except OSError:
+        pass

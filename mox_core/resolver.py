@@ -1,0 +1,80 @@
+"""DNS resolvers built from ``[dns]`` in mox.toml.
+
+Tests point ``nameservers`` at a DNS server they start on loopback; nothing in mox asks the
+system resolver when nameservers are configured. pyspf only knows a module-level lookup
+function, so :func:`install_spf_lookup` replaces it with one that uses our resolver.
+"""
+
+from __future__ import annotations
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from mox_core.configmodels import DNS
+
+
+def _nameservers(cfg: DNS) -> tuple[list[str], int | None]:
+    ips, port = [], None
+    for ns in cfg.nameservers:
+        host, _, p = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "")
+        if ns.startswith("["):  # [::1]:53
+            host, _, p = ns[1:].partition("]:")
+        ips.append(host or ns)
+        if p:
+            port = int(p)
+    return ips, port
+
+
+def make_resolver(cfg: DNS) -> dns.resolver.Resolver:
+    """A synchronous resolver (for pyspf and dkimpy, which run in a thread)."""
+    if not cfg.nameservers:
+        r = dns.resolver.Resolver()
+    else:
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, port = _nameservers(cfg)
+        if port:
+            r.port = port
+    r.lifetime = cfg.timeout
+    r.timeout = cfg.timeout
+    return r
+
+
+def make_async_resolver(cfg: DNS) -> dns.asyncresolver.Resolver:
+    if not cfg.nameservers:
+        r = dns.asyncresolver.Resolver()
+    else:
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers, port = _nameservers(cfg)
+        if port:
+            r.port = port
+    r.lifetime = cfg.timeout
+    r.timeout = cfg.timeout
+    return r
+
+
+def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:
+    """Make pyspf resolve through ``resolver`` (its lookup function is module-global)."""
+    import spf
+
+    def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list:
+        out: list = []
+        try:
+            answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
+                                       raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return out
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            raise spf.TempError(f"DNS {exc}") from None
+        for rdata in answers.rrset or []:
+            if qtype in ("A", "AAAA"):
+                out.append(((name, qtype), rdata.address))
+            elif qtype == "MX":
+                out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+            elif qtype == "PTR":
+                out.append(((name, qtype), rdata.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                out.append(((name, qtype), rdata.strings))
+        return out
+
+    spf.DNSLookup = lookup

@@ -1,0 +1,275 @@
+"""Policy for the SMTP and submission listeners: the aiosmtpd handler.
+
+The protocol layer (:mod:`mox_core.smtpserver.protocol`) parses commands and reads DATA; this
+module decides: which recipients are ours (no open relay), who may send as whom, what goes
+into the Maildir and with which trace headers, and what goes to the outgoing queue. The reply
+to DATA is 250 only once the message is durably stored (fsynced and renamed into place).
+"""
+
+from __future__ import annotations
+
+import email.policy
+import itertools
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+
+import structlog
+
+from mox_core import authres, dkimsign
+from mox_core.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
+from mox_core.config import ConfigHolder
+from mox_core.smtp.domain import to_ascii, to_unicode
+from mox_core.store import Delivery, StorageError
+
+log = structlog.get_logger(component="smtpserver")
+
+MAX_HOPS = 100
+_RECEIVED = re.compile(rb"^received:", re.I | re.M)
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_ids = itertools.count(1)
+
+
+@dataclass
+class Recipient:
+    address: str  # as given in RCPT TO (source route removed)
+    resolved: Resolved | None  # None for a remote recipient (submission only)
+
+
+@dataclass
+class Transaction:
+    """Per-envelope state of this handler (kept on the aiosmtpd Envelope)."""
+
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+def _tx(envelope: Any) -> Transaction:
+    tx = getattr(envelope, "mox", None)
+    if tx is None:
+        tx = Transaction()
+        envelope.mox = tx
+    return tx
+
+
+def _canonical(address: str) -> str:
+    """Recipient as rate limits count it: localpart as given, domain lower-case Unicode."""
+    lp, domain = split_address(address)
+    try:
+        return f"{lp}@{to_unicode(domain)}"
+    except ValueError:
+        return address.lower()
+
+
+def _strip_source_route(address: str) -> str:
+    """``@a,@b:user@d`` -> ``user@d`` (RFC 5321 appendix C: accept, ignore the route)."""
+    if address.startswith("@") and ":" in address:
+        return address.split(":", 1)[1]
+    return address
+
+
+class Handler:
+    """aiosmtpd handler for one listener service: ``smtp`` (incoming) or ``submission``.
+
+    :param holder: the live config; read once per command, so reloads apply to the next one.
+    :param store: the durable Maildir store (``deliver(list[Delivery])``).
+    :param queue: the outgoing queue for remote recipients of submissions, or None while
+        there is none: such recipients then get a temporary error, never accept-and-drop.
+    """
+
+    def __init__(self, holder: ConfigHolder, store: Any, service: str, *, resolver: Any = None,
+                 queue: Any = None, hostname: str | None = None, ratelimits: Any = None):
+        assert service in ("smtp", "submission")
+        self.holder = holder
+        self.store = store
+        self.service = service
+        self.submission = service == "submission"
+        self.resolver = resolver
+        self.queue = queue
+        self.ratelimits = ratelimits
+        self.hostname = hostname or holder.get().static.hostname
+
+    # -- MAIL -----------------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if _BAD_CHARS.search(address):
+            return "501 5.1.7 bad sender address"
+        if self.submission:
+            if not session.authenticated:
+                return "530 5.7.0 authentication required"
+            if address:
+                account = self._account_of(session)
+                try:
+                    owner = lookup(self.holder.get(), _strip_source_route(address)).account
+                except (AddressNotFound, ValueError):
+                    owner = None
+                if owner != account:
+                    return "550 5.7.1 mail from address must belong to the authenticated account"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        _tx(envelope).recipients.clear()
+        return "250 2.1.0 sender ok"
+
+    # -- RCPT -----------------------------------------------------------------------------
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if _BAD_CHARS.search(address):
+            return "501 5.1.3 bad recipient address"
+        cfg = self.holder.get()
+        addr = _strip_source_route(address)
+        try:
+            lp, domain = split_address(addr)
+        except ValueError:
+            return "501 5.1.3 bad recipient address"
+        tx = _tx(envelope)
+        local = bool(domain) and not domain.startswith("[") and is_local_domain(cfg, domain)
+        if not local and not (lp.lower() == "postmaster" and (not domain or domain.lower() == cfg.static.hostname)):
+            if not self.submission:
+                return "550 5.7.1 relaying not permitted"
+            if not domain or "!" in lp or "%" in lp or domain.startswith("["):
+                return "550 5.1.3 bad recipient address for outgoing mail"
+            try:
+                to_ascii(domain)
+            except ValueError:
+                return "501 5.1.3 bad recipient domain"
+            if self.queue is None:
+                return "451 4.3.0 outgoing queue not available, try again later"
+            tx.recipients.append(Recipient(addr, None))
+            envelope.rcpt_tos.append(addr)
+            envelope.rcpt_options.extend(rcpt_options)
+            return "250 2.1.5 recipient ok"
+        try:
+            resolved = lookup(cfg, addr)
+        except AddressNotFound as exc:
+            if exc.reason == "domain_disabled":
+                return "450 4.2.1 recipient domain temporarily disabled"
+            return "550 5.1.1 no such user"
+        dest = resolved.destination
+        if dest is not None and dest.smtp_error:
+            code, _, text = dest.smtp_error.partition(" ")
+            if code == "421":
+                return f"451 4.3.0 {text or 'error processing'}"
+            return f"550 5.1.1 {text or 'no such user(s)'}"
+        tx.recipients.append(Recipient(addr, resolved))
+        envelope.rcpt_tos.append(addr)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 recipient ok"
+
+    # -- DATA -----------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        data: bytes = envelope.content if isinstance(envelope.content, bytes) else envelope.original_content
+        tx = _tx(envelope)
+        end = data.find(b"\r\n\r\n")
+        head = data[: end + 2] if end >= 0 else data
+        if len(_RECEIVED.findall(head)) > MAX_HOPS:
+            return "554 5.4.6 too many hops"
+        from_domain = ""
+        if self.submission:
+            problem, from_domain = self._check_from(session, head)
+            if problem:
+                return problem
+        peer_ip = session.peer[0] if session.peer else "127.0.0.1"
+        helo = session.host_name or ""
+        msgid = f"{int(time.time())}.{os.getpid()}.{next(_ids)}"
+        received = self._received(server, session, peer_ip, helo, msgid)
+        extra = b""
+        if not self.submission and self.resolver is not None:
+            results = await authres.check(data, peer_ip, helo, envelope.mail_from or "", self.resolver)
+            extra = results.header(self.hostname, peer_ip)
+        local = [r for r in tx.recipients if r.resolved is not None]
+        remote = [r for r in tx.recipients if r.resolved is None]
+        deliveries = []
+        return_path = f"Return-Path: <{envelope.mail_from or ''}>\r\n".encode()
+        for r in local:
+            prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
+            deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
+        account = self._account_of(session) if self.submission else None
+        try:
+            if account is not None and self.ratelimits is not None:
+                sub = self.ratelimits.submission(
+                    account, envelope.mail_from or "", [_canonical(r.address) for r in tx.recipients], len(data))
+                async with self.ratelimits.guard(account):
+                    decision = await self.ratelimits.check(sub)
+                    if decision is not None:
+                        log.info("submission_rate_limited", account=account, setting=decision.setting)
+                        return f"{decision.code} {decision.enhanced_code} {decision.text}"
+                    await self._store(envelope, account, from_domain, received, data, remote, deliveries)
+                    await self.ratelimits.record(sub)
+            else:
+                await self._store(envelope, account, from_domain, received, data, remote, deliveries)
+        except StorageError as exc:
+            log.error("delivery_storage_error", error=str(exc), code=exc.code)
+            return exc.reply
+        log.info("message_accepted", service=self.service, msgid=msgid, size=len(data),
+                 local=len(local), remote=len(remote), mail_from=envelope.mail_from)
+        return f"250 2.0.0 message queued as {msgid}"
+
+    async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
+                     data: bytes, remote: list[Recipient], deliveries: list[Delivery]) -> None:
+        """Make the message durable: queue (with local copies) or local delivery only."""
+        if remote:
+            signature = dkimsign.sign(self.holder.get(), from_domain, data) if from_domain else b""
+            smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
+            await self.queue.add(
+                account=account, mail_from=envelope.mail_from or "",
+                recipients=[r.address for r in remote], data=signature + received + data,
+                local_deliveries=deliveries, smtputf8=smtputf8,
+            )
+        elif deliveries:
+            await self.store.deliver(deliveries)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _account_of(self, session: Any) -> str | None:
+        """The account of the authenticated login name (an address or the account name)."""
+        from mox_core.accountdb import account_for_login
+
+        user = session.auth_data
+        if isinstance(user, bytes):
+            user = user.decode()
+        if not isinstance(user, str):
+            return None
+        return account_for_login(self.holder.get(), user)
+
+    def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
+        """The message From must be one address of the authenticated account: (error, domain)."""
+        msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
+        froms = msg.get_all("From") or []
+        if len(froms) != 1:
+            return "550 5.7.1 message must have exactly one From header", ""
+        try:
+            header = froms[0]
+            addrs = list(header.addresses)
+        except Exception:
+            return "550 5.7.1 bad From header", ""
+        if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
+            return "550 5.7.1 From header must have exactly one valid address", ""
+        try:
+            owner = lookup(self.holder.get(), addrs[0].addr_spec).account
+        except (AddressNotFound, ValueError):
+            owner = None
+        if owner != self._account_of(session):
+            return "550 5.7.1 From address must belong to the authenticated account", ""
+        return None, split_address(addrs[0].addr_spec)[1]
+
+    def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        transport = getattr(server, "transport", None)
+        if session.ssl is not None or (transport is not None and transport.get_extra_info("ssl_object")):
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo_clean = _BAD_CHARS.sub("", helo)[:255] or "unknown"
+        when = format_datetime(datetime.now().astimezone())
+        return (f"Received: from {helo_clean} ([{ip}])\r\n\tby {self.hostname} (mox) with {proto}"
+                f"\r\n\tid {msgid}; {when}\r\n").encode("utf-8", "replace")
+
+    def _maildir(self, resolved: Resolved) -> Any:
+        return self.holder.get().data_dir / "accounts" / resolved.account / "Maildir"

@@ -1,0 +1,79 @@
+"""Shared helpers of the queue tests: a plugin host with scripted transports, a config, mail."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from mox_core.config import Config, ConfigHolder
+from mox_core.plugins import PluginHost
+from mox_core.queue import FakeClock, Queue
+from mox_core.testconfig import load
+from tests.plugins import queue_scripted
+
+STATIC = """\
+[queue]
+concurrency = 10
+
+[transports.relay]
+kind = "queue_scripted"
+label = "relay"
+
+[transports.backup]
+kind = "queue_scripted"
+"""
+
+DOMAINS = """\
+[accounts.alice]
+domain = "example.org"
+
+[accounts.alice.destinations."alice@example.org"]
+"""
+
+MSG = (b"From: alice@example.org\r\nTo: bob@remote.example\r\nSubject: hello there\r\n"
+       b"Message-ID: <m1@example.org>\r\n\r\nbody line\r\n")
+
+
+def make_host() -> PluginHost:
+    host = PluginHost.load(autoload=False)
+    host.register(queue_scripted, "queue_scripted")
+    return host
+
+
+def make_config(directory: Path, static: str = "", domains: str = "") -> Config:
+    return load(directory, STATIC + static, DOMAINS + domains, host=make_host())
+
+
+@asynccontextmanager
+async def running(config: Config | ConfigHolder, clock: FakeClock | None = None,
+                  **kw: Any) -> AsyncIterator[Queue]:
+    q = Queue(config, clock=clock or FakeClock(), **kw)
+    queue_scripted.SCRIPT.clock = q.clock
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+def maildir_new(config: Config, account: str, mailbox: str = "") -> list[Path]:
+    base = config.data_dir / "accounts" / account / "Maildir"
+    if mailbox:
+        base = base / ("." + mailbox.replace("/", "."))
+    d = base / "new"
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+def read_mail(path: Path) -> email.message.EmailMessage:
+    return email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+
+
+def queue_files(config: Config) -> list[str]:
+    root = config.data_dir / "queue" / "msg"
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, fs in os.walk(root) for f in fs)

@@ -1,0 +1,218 @@
+"""Routes: evaluation order, per-attempt evaluation, reload, overrides, explain."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mox_core.cli import cli
+from mox_core.cli_queue import register
+from mox_core.config import ConfigHolder
+from mox_core.queue import Filter
+from mox_core.routing import TransportCache, TransportUnavailable, explain, resolve, route_context
+from tests.plugins import queue_scripted
+from tests.plugins.queue_helpers import MSG, make_config, make_host, maildir_new, running
+from tests.plugins.queue_scripted import SCRIPT, P, T
+
+ROUTES = """\
+[[accounts.alice.routes]]
+to_domain = ["acct.example"]
+transport = "relay"
+
+[[domains."example.org".routes]]
+to_domain = [".dom.example"]
+transport = "backup"
+
+[[domains."example.org".routes]]
+to_domain = ["acct.example", "dom.example"]
+transport = "relay"
+
+[[routes]]
+minimum_attempts = 3
+transport = "relay"
+
+[[routes]]
+from_domain = ["example.org"]
+transport = "backup"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _reset_script():
+    SCRIPT.reset()
+    queue_scripted.BUILT.clear()
+    yield
+    SCRIPT.reset()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_config(tmp_path, domains=ROUTES)
+
+
+def pick(cfg, to, attempts=0, sender="alice@example.org", account="alice", override=None):
+    ctx = route_context(mail_from=sender, recipient=to, attempts=attempts, account=account)
+    r = resolve(cfg, ctx, override)
+    return (r.name, r.source, r.route.where if r.route else None)
+
+
+def test_account_then_sender_domain_then_global_first_match_wins(cfg):
+    assert pick(cfg, "x@acct.example") == ("relay", "route", "account alice")
+    # without the account, the domain routes decide: .dom.example matches first
+    assert pick(cfg, "x@acct.example", account=None) == ("relay", "route", "domain example.org")
+    assert pick(cfg, "x@a.dom.example", account=None) == ("backup", "route", "domain example.org")
+    assert pick(cfg, "x@dom.example", account=None) == ("backup", "route", "domain example.org")
+    # sender domain routes only for that sender domain; global ones for everyone
+    assert pick(cfg, "x@dom.example", sender="a@other.example", account=None) == (
+        "", "default", None)
+    assert pick(cfg, "x@else.example", attempts=3) == ("relay", "route", "global")
+    assert pick(cfg, "x@else.example", attempts=2) == ("backup", "route", "global")
+    assert pick(cfg, "x@else.example", sender="", account=None) == ("", "default", None)
+
+
+def test_no_routes_means_default_direct_transport(tmp_path):
+    cfg = make_config(tmp_path)
+    res = resolve(cfg, route_context(mail_from="a@example.org", recipient="b@x.example",
+                                     attempts=5, account="alice"))
+    assert (res.name, res.kind, res.source, res.error) == ("", "direct", "default", None)
+    cache = TransportCache()
+    t = cache.get(cfg, res)
+    assert (t.kind, t.name, t.settings.label) == ("direct", "", "")
+    assert cache.get(cfg, res) is t
+
+
+def test_override_wins_and_missing_transport_is_an_error(cfg):
+    assert pick(cfg, "x@acct.example", override="backup") == ("backup", "override", None)
+    ctx = route_context(mail_from="a@example.org", recipient="b@x.example", attempts=0, account=None)
+    res = resolve(cfg, ctx, "gone")
+    assert res.error == 'cannot find transport "gone"'
+    with pytest.raises(TransportUnavailable, match='cannot find transport "gone"'):
+        TransportCache().get(cfg, res)
+
+
+def test_explain_lists_every_route_and_why_it_did_not_match(cfg):
+    e = explain(cfg, "alice@example.org", "x@else.example", 3)
+    assert e.context.attempts == 2 and e.context.account == "alice"
+    lines = e.lines()
+    assert lines[0].startswith("attempt 3 (2 attempt(s) made before)")
+    assert "account alice route #1" in lines[1] and \
+        "no match: to_domain ['acct.example'] does not include 'else.example'" in lines[1]
+    assert "domain example.org route #1" in lines[2] and "no match" in lines[2]
+    assert "global route #1" in lines[4] and \
+        "minimum_attempts = 3, but 2 attempt(s) made" in lines[4]
+    assert "global route #2" in lines[5] and lines[5].endswith("MATCHES")
+    assert lines[-1] == "transport: backup (kind queue_scripted), from global route #2"
+    e4 = explain(cfg, "alice@example.org", "x@else.example", 4).lines()
+    assert e4[4].endswith("MATCHES") and "not considered" in e4[5]
+    assert e4[-1] == "transport: relay (kind queue_scripted), from global route #1"
+    none = explain(cfg, "bob@other.example", "x@else.example", 1).lines()
+    assert none[-1] == "transport: direct delivery (default, no route matched)"
+
+
+def test_routes_explain_command(cfg):
+    group = click.Group("mox", callback=cli.callback, params=cli.params)
+    register(group)
+    r = CliRunner().invoke(group, ["--config", str(cfg.path), "routes", "explain", "--from",
+                                   "alice@example.org", "--to", "x@else.example", "--attempt", "4"],
+                           obj=make_host())
+    assert r.exit_code == 0, r.output
+    assert "minimum_attempts = 3" not in r.output
+    assert r.output.splitlines()[-1] == "transport: relay (kind queue_scripted), from global route #1"
+
+
+async def test_mission_example_minimum_attempts_3(tmp_path):
+    """minimum_attempts = 3: attempts 1-3 go direct, the 4th through the other transport."""
+    cfg = make_config(tmp_path, domains='[[routes]]\nminimum_attempts = 3\ntransport = "relay"\n')
+    SCRIPT.default = (T, 451, "4.0.0", "later")
+    async with running(cfg) as q:
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["b@x.example"], data=MSG)
+        await q.scheduler.settle()
+        for iv in (450, 900, 1800, 3600):
+            q.clock.advance(iv)
+            await q.scheduler.settle()
+    assert [(c.attempt, c.transport, c.kind) for c in SCRIPT.calls] == [
+        (0, "", "direct"), (1, "", "direct"), (2, "", "direct"),
+        (3, "relay", "queue_scripted"), (4, "relay", "queue_scripted")]
+
+
+async def test_route_change_in_domains_toml_applies_at_the_next_attempt(tmp_path):
+    cfg = make_config(tmp_path)
+    holder = ConfigHolder(cfg, interval=0)
+    SCRIPT.default = (T, 451, "4.0.0", "later")
+    async with running(holder) as q:
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["b@x.example"], data=MSG)
+        await q.scheduler.settle()
+        text = cfg.domains_path.read_text() + '[[routes]]\nto_domain = ["x.example"]\ntransport = "backup"\n'
+        cfg.domains_path.write_text(text)
+        st = os.stat(cfg.domains_path)
+        os.utime(cfg.domains_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        q.clock.advance(450)
+        await q.scheduler.settle()
+    assert [c.transport for c in SCRIPT.calls] == ["", "backup"]
+
+
+async def test_named_transport_gone_from_config_fails_temporarily(tmp_path):
+    cfg = make_config(tmp_path)
+    holder = ConfigHolder(cfg, interval=3600)
+    async with running(holder) as q:
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["b@x.example"],
+                    data=MSG, hold=True)
+        await q.kick(transport="relay")
+        holder.replace(dataclasses.replace(cfg, transports={}))
+        await q.set_hold(Filter(), False)
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert m.attempts == 1 and m.last_error == 'cannot find transport "relay"'
+        assert not m.results[-1]["permanent"] and SCRIPT.calls == []
+
+
+async def test_transports_are_built_once_per_config(tmp_path):
+    cfg = make_config(tmp_path, domains='[[routes]]\nto_domain = ["r.example"]\ntransport = "relay"\n')
+    holder = ConfigHolder(cfg, interval=3600)
+    async with running(holder) as q:
+        for i in range(3):
+            await q.add(account="alice", mail_from="alice@example.org",
+                        recipients=[f"a{i}@r.example", f"b{i}@x.example"], data=MSG)
+            await q.scheduler.settle()
+        assert sorted(queue_scripted.BUILT) == [("direct", ""), ("queue_scripted", "relay")]
+        # a reload of domains.toml keeps the transports; a new mox.toml rebuilds them
+        holder.replace(dataclasses.replace(cfg))
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["c@r.example"], data=MSG)
+        await q.scheduler.settle()
+        assert len(queue_scripted.BUILT) == 2
+        holder.replace(dataclasses.replace(cfg, transports=dict(cfg.transports)))
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["d@r.example"], data=MSG)
+        await q.scheduler.settle()
+        assert len(queue_scripted.BUILT) == 3
+
+
+async def test_per_transport_retry_intervals_and_max_attempts(tmp_path):
+    cfg = make_config(
+        tmp_path, "[transports.fast]\nkind = \"queue_scripted\"\nretry_intervals = [60.0, 120.0]\nmax_attempts = 3\n",
+        '[[routes]]\ntransport = "fast"\n',
+    )
+    SCRIPT.default = (T, 451, "4.0.0", "later")
+    async with running(cfg) as q:
+        t0 = q.clock.now()
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["b@x.example"], data=MSG)
+        await q.scheduler.settle()
+        for iv in (60, 120, 120):
+            q.clock.advance(iv)
+            await q.scheduler.settle()
+        assert [c.time - t0 for c in SCRIPT.calls] == [0, 60, 180]
+        assert await q.list_messages() == []
+    [dsn] = maildir_new(cfg, "alice")
+    assert b"Action: failed" in dsn.read_bytes()
+
+
+async def test_permanent_result_through_a_route(cfg):
+    SCRIPT.default = (P, 554, "5.7.1", "relay denied")
+    async with running(cfg) as q:
+        await q.add(account="alice", mail_from="alice@example.org", recipients=["x@acct.example"], data=MSG)
+        await q.scheduler.settle()
+    assert [c.transport for c in SCRIPT.calls] == ["relay"]
+    assert len(maildir_new(cfg, "alice")) == 1
