@@ -349,9 +349,21 @@ def _load_dynamic(
             dyn.addresses[canon] = entry
         if acc.rate_limiters is not None:
             for i, lname in enumerate(acc.rate_limiters):
-                if lname not in model.rate_limiters and lname not in plugins.rate_limiters:
+                if lname in model.rate_limiters:
+                    continue
+                kind = plugins.rate_limiters.get(lname)
+                if kind is None:
                     problems.append(ConfigProblem(
                         file, f"{where}.rate_limiters[{i}]", f"unknown rate limiter {lname!r}"
+                    ))
+                    continue
+                try:
+                    kind.settings_model()
+                except ValidationError:
+                    problems.append(ConfigProblem(
+                        file, f"{where}.rate_limiters[{i}]",
+                        f"rate limiter kind {lname!r} needs settings: define [rate_limiters.NAME] "
+                        f"with kind = {lname!r} and use NAME here",
                     ))
 
     if static is not None and static.postmaster.account not in model.accounts:

@@ -34,17 +34,29 @@ class RateLimits:
             for name, entry in cfg.dynamic.rate_limiters.items():
                 kind = cfg.plugins.rate_limiters[entry.kind]
                 out[name] = kind.factory(name, entry.settings, root / entry.kind)
-            for name, kind in cfg.plugins.rate_limiters.items():
-                if name not in out:
-                    out[name] = kind.factory(name, kind.settings_model(), root / name)
             self._built = (key, out)
-        return self._built[1]
+        inst = self._built[1]
+        return inst
+
+    def _get(self, cfg: Config, name: str) -> RateLimiter | None:
+        """A configured limiter, else a kind used by name with its default settings."""
+        inst = self._instances(cfg)
+        if name not in inst:
+            kind = cfg.plugins.rate_limiters.get(name)
+            if kind is None:
+                return None
+            inst[name] = kind.factory(name, kind.settings_model(), cfg.data_dir / "ratelimit" / name)
+        return inst[name]
 
     def limiters_for(self, cfg: Config, account: str) -> list[tuple[str, RateLimiter]]:
         acc = cfg.account(account)
         names = acc.rate_limiters if acc is not None and acc.rate_limiters is not None else list(DEFAULT_LIMITERS)
-        inst = self._instances(cfg)
-        return [(n, inst[n]) for n in names if n in inst]
+        out = []
+        for n in names:
+            limiter = self._get(cfg, n)
+            if limiter is not None:
+                out.append((n, limiter))
+        return out
 
     def submission(self, account: str, mail_from: str, recipients: list[str], size: int = 0) -> Submission:
         cfg = self.holder.get()

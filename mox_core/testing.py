@@ -260,9 +260,10 @@ def mox_server_factory(tmp_path):
     servers = []
 
     def factory(domains: str, static_extra: str = "", nameserver: str | None = None,
-                passwords: dict[str, str] | None = None, start: bool = True, name: str = "mox"):
+                passwords: dict[str, str] | None = None, start: bool = True, name: str = "mox",
+                env: dict[str, str] | None = None):
         server = MoxServer(tmp_path / f"{name}{len(servers)}", static_extra=static_extra,
-                           domains=domains, nameserver=nameserver)
+                           domains=domains, nameserver=nameserver, env=dict(env or {}))
         servers.append(server)
         for account, password in (passwords or {}).items():
             server.set_password(account, password)

@@ -56,6 +56,12 @@ def _tx(envelope: Any) -> Transaction:
     return tx
 
 
+def _sender(envelope: Any) -> str:
+    """The envelope sender, "" for the null sender (aiosmtpd keeps it as "<>")."""
+    mail_from = envelope.mail_from or ""
+    return "" if mail_from == "<>" else mail_from
+
+
 def _canonical(address: str) -> str:
     """Recipient as rate limits count it: localpart as given, domain lower-case Unicode."""
     lp, domain = split_address(address)
@@ -102,7 +108,7 @@ class Handler:
         if self.submission:
             if not session.authenticated:
                 return "530 5.7.0 authentication required"
-            if address:
+            if address and address != "<>":
                 account = self._account_of(session)
                 try:
                     owner = lookup(self.holder.get(), _strip_source_route(address)).account
@@ -181,12 +187,12 @@ class Handler:
         received = self._received(server, session, peer_ip, helo, msgid)
         extra = b""
         if not self.submission and self.resolver is not None:
-            results = await authres.check(data, peer_ip, helo, envelope.mail_from or "", self.resolver)
+            results = await authres.check(data, peer_ip, helo, _sender(envelope), self.resolver)
             extra = results.header(self.hostname, peer_ip)
         local = [r for r in tx.recipients if r.resolved is not None]
         remote = [r for r in tx.recipients if r.resolved is None]
         deliveries = []
-        return_path = f"Return-Path: <{envelope.mail_from or ''}>\r\n".encode()
+        return_path = f"Return-Path: <{_sender(envelope)}>\r\n".encode()
         for r in local:
             prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
             deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
@@ -194,7 +200,7 @@ class Handler:
         try:
             if account is not None and self.ratelimits is not None:
                 sub = self.ratelimits.submission(
-                    account, envelope.mail_from or "", [_canonical(r.address) for r in tx.recipients], len(data))
+                    account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
                 async with self.ratelimits.guard(account):
                     decision = await self.ratelimits.check(sub)
                     if decision is not None:
@@ -218,7 +224,7 @@ class Handler:
             signature = dkimsign.sign(self.holder.get(), from_domain, data) if from_domain else b""
             smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
             await self.queue.add(
-                account=account, mail_from=envelope.mail_from or "",
+                account=account, mail_from=_sender(envelope),
                 recipients=[r.address for r in remote], data=signature + received + data,
                 local_deliveries=deliveries, smtputf8=smtputf8,
             )
