@@ -45,3 +45,14 @@ def load(directory: Path, static: str = "", domains: str = "", *, host: PluginHo
     """Write a config and load it with ``host`` (default: all installed plugins)."""
     path = write_config(directory, static, domains, base=base)
     return load_config(path, host or PluginHost.load())
+
+
+def listed_plugin(name: str) -> dict:
+    """The entry of plugin ``name`` in ``mox plugins list --json``, run as a user would."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mox_core", "plugins", "list", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    return {p["name"]: p for p in json.loads(out)}[name]

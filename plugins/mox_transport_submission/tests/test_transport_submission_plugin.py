@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 from mox_core.errors import ConfigError
 from mox_core.plugins import PluginHost
-from mox_core.testconfig import load
+from mox_core.testconfig import listed_plugin, load
 
 
 def test_plugin_is_installed():
-    out = subprocess.run(
-        [sys.executable, "-m", "mox_core", "plugins", "list", "--json"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    plugins = {p["name"]: p for p in json.loads(out)}
-    info = plugins["transport_submission"]
+    info = listed_plugin("transport_submission")
     assert info["distribution"] == "mox-transport-submission"
     assert info["status"] == "ok"
     assert "mox_register_transports" in info["hooks"]

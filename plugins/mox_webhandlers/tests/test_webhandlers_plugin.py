@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 from mox_core.errors import ConfigError
 from mox_core.kinds import WebHandlerContext
 from mox_core.plugins import PluginHost
-from mox_core.testconfig import load
+from mox_core.testconfig import listed_plugin, load
 from starlette.testclient import TestClient
 
 
 def test_plugin_is_installed():
-    out = subprocess.run(
-        [sys.executable, "-m", "mox_core", "plugins", "list", "--json"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    info = {p["name"]: p for p in json.loads(out)}["webhandlers"]
+    info = listed_plugin("webhandlers")
     assert info["status"] == "ok"
     assert sorted(info["kinds"]) == ["webhandler:redirect", "webhandler:reverse_proxy", "webhandler:static"]
 
