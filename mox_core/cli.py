@@ -211,11 +211,17 @@ def config_describe(state: State) -> None:
 # --------------------------------------------------------------------------------------------
 
 from mox_core.cli_queue import register as _register_queue_commands  # noqa: E402
+from mox_core.sendmail import sendmail_command  # noqa: E402
 
 _register_queue_commands(cli)
+cli.add_command(sendmail_command)
 
 
 def main(argv: list[str] | None = None) -> Any:
+    if Path(sys.argv[0]).name == "sendmail":  # the mox command linked as sendmail
+        from mox_core import sendmail
+
+        sys.exit(sendmail.main(argv))
     moxlog.configure(json=False)
     try:
         host = PluginHost.load()
