@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from mox_core.smtp.domain import to_ascii
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _split_hostport(v: str) -> str:
@@ -50,3 +50,9 @@ class SocksSettings(BaseModel):
     @classmethod
     def _hostname(cls, v: str) -> str:
         return to_ascii(v)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SocksSettings:
+        if self.password is not None and self.username is None:
+            raise ValueError("password without username: set both for proxy authentication")
+        return self

@@ -1,22 +1,177 @@
-"""The submission transport object. Delivery itself is built in the transports issue (#5)."""
+"""The submission transports: hand every message to one smarthost as an authenticated client.
+
+mox ``Submission:`` / ``Submissions:`` (reference 1c and section 4). Like the smtp transport,
+no MX lookup: the smarthost's name is resolved through our own resolver and one SMTP session
+delivers all recipients. Unlike it, the session authenticates (RFC 4954) after TLS is up:
+
+* ``submission``: port 587, STARTTLS required and the certificate verified against ``host``
+  (unless ``starttls_insecure_skip_verify``/``no_starttls``);
+* ``submissions``: port 465, TLS from the first byte (RFC 8314 §3.3), always verified.
+
+The mechanism is chosen by :func:`mox_core.smtpclient.sasl.select_mechanism`: the configured
+list (default SCRAM-SHA-256, SCRAM-SHA-1, CRAM-MD5) walked in order, the first one the server
+announces wins; PLAIN only when listed and only over TLS. SCRAM's ``-PLUS`` variants are not
+offered: the client has no channel binding (Python's ``ssl`` has no ``tls-exporter``, RFC 9266).
+
+The password is read at every delivery, from ``password``, the environment (``password_env``) or
+a file (``password_file``), so a rotated secret is picked up without a restart. When it cannot
+be read the attempt fails temporarily (4.3.5): the admin can fix it while the message waits.
+"""
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+import structlog
+from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.smtpclient import (
+    AuthCredentials,
+    Timeouts,
+    TLSMode,
+    deliver_to_host,
+    make_ssl_context,
+    tcp_dial,
+)
+
+from mox_transport_submission.settings import SubmissionSettings
+
+__all__ = ["LocalConfigProblem", "SubmissionTransport"]
+
+log = structlog.get_logger(component="transport.submission")
+
+# RFC 3463 §3.4: X.3.5 "system incorrectly configured" -- our side, fixable by the admin
+_CONFIG_PROBLEM = "4.3.5"
+
+
+class LocalConfigProblem(Exception):
+    """A setting pointing outside mox.toml (password source, CA file) is unusable right now."""
 
 
 class SubmissionTransport:
-    """A configured submission transport; built once per config by the plugin's factory."""
+    """A configured submission/submissions transport; built once per config by the factory.
 
-    def __init__(self, name: str, settings: Any, **options: Any) -> None:
+    ``implicit_tls`` selects submissions (465, TLS at connect). ``options`` are for tests and
+    embedding: ``timeouts`` (:class:`Timeouts`), ``dial`` (a :data:`~mox_core.smtpclient.Dialer`).
+    """
+
+    def __init__(self, name: str, settings: SubmissionSettings, *, implicit_tls: bool = False,
+                 **options: Any) -> None:
         self.name = name
         self.settings = settings
+        self.implicit_tls = implicit_tls
         self.options = options
+        self._resolver: Any = None
+        self._resolver_key: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "submissions" if self.implicit_tls else "submission"
+
+    @property
+    def port(self) -> int:
+        return self.settings.port or (465 if self.implicit_tls else 587)  # RFC 8314 §7.3, RFC 6409
+
+    @property
+    def tls_mode(self) -> TLSMode:
+        if self.implicit_tls:
+            return TLSMode.IMMEDIATE
+        if self.settings.no_starttls:
+            return TLSMode.SKIP
+        if self.settings.starttls_insecure_skip_verify:
+            return TLSMode.REQUIRED_UNVERIFIED
+        return TLSMode.REQUIRED_VERIFIED
+
+    # ------------------------------------------------------------------ per delivery
+
+    def password(self, ctx: DeliveryContext | None = None) -> str:
+        """The password from its configured source, read now. Raises :class:`LocalConfigProblem`."""
+        s = self.settings
+        if s.password is not None:
+            return s.password
+        if s.password_env is not None:
+            value = os.environ.get(s.password_env)
+            if value is None:
+                raise LocalConfigProblem(f"environment variable {s.password_env} (password_env) is not set")
+            if not value:
+                raise LocalConfigProblem(f"environment variable {s.password_env} (password_env) is empty")
+            return value
+        assert s.password_file is not None
+        path = _config_path(s.password_file, ctx)
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = f.readline()
+        except OSError as exc:
+            raise LocalConfigProblem(f"reading password_file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise LocalConfigProblem(f"reading password_file {path}: not UTF-8") from None
+        value = first.rstrip("\r\n")
+        if not value:
+            raise LocalConfigProblem(f"password_file {path} is empty (the password is its first line)")
+        return value
+
+    def _resolver_for(self, ctx: DeliveryContext) -> Any:
+        """``ctx.resolver``, else one built from ``[dns]`` (once per config)."""
+        if ctx.resolver is not None:
+            return ctx.resolver
+        dns_cfg = ctx.config.static.dns if ctx.config is not None else None
+        if self._resolver is None or self._resolver_key is not dns_cfg:
+            import dns.asyncresolver
+            from mox_core.resolver import make_async_resolver
+
+            self._resolver = make_async_resolver(dns_cfg) if dns_cfg is not None else dns.asyncresolver.Resolver()
+            self._resolver_key = dns_cfg
+        return self._resolver
 
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
-        raise NotImplementedError(f"transport kind submission: delivery is not built yet")
+        s = self.settings
+        ca_file = _config_path(s.ca_file, ctx)
+        try:
+            password = self.password(ctx)
+            if self.tls_mode in (TLSMode.REQUIRED_VERIFIED, TLSMode.IMMEDIATE):
+                _check_ca_file(ca_file)
+        except LocalConfigProblem as exc:
+            return self._local_failure(message, str(exc))
+        creds = AuthCredentials(s.username, password, tuple(s.mechanisms) or None)
+        results = await deliver_to_host(
+            message, host=s.host, port=self.port, ehlo_name=ctx.hostname,
+            resolver=self._resolver_for(ctx), tls_mode=self.tls_mode, ca_file=ca_file, auth=creds,
+            timeouts=self.options.get("timeouts", Timeouts()), allow_private=True,
+            dial=self.options.get("dial", tcp_dial))
+        log.debug("smarthost_delivery", transport=self.name, kind=self.kind, host=s.host, port=self.port,
+                  statuses=[r.status.value for r in results])
+        return results
+
+    def _local_failure(self, message: OutgoingMessage, problem: str) -> list[RecipientResult]:
+        """Every recipient fails temporarily for a problem on our side (config, files)."""
+        text = f"transport {self.name}: {problem}"
+        log.error("transport_misconfigured", transport=self.name, kind=self.kind, error=problem)
+        return [RecipientResult(r, DeliveryStatus.TEMPORARY, None, _CONFIG_PROBLEM, None, text)
+                for r in message.recipients]
+
+
+def _config_path(path: str | None, ctx: DeliveryContext | None) -> str | None:
+    """``path`` relative to the directory of mox.toml (absolute paths unchanged)."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_absolute() and ctx is not None and ctx.config is not None:
+        p = ctx.config.config_dir / p
+    return str(p)
+
+
+def _check_ca_file(ca_file: str | None) -> None:
+    """Report a broken ``ca_file`` as what it is, not as a TLS failure of the smarthost."""
+    if ca_file is None:
+        return
+    try:
+        make_ssl_context(verify=True, ca_file=ca_file)
+    except OSError as exc:
+        raise LocalConfigProblem(f"reading ca_file {ca_file}: {exc.strerror or exc}") from None
+    except ssl.SSLError as exc:
+        raise LocalConfigProblem(f"loading ca_file {ca_file}: {exc.reason or exc}") from None
