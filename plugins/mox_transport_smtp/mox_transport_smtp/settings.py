@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 
-from mox_core.smtp.domain import to_ascii
+from mox_core.smtpclient.smarthost import smarthost_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -19,19 +18,7 @@ class SMTPSettings(BaseModel):
     no_starttls: bool = Field(False, description="No STARTTLS at all: mail crosses the network in clear.")
     ca_file: str | None = Field(None, description="Extra CA certificates (PEM) to trust for the smarthost.")
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            pass
-        else:
-            raise ValueError(f"bad host {v!r}: must be a DNS name, not an IP address")
-        try:
-            return to_ascii(v)
-        except ValueError as exc:
-            raise ValueError(f"bad host {v!r}: {exc}") from None
+    _host = field_validator("host")(classmethod(lambda cls, v: smarthost_name(v)))
 
     @model_validator(mode="after")
     def _tls(self) -> SMTPSettings:

@@ -18,74 +18,19 @@ private network or on loopback, so it is always allowed here.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import Timeouts, TLSMode, deliver_to_host, make_ssl_context, tcp_dial
+from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+from mox_core.smtpclient import Timeouts, TLSMode, deliver_to_host, tcp_dial
+from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_smtp.settings import SMTPSettings
 
 __all__ = ["SMTPTransport"]
 
 log = structlog.get_logger(component="transport.smtp")
-
-# RFC 3463 §3.4: X.3.5 "system incorrectly configured" -- our side, fixable by the admin
-_CONFIG_PROBLEM = "4.3.5"
-
-
-def _config_path(path: str | None, ctx: DeliveryContext) -> str | None:
-    """``path`` relative to the directory of mox.toml (absolute paths unchanged)."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_absolute() and ctx.config is not None:
-        p = ctx.config.config_dir / p
-    return str(p)
-
-
-def _ca_file_problem(ca_file: str | None) -> str | None:
-    """Why ``ca_file`` cannot be used, or ``None``; checked before dialing so that a broken
-    file is reported as what it is instead of as a TLS failure of the smarthost."""
-    if ca_file is None:
-        return None
-    try:
-        make_ssl_context(verify=True, ca_file=ca_file)
-    except OSError as exc:
-        return f"reading ca_file {ca_file}: {exc.strerror or exc}"
-    except ssl.SSLError as exc:
-        return f"loading ca_file {ca_file}: {exc.reason or exc}"
-    return None
-
-
-def _local_failure(message: OutgoingMessage, text: str) -> list[RecipientResult]:
-    """A temporary failure of every recipient for a problem on our side (config, files)."""
-    return [RecipientResult(r, DeliveryStatus.TEMPORARY, None, _CONFIG_PROBLEM, None, text)
-            for r in message.recipients]
-
-
-class _ResolverCache:
-    """The resolver from ``[dns]`` when the queue gives none, built once per config."""
-
-    def __init__(self) -> None:
-        self._key: Any = None
-        self._resolver: Any = None
-
-    def get(self, ctx: DeliveryContext) -> Any:
-        if ctx.resolver is not None:
-            return ctx.resolver
-        dns_cfg = ctx.config.static.dns if ctx.config is not None else None
-        if self._resolver is None or self._key is not dns_cfg:
-            import dns.asyncresolver
-            from mox_core.resolver import make_async_resolver
-
-            self._resolver = make_async_resolver(dns_cfg) if dns_cfg is not None else dns.asyncresolver.Resolver()
-            self._key = dns_cfg
-        return self._resolver
-
 
 class SMTPTransport:
     """A configured smtp transport; built once per config by the plugin's factory.
@@ -98,7 +43,7 @@ class SMTPTransport:
         self.name = name
         self.settings = settings
         self.options = options
-        self._resolvers = _ResolverCache()
+        self._resolvers = ResolverCache()
 
     @property
     def tls_mode(self) -> TLSMode:
@@ -113,11 +58,11 @@ class SMTPTransport:
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
         s = self.settings
-        ca_file = _config_path(s.ca_file, ctx)
-        problem = _ca_file_problem(ca_file) if self.tls_mode is TLSMode.REQUIRED_VERIFIED else None
+        ca_file = config_path(s.ca_file, ctx)
+        problem = ca_file_problem(ca_file) if self.tls_mode is TLSMode.REQUIRED_VERIFIED else None
         if problem:
             log.error("transport_misconfigured", transport=self.name, error=problem)
-            return _local_failure(message, f"transport {self.name}: {problem}")
+            return local_failure(message, f"transport {self.name}: {problem}")
         results = await deliver_to_host(
             message, host=s.host, port=s.port, ehlo_name=ctx.hostname,
             resolver=self._resolvers.get(ctx), tls_mode=self.tls_mode, ca_file=ca_file,

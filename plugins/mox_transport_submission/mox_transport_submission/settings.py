@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
-from mox_core.smtp.domain import to_ascii
+from mox_core.smtpclient.smarthost import smarthost_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN")
@@ -35,19 +34,7 @@ class SubmissionSettings(BaseModel):
     no_starttls: bool = Field(False, description="submission only: no STARTTLS (credentials in clear).")
     ca_file: str | None = Field(None, description="Extra CA certificates (PEM) to trust.")
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            pass
-        else:
-            raise ValueError(f"bad host {v!r}: must be a DNS name, not an IP address")
-        try:
-            return to_ascii(v)
-        except ValueError as exc:
-            raise ValueError(f"bad host {v!r}: {exc}") from None
+    _host = field_validator("host")(classmethod(lambda cls, v: smarthost_name(v)))
 
     @field_validator("mechanisms")
     @classmethod

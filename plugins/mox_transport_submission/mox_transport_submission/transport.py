@@ -21,31 +21,26 @@ be read the attempt fails temporarily (4.3.5): the admin can fix it while the me
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
 from mox_core.smtpclient import (
     AuthCredentials,
     Timeouts,
     TLSMode,
     deliver_to_host,
-    make_ssl_context,
     tcp_dial,
 )
+
+from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_submission.settings import SubmissionSettings
 
 __all__ = ["LocalConfigProblem", "SubmissionTransport"]
 
 log = structlog.get_logger(component="transport.submission")
-
-# RFC 3463 §3.4: X.3.5 "system incorrectly configured" -- our side, fixable by the admin
-_CONFIG_PROBLEM = "4.3.5"
-
 
 class LocalConfigProblem(Exception):
     """A setting pointing outside mox.toml (password source, CA file) is unusable right now."""
@@ -64,8 +59,7 @@ class SubmissionTransport:
         self.settings = settings
         self.implicit_tls = implicit_tls
         self.options = options
-        self._resolver: Any = None
-        self._resolver_key: Any = None
+        self._resolvers = ResolverCache()
 
     @property
     def kind(self) -> str:
@@ -100,7 +94,7 @@ class SubmissionTransport:
                 raise LocalConfigProblem(f"environment variable {s.password_env} (password_env) is empty")
             return value
         assert s.password_file is not None
-        path = _config_path(s.password_file, ctx)
+        path = config_path(s.password_file, ctx)
         try:
             with open(path, encoding="utf-8") as f:
                 first = f.readline()
@@ -113,34 +107,23 @@ class SubmissionTransport:
             raise LocalConfigProblem(f"password_file {path} is empty (the password is its first line)")
         return value
 
-    def _resolver_for(self, ctx: DeliveryContext) -> Any:
-        """``ctx.resolver``, else one built from ``[dns]`` (once per config)."""
-        if ctx.resolver is not None:
-            return ctx.resolver
-        dns_cfg = ctx.config.static.dns if ctx.config is not None else None
-        if self._resolver is None or self._resolver_key is not dns_cfg:
-            import dns.asyncresolver
-            from mox_core.resolver import make_async_resolver
-
-            self._resolver = make_async_resolver(dns_cfg) if dns_cfg is not None else dns.asyncresolver.Resolver()
-            self._resolver_key = dns_cfg
-        return self._resolver
-
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
         s = self.settings
-        ca_file = _config_path(s.ca_file, ctx)
+        ca_file = config_path(s.ca_file, ctx)
         try:
             password = self.password(ctx)
-            if self.tls_mode in (TLSMode.REQUIRED_VERIFIED, TLSMode.IMMEDIATE):
-                _check_ca_file(ca_file)
+            problem = ca_file_problem(ca_file) if self.tls_mode in (
+                TLSMode.REQUIRED_VERIFIED, TLSMode.IMMEDIATE) else None
+            if problem:
+                raise LocalConfigProblem(problem)
         except LocalConfigProblem as exc:
             return self._local_failure(message, str(exc))
         creds = AuthCredentials(s.username, password, tuple(s.mechanisms) or None)
         results = await deliver_to_host(
             message, host=s.host, port=self.port, ehlo_name=ctx.hostname,
-            resolver=self._resolver_for(ctx), tls_mode=self.tls_mode, ca_file=ca_file, auth=creds,
+            resolver=self._resolvers.get(ctx), tls_mode=self.tls_mode, ca_file=ca_file, auth=creds,
             timeouts=self.options.get("timeouts", Timeouts()), allow_private=True,
             dial=self.options.get("dial", tcp_dial))
         log.debug("smarthost_delivery", transport=self.name, kind=self.kind, host=s.host, port=self.port,
@@ -151,27 +134,4 @@ class SubmissionTransport:
         """Every recipient fails temporarily for a problem on our side (config, files)."""
         text = f"transport {self.name}: {problem}"
         log.error("transport_misconfigured", transport=self.name, kind=self.kind, error=problem)
-        return [RecipientResult(r, DeliveryStatus.TEMPORARY, None, _CONFIG_PROBLEM, None, text)
-                for r in message.recipients]
-
-
-def _config_path(path: str | None, ctx: DeliveryContext | None) -> str | None:
-    """``path`` relative to the directory of mox.toml (absolute paths unchanged)."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_absolute() and ctx is not None and ctx.config is not None:
-        p = ctx.config.config_dir / p
-    return str(p)
-
-
-def _check_ca_file(ca_file: str | None) -> None:
-    """Report a broken ``ca_file`` as what it is, not as a TLS failure of the smarthost."""
-    if ca_file is None:
-        return
-    try:
-        make_ssl_context(verify=True, ca_file=ca_file)
-    except OSError as exc:
-        raise LocalConfigProblem(f"reading ca_file {ca_file}: {exc.strerror or exc}") from None
-    except ssl.SSLError as exc:
-        raise LocalConfigProblem(f"loading ca_file {ca_file}: {exc.reason or exc}") from None
+        return local_failure(message, text)
