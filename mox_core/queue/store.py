@@ -355,8 +355,10 @@ class QueueStore:
             head = QueuedMessage.from_row(first)
             rest = [
                 QueuedMessage.from_row(r) for r in db.execute(
-                    f"SELECT {COLUMNS} FROM msg WHERE base_id = ? AND recipient_domain = ? "
-                    "AND hold = 0 AND next_attempt <= ? AND id != ? ORDER BY id",
+                    # INDEXED BY: without it SQLite walks every due row of the domain
+                    # (msg_domain_due) and sorts; at 1M rows of one domain 244 ms vs 24 us.
+                    f"SELECT {COLUMNS} FROM msg INDEXED BY msg_base WHERE base_id = ? "
+                    "AND recipient_domain = ? AND hold = 0 AND next_attempt <= ? AND id != ? ORDER BY id",
                     (head.base_id, d, now, head.id),
                 )
             ]
