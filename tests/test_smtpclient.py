@@ -343,7 +343,7 @@ def test_select_mechanism_order_default_and_plain_rules():
     ("10.0.0.5", "private"), ("192.168.1.1", "private"), ("172.16.0.1", "private"), ("fd00::1", "private"),
     ("100.64.1.1", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
     ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("::ffff:127.0.0.1", "loopback"),
-    ("8.8.8.8", None), ("2001:4860:4860::8888", None),
+    ("93.184.215.14", None), ("2606:2800:21f:cb07::1", None),  # public: allowed (no traffic here)
 ])
 def test_refused_target(ip, refused):
     why = refused_target(ip)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -248,6 +248,15 @@ class MTASTSCache:
     :class:`SMTPClientError` (as mox: the attempt is retried later); a failed *fetch* means
     "no policy" unless a valid one is cached (RFC 8461 §5).
     """
+
+    @classmethod
+    def for_context(cls, ctx: Any) -> MTASTSCache:
+        """The cache a transport keeps for a delivery context: policies persisted in the data
+        directory, and fetches allowed to private addresses only with the testing setting."""
+        config = getattr(ctx, "config", None)
+        allow_private = bool(config and config.static.testing.allow_private_targets)
+        data_dir = config.data_dir if config is not None else None
+        return cls(HTTPSPolicyFetcher(allow_private=allow_private), data_dir=data_dir)
 
     def __init__(self, fetcher: PolicyFetcher | None = None, *, data_dir: Path | None = None,
                  clock: Callable[[], float] = time.time) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import HTTPSPolicyFetcher, MTASTSCache, Timeouts, deliver_via_mx, tcp_dial
+from mox_core.smtpclient import MTASTSCache, Timeouts, deliver_via_mx, tcp_dial
 
 from mox_transport_direct.settings import DirectSettings
 
@@ -35,9 +35,7 @@ class DirectTransport:
 
     def _mtasts_cache(self, ctx: DeliveryContext) -> MTASTSCache:
         if self._mtasts is None:
-            allow_private = bool(ctx.config and ctx.config.static.testing.allow_private_targets)
-            data_dir = ctx.config.data_dir if ctx.config is not None else None
-            self._mtasts = MTASTSCache(HTTPSPolicyFetcher(allow_private=allow_private), data_dir=data_dir)
+            self._mtasts = MTASTSCache.for_context(ctx)
         return self._mtasts
 
     async def deliver(

@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import HTTPSPolicyFetcher, MTASTSCache, Timeouts, deliver_via_mx
+from mox_core.smtpclient import MTASTSCache, Timeouts, deliver_via_mx
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy
 
@@ -152,9 +152,7 @@ class SocksTransport:
 
     def _mtasts_cache(self, ctx: DeliveryContext) -> MTASTSCache:
         if self._mtasts is None:
-            allow_private = bool(ctx.config and ctx.config.static.testing.allow_private_targets)
-            data_dir = ctx.config.data_dir if ctx.config is not None else None
-            self._mtasts = MTASTSCache(HTTPSPolicyFetcher(allow_private=allow_private), data_dir=data_dir)
+            self._mtasts = MTASTSCache.for_context(ctx)
         return self._mtasts
 
     async def deliver(

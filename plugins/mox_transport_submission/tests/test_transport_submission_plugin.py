@@ -31,7 +31,7 @@ def test_settings_validate(tmp_path):
     cfg = load(tmp_path, '''
         [transports.sub]
         kind = "submission"
-        host = "smtp.example.net"
+        host = "relay.example"
         username = "me"
         password_env = "SUB_PW"
         mechanisms = ["CRAM-MD5", "PLAIN"]
