@@ -107,17 +107,27 @@ class MoxServer:
         self.mox("setaccountpassword", account, input=password + "\n")
 
     def start(self, timeout: float = 15.0) -> MoxServer:
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-        )
-        try:
-            wait_banner(self.host, self.smtp_port, timeout=timeout, proc=self.proc)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"mox serve did not start:\n{self.log_text()}") from None
-        return self
+        """Start ``mox serve``; when another process took one of the free ports between
+        choosing and binding it, choose new ports and try again (at most 3 times)."""
+        for attempt in range(3):
+            self.log = open(self.log_path, "ab")
+            start_of_log = self.log.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
+                stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            )
+            try:
+                wait_banner(self.host, self.smtp_port, timeout=timeout, proc=self.proc)
+                return self
+            except Exception:
+                self.stop()
+                text = self.log_text()
+                if "already in use" in text[start_of_log:] and attempt < 2:
+                    self.smtp_port, self.submission_port, self.submissions_port = free_port(), free_port(), free_port()
+                    self.write_config()
+                    continue
+                raise RuntimeError(f"mox serve did not start:\n{text}") from None
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no cleanup runs."""
