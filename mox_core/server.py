@@ -23,6 +23,20 @@ async def _reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
             pass
 
 
+def clean_maildir_tmp(data_dir) -> int:
+    """Remove what a crash mid-write left in the accounts' Maildir ``tmp/`` directories (files
+    older than 36 hours, the Maildir rule; newer ones may belong to another deliverer)."""
+    from mox_core.store import Maildir
+
+    removed = 0
+    for root in (data_dir / "accounts").glob("*/Maildir"):
+        removed += Maildir(root).clean_tmp()
+        for sub in root.glob(".*"):
+            if sub.is_dir():
+                removed += Maildir(sub, subfolder=True).clean_tmp()
+    return removed
+
+
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 started: asyncio.Event | None = None) -> None:
     from mox_core.accountdb import AccountCredentials
@@ -44,6 +58,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             pass
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    removed = await asyncio.to_thread(clean_maildir_tmp, data_dir)
+    if removed:
+        log.info("maildir_tmp_cleaned", files=removed)
     resolver = make_resolver(config.static.dns)
     install_spf_lookup(resolver)
     store = MaildirStore()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from mox_core.errors import PluginError, PluginLoadError
+from mox_core.errors import PluginError
 from mox_core.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
 from mox_core.plugins import PluginHost
 from mox_core.testconfig import load

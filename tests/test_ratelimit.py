@@ -8,7 +8,6 @@ import ssl
 import time
 from pathlib import Path
 
-import pytest
 
 from mox_core.builtin.rate_limiters import OutgoingLog
 from mox_core.kinds import Submission

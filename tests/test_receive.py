@@ -8,8 +8,7 @@ the From check, limits seen through the whole server, and crashes with SIGKILL.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import os
 import smtplib
 import socket
 import ssl
@@ -431,3 +430,16 @@ def test_sigkill_during_data_delivers_nothing(mox):
     mox.start()
     time.sleep(0.2)
     assert mox.messages("admin") == []
+
+
+def test_start_removes_stale_maildir_tmp_files(mox):
+    tmp = mox.maildir("admin") / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    stale, fresh = tmp / "1700000000.M1P1Q1.host", tmp / "1795000000.M1P1Q2.host"
+    stale.write_bytes(b"half a message")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 3 * 24 * 3600
+    os.utime(stale, (old, old))
+    mox.stop()
+    mox.start()
+    assert not stale.exists() and fresh.exists()
