@@ -33,6 +33,7 @@ from mox_core.smtpclient.sasl import AuthCredentials
 
 __all__ = [
     "Destinations",
+    "MXDeliveryState",
     "NULL_MX_TEXT",
     "deliver_to_host",
     "deliver_via_mx",
@@ -46,6 +47,29 @@ log = structlog.get_logger(component="smtpclient.mx")
 NULL_MX_TEXT = "domain does not accept email as indicated with single dot for mx record"
 _MAX_CNAMES = 16  # reference 1a step 2: the 16th iteration is an error
 _DNS_TIMEOUT = 30.0
+
+
+class MXDeliveryState:
+    """What an MX-delivering transport (direct, socks) keeps between attempts: its MTA-STS
+    policy cache (made on first use from the delivery context) and the IPs dialed per host
+    (for mox's address-family alternation), bounded so a long-running server cannot grow it
+    without limit."""
+
+    MAX_REMEMBERED_HOSTS = 10000
+
+    def __init__(self, mtasts: MTASTSCache | None = None) -> None:
+        self._mtasts = mtasts
+        self._dialed_ips: dict[str, list[str]] = {}
+
+    def mtasts(self, ctx: DeliveryContext) -> MTASTSCache:
+        if self._mtasts is None:
+            self._mtasts = MTASTSCache.for_context(ctx)
+        return self._mtasts
+
+    def dialed_ips(self) -> dict[str, list[str]]:
+        if len(self._dialed_ips) > self.MAX_REMEMBERED_HOSTS:
+            self._dialed_ips.clear()
+        return self._dialed_ips
 
 
 @dataclass(frozen=True)

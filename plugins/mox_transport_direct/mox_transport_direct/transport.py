@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import MTASTSCache, Timeouts, deliver_via_mx, tcp_dial
+from mox_core.smtpclient import Timeouts, deliver_via_mx, tcp_dial
+from mox_core.smtpclient.mx import MXDeliveryState
 
 from mox_transport_direct.settings import DirectSettings
 
-_MAX_REMEMBERED_HOSTS = 10000
 
 
 class DirectTransport:
@@ -30,19 +30,11 @@ class DirectTransport:
         self.name = name
         self.settings = settings if settings is not None else DirectSettings()
         self.options = options
-        self._mtasts: MTASTSCache | None = options.get("mtasts")
-        self._dialed_ips: dict[str, list[str]] = {}
-
-    def _mtasts_cache(self, ctx: DeliveryContext) -> MTASTSCache:
-        if self._mtasts is None:
-            self._mtasts = MTASTSCache.for_context(ctx)
-        return self._mtasts
+        self._state = MXDeliveryState(options.get("mtasts"))
 
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
-        if len(self._dialed_ips) > _MAX_REMEMBERED_HOSTS:
-            self._dialed_ips.clear()
         return await deliver_via_mx(
             message,
             ctx,
@@ -50,8 +42,8 @@ class DirectTransport:
             ehlo_name=ctx.hostname,
             ipv4=not self.settings.disable_ipv4,
             ipv6=not self.settings.disable_ipv6,
-            mtasts=self._mtasts_cache(ctx),
+            mtasts=self._state.mtasts(ctx),
             timeouts=self.options.get("timeouts", Timeouts()),
-            dialed_ips=self._dialed_ips,
+            dialed_ips=self._state.dialed_ips(),
             tls_ca_file=self.options.get("tls_ca_file"),
         )

@@ -34,7 +34,8 @@ from typing import Any
 
 import structlog
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import MTASTSCache, Timeouts, deliver_via_mx
+from mox_core.smtpclient import Timeouts, deliver_via_mx
+from mox_core.smtpclient.mx import MXDeliveryState
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy
 
@@ -44,7 +45,6 @@ __all__ = ["SocksDialError", "SocksTransport"]
 
 log = structlog.get_logger(component="transport.socks")
 
-_MAX_REMEMBERED_HOSTS = 10000
 
 
 class SocksDialError(Exception):
@@ -107,8 +107,7 @@ class SocksTransport:
         self.options = options
         self.proxies: list[str] = [settings.address, *settings.fallback_addresses]
         self._down_until: dict[str, float] = {}
-        self._mtasts: MTASTSCache | None = options.get("mtasts")
-        self._dialed_ips: dict[str, list[str]] = {}
+        self._state = MXDeliveryState(options.get("mtasts"))
         # RFC 1929 username/password, or none (no authentication method offered)
         self._credentials = ((settings.username, settings.password or "") if settings.username is not None
                              else (None, None))
@@ -150,22 +149,15 @@ class SocksTransport:
             return sock
         raise SocksDialError("socks dialer: no proxy reachable: " + ("; ".join(down) or "no time left"))
 
-    def _mtasts_cache(self, ctx: DeliveryContext) -> MTASTSCache:
-        if self._mtasts is None:
-            self._mtasts = MTASTSCache.for_context(ctx)
-        return self._mtasts
-
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
     ) -> Sequence[RecipientResult]:
-        if len(self._dialed_ips) > _MAX_REMEMBERED_HOSTS:
-            self._dialed_ips.clear()
         return await deliver_via_mx(
             message,
             ctx,
             dial=self.dial,
             ehlo_name=self.settings.remote_hostname,
-            mtasts=self._mtasts_cache(ctx),
+            mtasts=self._state.mtasts(ctx),
             timeouts=self.options.get("timeouts", Timeouts()),
-            dialed_ips=self._dialed_ips,
+            dialed_ips=self._state.dialed_ips(),
         )
