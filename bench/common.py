@@ -474,7 +474,9 @@ class MoxBench:
         self.log = open(self.dir / "mox.log", "ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre,
+            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre, cwd=self.dir,
+            # cwd: "-m" puts the working directory first on sys.path; from the repository root
+            # that would shadow the PYTHONPATH of a variant (a patched copy of mox_core).
             env={**os.environ, **self.default_env, **(env or {})})
         wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=self.proc)
         wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=self.proc)

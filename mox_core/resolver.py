@@ -7,8 +7,13 @@ function, so :func:`install_spf_lookup` replaces it with one that uses our resol
 
 from __future__ import annotations
 
+import threading
+
 import dns.asyncresolver
 import dns.exception
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 
 from mox_core.configmodels import DNS
@@ -53,19 +58,64 @@ def make_async_resolver(cfg: DNS) -> dns.asyncresolver.Resolver:
     return r
 
 
+class CacheOnly:
+    """While active in a thread, pyspf lookups answer only from the resolver's cache.
+
+    A lookup the cache cannot answer returns nothing and sets ``missed``: the caller then
+    throws the whole evaluation away and runs it again with real lookups (in a thread). So an
+    SPF check whose records are all cached runs in the event loop, without a thread hop and
+    without a query; anything else is evaluated exactly as before.
+    """
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self.missed = False
+
+    def __enter__(self) -> CacheOnly:
+        CacheOnly._local.active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        CacheOnly._local.active = None
+
+    @classmethod
+    def current(cls) -> CacheOnly | None:
+        return getattr(cls._local, "active", None)
+
+
+def cached_answer(resolver: dns.resolver.Resolver, name: str, qtype: str) -> dns.resolver.Answer | None:
+    """The answer in ``resolver``'s cache, None if it has none (or no cache)."""
+    cache = resolver.cache
+    if cache is None:
+        return None
+    try:
+        key = (dns.name.from_text(name), dns.rdatatype.from_text(qtype), dns.rdataclass.IN)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    return cache.get(key)
+
+
 def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:
     """Make pyspf resolve through ``resolver`` (its lookup function is module-global)."""
     import spf
 
     def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list:
         out: list = []
-        try:
-            answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
-                                       raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return out
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
-            raise spf.TempError(f"DNS {exc}") from None
+        cache_only = CacheOnly.current()
+        if cache_only is not None:
+            answers = cached_answer(resolver, name, qtype)
+            if answers is None:
+                cache_only.missed = True
+                return out
+        else:
+            try:
+                answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
+                                           raise_on_no_answer=False)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return out
+            except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+                raise spf.TempError(f"DNS {exc}") from None
         for rdata in answers.rrset or []:
             if qtype in ("A", "AAAA"):
                 out.append(((name, qtype), rdata.address))

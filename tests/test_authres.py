@@ -1,0 +1,69 @@
+"""SPF and DKIM results of incoming mail (``mox_core.authres``), with a loopback DNS server.
+
+The interesting part is the cache fast path: an SPF evaluation whose records are all in the
+resolver's cache runs without a thread and without a query, and must give exactly the result
+the full evaluation gives; one missing record sends it back to the full evaluation.
+"""
+
+from __future__ import annotations
+
+import dns.resolver
+import pytest
+
+from mox_core import authres
+from mox_core.configmodels import DNS
+from mox_core.resolver import install_spf_lookup, make_resolver
+
+MESSAGE = b"From: a@sender.example\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def spf_resolver(dns_server):
+    """A synchronous resolver with a TTL cache, installed as pyspf's lookup function."""
+    resolver = make_resolver(DNS(nameservers=[dns_server.nameserver], timeout=2))
+    resolver.cache = dns.resolver.LRUCache(1000)
+    install_spf_lookup(resolver)
+    return resolver
+
+
+def txt_queries(dns_server, name):
+    return len(dns_server.queries_for(name, "TXT"))
+
+
+async def test_spf_from_cache_gives_same_result_without_a_query(dns_server, spf_resolver):
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    first = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert first.spf == "pass"
+    assert txt_queries(dns_server, "sender.example") == 1
+
+    second = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    third = await authres.check(MESSAGE, "127.0.0.2", "client.example", "a@sender.example", spf_resolver)
+    assert (second.spf, second.spf_domain) == ("pass", "sender.example")
+    assert third.spf == "fail"  # same cached record, other client IP
+    assert txt_queries(dns_server, "sender.example") == 1
+
+
+async def test_spf_with_uncached_include_falls_back_to_real_lookups(dns_server, spf_resolver):
+    dns_server.add("sender.example", "TXT", "v=spf1 include:spf.provider.example -all")
+    dns_server.add("spf.provider.example", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
+    # Only the first record is cached: the cached evaluation misses the include and is redone.
+    spf_resolver.resolve("sender.example", "TXT")
+    result = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert result.spf == "pass"
+    assert txt_queries(dns_server, "spf.provider.example") == 1
+
+
+async def test_spf_record_with_ttl_zero_is_looked_up_every_time(dns_server, spf_resolver):
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=0)
+    for _ in range(3):
+        result = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+        assert result.spf == "pass"
+    assert txt_queries(dns_server, "sender.example") == 3
+
+
+async def test_spf_without_cache_still_evaluates(dns_server, spf_resolver):
+    spf_resolver.cache = None
+    dns_server.add("sender.example", "TXT", "v=spf1 -all")
+    result = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert result.spf == "fail"
+    assert b"spf=fail smtp.mailfrom=sender.example" in result.header("mx.example", "127.0.0.1")
