@@ -48,13 +48,33 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``mox serve`` and its SMTP worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 def rss_kb(pid: int) -> int:
-    """VmRSS of a process, in KiB (from /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """Resident memory of ``pid`` and its descendants, KiB."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def nofile_limit(n: int) -> tuple[int, int]:
@@ -83,10 +103,16 @@ def raise_nofile(n: int = 65536) -> tuple[int, int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its descendants (all threads), from /proc/PID/stat."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rotate(items: list, k: int) -> list:
@@ -394,7 +420,8 @@ class MoxBench:
     """
 
     def __init__(self, directory: Path, nameserver: str, *, relay_port: int | None = None,
-                 log_level: str = "info", queue_concurrency: int | None = None):
+                 log_level: str = "info", queue_concurrency: int | None = None,
+                 smtp_workers: int | None = None):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
@@ -426,6 +453,8 @@ class MoxBench:
             port = {self.submission_port}
             no_require_starttls = true
             """)
+        if smtp_workers is not None:
+            static = f"smtp_workers = {smtp_workers}\n" + static
         if queue_concurrency:
             static += f"\n[queue]\nconcurrency = {queue_concurrency}\n"
         domains = textwrap.dedent("""\

@@ -93,6 +93,27 @@ def serve(state: State) -> None:
     run(cfg)
 
 
+@cli.command("smtp-worker", hidden=True)
+@click.option("--index", type=int, required=True)
+@click.option("--parent", type=int, required=True)
+@click.option("--channel", type=int, required=True)
+@click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:IP")
+@click.pass_obj
+def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tuple[str, ...]) -> None:
+    """Serve incoming SMTP on sockets from mox serve (started by mox serve, not by hand)."""
+    import asyncio
+
+    from mox_core.smtpserver.workers import serve_worker
+
+    moxlog.configure(json=True)
+    cfg = state.load_config(reapply_cli_level=False)
+    by_key = {}
+    for spec in sockets:
+        fd, name, ip = spec.split(":", 2)
+        by_key[(name, ip)] = int(fd)
+    asyncio.run(serve_worker(cfg, index, parent, channel, by_key))
+
+
 @cli.command("setaccountpassword")
 @click.argument("account")
 @click.pass_obj

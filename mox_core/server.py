@@ -13,7 +13,7 @@ from mox_core.config import Config, ConfigHolder
 log = structlog.get_logger(component="serve")
 
 
-async def _reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
+async def reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
     """Poll domains.toml once a second so a change takes effect without a request."""
     while not stop.is_set():
         await asyncio.to_thread(holder.get)
@@ -45,7 +45,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     from mox_core.ratelimit import RateLimits
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.sasl.server import AuthFailureLimiter
-    from mox_core.smtpserver.listen import start_listeners
+    from mox_core.smtpserver.listen import smtp_endpoints, start_listeners
+    from mox_core.smtpserver.workers import SMTPWorkers, worker_count
     from mox_core.store import MaildirStore
 
     stop = stop or asyncio.Event()
@@ -69,21 +70,42 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     await queue.start()
     ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
     await ctl.start()
-    listeners = await start_listeners(
-        holder, store=store, credentials=credentials, resolver=resolver,
-        auth_limiter=AuthFailureLimiter(), queue=queue, ratelimits=RateLimits(holder),
-    )
+    # Incoming SMTP in worker processes (smtpserver/workers.py) when there is more than one
+    # CPU; their sockets are bound here, first, so a busy port stops the start right away.
+    workers = None
+    endpoints = smtp_endpoints(holder)
+    count = worker_count(config.static.smtp_workers)
+    if endpoints and count > 1:
+        workers = SMTPWorkers(config.path, endpoints, count)
+        workers.bind()
+    try:
+        listeners = await start_listeners(
+            holder, store=store, credentials=credentials, resolver=resolver,
+            auth_limiter=AuthFailureLimiter(), queue=queue, ratelimits=RateLimits(holder),
+            services=frozenset({"submission", "submissions"}) if workers else None,
+        )
+        if workers:
+            await workers.start()
+    except BaseException:
+        if workers:
+            await workers.stop()
+        await ctl.close()
+        await queue.close()
+        await store.aclose()
+        raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path),
-             pid=os.getpid(), listeners=len(listeners))
+             pid=os.getpid(), listeners=len(listeners), smtp_workers=count if workers else 0)
     if started is not None:
         started.set()
-    reloader = asyncio.create_task(_reload_loop(holder, stop))
+    reloader = asyncio.create_task(reload_loop(holder, stop))
     try:
         await stop.wait()
     finally:
         reloader.cancel()
         for lst in listeners:
             lst.server.close()
+        if workers:
+            await workers.stop()
         await ctl.close()
         await queue.close(grace=5)  # before the store: DSNs are delivered through it
         await store.aclose()

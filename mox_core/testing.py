@@ -250,7 +250,7 @@ def socks_microsocks(request, socks_microsocks_factory):
 
 @pytest.fixture
 def mox_server_factory(tmp_path):
-    """``factory(domains=..., static_extra="", nameserver=None, start=True) -> MoxServer``.
+    """``factory(domains=..., static_extra="", nameserver=None, start=True, static_top="") -> MoxServer``.
 
     A real ``mox serve`` process on 127.0.0.1 with SMTP, submission (STARTTLS) and
     submissions (implicit TLS) on free ports and a self-signed certificate for localhost.
@@ -261,9 +261,10 @@ def mox_server_factory(tmp_path):
 
     def factory(domains: str, static_extra: str = "", nameserver: str | None = None,
                 passwords: dict[str, str] | None = None, start: bool = True, name: str = "mox",
-                env: dict[str, str] | None = None):
+                env: dict[str, str] | None = None, static_top: str = ""):
         server = MoxServer(tmp_path / f"{name}{len(servers)}", static_extra=static_extra,
-                           domains=domains, nameserver=nameserver, env=dict(env or {}))
+                           domains=domains, nameserver=nameserver, env=dict(env or {}),
+                           static_top=static_top)
         servers.append(server)
         for account, password in (passwords or {}).items():
             server.set_password(account, password)

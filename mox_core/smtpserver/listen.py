@@ -8,7 +8,9 @@ policy :class:`~mox_core.smtpserver.handler.Handler` per service.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,52 +45,116 @@ class Listening:
     server: asyncio.base_events.Server
 
 
-async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any, resolver: Any,
-                          queue: Any = None, auth_limiter: Any = None,
-                          ratelimits: Any = None) -> list[Listening]:
-    """Bind every enabled service; raises OSError naming the address when a bind fails."""
+def _services(lst: Listener, tls: ssl.SSLContext | None,
+              credentials: Any) -> list[tuple[str, int, dict[str, Any], ssl.SSLContext | None]]:
+    """(service, port, MoxSMTP options, implicit TLS context) of each enabled service."""
+    services = []
+    if lst.smtp.enabled:
+        services.append(("smtp", lst.smtp.port, dict(
+            tls_context=None if lst.smtp.no_starttls else tls,
+            require_starttls=lst.smtp.require_starttls, auth_require_tls=True,
+            credential_store=None,
+        ), None))
+    if lst.submission.enabled:
+        services.append(("submission", lst.submission.port, dict(
+            tls_context=tls, require_starttls=not lst.submission.no_require_starttls,
+            auth_require_tls=not lst.submission.no_require_starttls,
+            credential_store=credentials,
+        ), None))
+    if lst.submissions.enabled:
+        services.append(("submissions", lst.submissions.port, dict(
+            tls_context=None, require_starttls=False, auth_require_tls=False,
+            credential_store=credentials,
+        ), tls))
+    return services
+
+
+def _factory(holder: ConfigHolder, lst: Listener, service: str, options: dict[str, Any], *,
+             store: Any, resolver: Any, queue: Any, auth_limiter: Any,
+             ratelimits: Any) -> Callable[[], Any]:
     from mox_core.smtpserver.protocol import MoxSMTP
 
+    hostname = lst.hostname or holder.get().static.hostname
+    handler = Handler(holder, store, "smtp" if service == "smtp" else "submission",
+                      resolver=resolver if service == "smtp" else None, queue=queue,
+                      hostname=hostname, ratelimits=ratelimits)
+    size = lst.smtp_max_message_size
+
+    def factory() -> MoxSMTP:
+        return MoxSMTP(handler, hostname=hostname, max_message_size=size,
+                       auth_limiter=auth_limiter, **options)
+
+    return factory
+
+
+def smtp_endpoints(holder: ConfigHolder) -> list[tuple[str, str, int]]:
+    """(listener name, ip, port) of every enabled incoming SMTP (port 25) service."""
+    return [(name, ip, lst.smtp.port) for name, lst in holder.get().static.listeners.items()
+            if lst.smtp.enabled for ip in lst.ips]
+
+
+async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any, resolver: Any,
+                          queue: Any = None, auth_limiter: Any = None, ratelimits: Any = None,
+                          services: frozenset[str] | None = None,
+                          sockets: dict[tuple[str, str], list[socket.socket]] | None = None,
+                          ) -> list[Listening]:
+    """Bind every enabled service; raises OSError naming the address when a bind fails.
+
+    ``services``: only these (e.g. without "smtp" when worker processes serve it).
+    ``sockets``: already bound listening sockets by (listener name, ip), used instead of
+    binding (an SMTP worker process gets its sockets from the main process).
+    """
     cfg = holder.get()
     out: list[Listening] = []
     loop = asyncio.get_running_loop()
     for name, lst in cfg.static.listeners.items():
         tls = tls_context(lst, cfg.config_dir)
-        hostname = lst.hostname or cfg.static.hostname
-        services = []
-        if lst.smtp.enabled:
-            services.append(("smtp", lst.smtp.port, dict(
-                tls_context=None if lst.smtp.no_starttls else tls,
-                require_starttls=lst.smtp.require_starttls, auth_require_tls=True,
-                credential_store=None,
-            ), None))
-        if lst.submission.enabled:
-            services.append(("submission", lst.submission.port, dict(
-                tls_context=tls, require_starttls=not lst.submission.no_require_starttls,
-                auth_require_tls=not lst.submission.no_require_starttls,
-                credential_store=credentials,
-            ), None))
-        if lst.submissions.enabled:
-            services.append(("submissions", lst.submissions.port, dict(
-                tls_context=None, require_starttls=False, auth_require_tls=False,
-                credential_store=credentials,
-            ), tls))
-        for service, port, options, implicit_tls in services:
-            handler = Handler(holder, store, "smtp" if service == "smtp" else "submission",
-                              resolver=resolver if service == "smtp" else None, queue=queue,
-                              hostname=hostname, ratelimits=ratelimits)
-
-            def factory(handler: Handler = handler, options: dict[str, Any] = options,
-                        size: int = lst.smtp_max_message_size, hostname: str = hostname) -> MoxSMTP:
-                return MoxSMTP(handler, hostname=hostname, max_message_size=size,
-                               auth_limiter=auth_limiter, **options)
-
+        for service, port, options, implicit_tls in _services(lst, tls, credentials):
+            if services is not None and service not in services:
+                continue
+            factory = _factory(holder, lst, service, options, store=store, resolver=resolver,
+                               queue=queue, auth_limiter=auth_limiter, ratelimits=ratelimits)
             for ip in lst.ips:
                 try:
-                    server = await loop.create_server(factory, host=ip, port=port, ssl=implicit_tls,
-                                                      reuse_address=True, backlog=1024)
+                    if sockets is not None:
+                        server = await loop.create_server(factory, sock=sockets[(name, ip)][0],
+                                                          ssl=implicit_tls, backlog=1024)
+                    else:
+                        server = await loop.create_server(factory, host=ip, port=port, ssl=implicit_tls,
+                                                          reuse_address=True, backlog=1024)
                 except OSError as exc:
                     raise OSError(exc.errno, f"listener {name}: {service} on {ip}:{port}: {exc.strerror}") from None
                 log.info("listening", listener=name, service=service, address=f"{ip}:{port}")
                 out.append(Listening(name, service, ip, port, server))
+    return out
+
+
+def bind_shared(name: str, ip: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ip:port sharing the port (SO_REUSEPORT), one per worker
+    process; the kernel spreads new connections over them.
+
+    A plain bind first: with SO_REUSEPORT alone, a port held by another process of the same
+    user (a second mox, say) would be silently shared instead of refused.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    out: list[socket.socket] = []
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((ip, port))
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in out:
+            sock.close()
+        raise OSError(exc.errno, f"listener {name}: smtp on {ip}:{port}: {exc.strerror}") from None
     return out

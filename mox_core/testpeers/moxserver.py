@@ -42,6 +42,7 @@ class MoxServer:
     directory: Path
     static_extra: str = ""
     domains: str = ""
+    static_top: str = ""  # top-level mox.toml keys (before any table), e.g. "smtp_workers = 2"
     nameserver: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -66,7 +67,7 @@ class MoxServer:
 
     def write_config(self) -> None:
         dns = f'nameservers = ["{self.nameserver}"]\ntimeout = 2\n' if self.nameserver else "nameservers = []\n"
-        static = textwrap.dedent(f"""\
+        static = textwrap.dedent(self.static_top) + textwrap.dedent(f"""\
             hostname = "mail.example.org"
             data_dir = "data"
             log_level = "debug"

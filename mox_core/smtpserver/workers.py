@@ -1,0 +1,230 @@
+"""Worker processes for incoming SMTP (port 25): use every CPU, as Postfix's smtpd processes do.
+
+One Python process runs on one core (the GIL), and accepting mail costs CPU per message
+(parsing, SPF, headers; bench/RESULTS.md). So ``mox serve`` runs the incoming SMTP listeners
+in ``smtp_workers`` processes (default: one per CPU). The main process binds, for every SMTP
+address, one listening socket per worker sharing the port (``SO_REUSEPORT``: the kernel spreads
+connections over them), starts the workers with their sockets, and keeps serving everything
+else itself: submission (AUTH, rate limits, the queue), the queue scheduler, the ctl socket.
+
+Incoming SMTP needs nothing shared but files: a worker resolves recipients from the config
+files (each process reloads domains.toml itself), checks SPF/DKIM and delivers into Maildir,
+which is safe for several writers by design (unique file names with the process id; rename).
+
+A worker that dies is started again after a second, with the same sockets: connections that
+waited in its backlog are then served. Workers die with the main process (``PR_SET_PDEATHSIG``
+on Linux, and end of the pipe to the main process everywhere), so a crash of ``mox serve``
+never leaves a process behind that keeps a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mox_core.errors import MoxError
+from mox_core.smtpserver.listen import bind_shared
+
+log = structlog.get_logger(component="smtpserver")
+
+MAX_AUTO_WORKERS = 8
+RESTART_DELAY = 1.0
+READY_TIMEOUT = 60.0
+
+
+def worker_count(setting: int) -> int:
+    """``smtp_workers``: 0 means one per CPU this process may use (at most 8)."""
+    if setting > 0:
+        return setting
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_AUTO_WORKERS))
+
+
+class SMTPWorkers:
+    """The main process's side: sockets, starting, watching and stopping the workers."""
+
+    def __init__(self, config_path: Path, endpoints: list[tuple[str, str, int]], count: int):
+        self.config_path = config_path
+        self.endpoints = endpoints
+        self.count = count
+        self._sockets: dict[tuple[str, str], list[socket.socket]] = {}
+        self._procs: list[asyncio.subprocess.Process | None] = [None] * count
+        # The main process's end of each worker's pipe: the worker stops when it closes.
+        self._channels: list[asyncio.StreamWriter | None] = [None] * count
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def bind(self) -> None:
+        """Bind every SMTP address, ``count`` sockets each; OSError names the listener."""
+        try:
+            for name, ip, port in self.endpoints:
+                self._sockets[(name, ip)] = bind_shared(name, ip, port, self.count)
+        except OSError:
+            self.close_sockets()
+            raise
+
+    def close_sockets(self) -> None:
+        for group in self._sockets.values():
+            for sock in group:
+                sock.close()
+        self._sockets.clear()
+
+    async def start(self) -> None:
+        """Start every worker and wait until each serves its sockets."""
+        try:
+            await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
+        except BaseException:
+            await self.stop()
+            raise
+        self._watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
+
+    async def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        fds = [theirs.fileno()]
+        spec = []
+        for (name, ip), group in self._sockets.items():
+            fd = group[index].fileno()
+            fds.append(fd)
+            spec.append(f"{fd}:{name}:{ip}")
+        cmd = [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "smtp-worker",
+               "--index", str(index), "--parent", str(os.getpid()), "--channel", str(theirs.fileno()),
+               *[a for s in spec for a in ("--socket", s)]]
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._procs[index] = proc
+        reader, writer = await asyncio.open_connection(sock=ours)
+        self._channels[index] = writer
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                line = await reader.readline()
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            code = await proc.wait()
+            raise MoxError(f"smtp worker {index} did not start (exit status {code}); see its log above")
+        log.info("smtp_worker_started", worker=index, pid=proc.pid)
+
+    async def _watch(self, index: int) -> None:
+        while True:
+            proc = self._procs[index]
+            assert proc is not None
+            code = await proc.wait()
+            if self._stopping:
+                return
+            log.error("smtp_worker_exited", worker=index, pid=proc.pid, status=code,
+                      restart_in=RESTART_DELAY)
+            await asyncio.sleep(RESTART_DELAY)
+            if self._stopping:
+                return
+            old = self._channels[index]
+            if old is not None:
+                old.close()
+                self._channels[index] = None
+            try:
+                await self._spawn(index)
+            except (MoxError, OSError) as exc:
+                log.error("smtp_worker_restart_failed", worker=index, error=str(exc))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.returncode is None]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every worker (they finish the deliveries in progress), then wait."""
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        procs = [p for p in self._procs if p is not None and p.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        for p in procs:
+            try:
+                async with asyncio.timeout(timeout):
+                    await p.wait()
+            except TimeoutError:
+                log.error("smtp_worker_kill", pid=p.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                await p.wait()
+        for ch in self._channels:
+            if ch is not None:
+                ch.close()
+        self.close_sockets()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the main process dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before the prctl
+        os._exit(1)
+
+
+async def _wait_eof(channel: socket.socket, stop: asyncio.Event) -> None:
+    reader, writer = await asyncio.open_connection(sock=channel)
+    with contextlib.suppress(OSError):
+        while await reader.read(4096):
+            pass
+    stop.set()
+    writer.close()
+
+
+async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
+                       sockets: dict[tuple[str, str], int]) -> None:
+    """Serve the incoming SMTP listeners on sockets inherited from the main process."""
+    from mox_core.config import ConfigHolder
+    from mox_core.resolver import install_spf_lookup, make_resolver
+    from mox_core.server import reload_loop
+    from mox_core.smtpserver.listen import start_listeners
+    from mox_core.store import MaildirStore
+
+    _die_with_parent(parent)
+    structlog.contextvars.bind_contextvars(worker=index)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    channel = socket.socket(fileno=channel_fd)
+    socks = {key: [socket.socket(fileno=fd)] for key, fd in sockets.items()}
+    holder = ConfigHolder(config)
+    resolver = make_resolver(config.static.dns)
+    install_spf_lookup(resolver)
+    store = MaildirStore()
+    listeners = await start_listeners(holder, store=store, credentials=None, resolver=resolver,
+                                      services=frozenset({"smtp"}), sockets=socks)
+    channel.sendall(b"ready\n")
+    watcher = asyncio.create_task(_wait_eof(channel, stop))
+    reloader = asyncio.create_task(reload_loop(holder, stop))
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        reloader.cancel()
+        for lst in listeners:
+            lst.server.close()
+        await store.aclose()
+        log.info("smtp_worker_stopped", pid=os.getpid())

@@ -1,0 +1,158 @@
+"""Incoming SMTP served by worker processes (``smtp_workers``), with a real ``mox serve``.
+
+The main process binds one socket per worker on the SMTP port (SO_REUSEPORT) and keeps them,
+so a worker that dies is replaced on the same socket and the connections waiting in its
+backlog are still served; the workers die with the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import time
+
+import pytest
+
+from mox_core.smtpserver.workers import worker_count
+
+DOMAINS = """
+[domains."example.org"]
+
+[accounts.admin]
+domain = "example.org"
+[accounts.admin.destinations."admin@example.org"]
+
+[accounts.alice]
+[accounts.alice.destinations."alice@example.org"]
+"""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return out
+
+
+def worker_pids(server) -> list[int]:
+    pids = []
+    for pid in children(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"smtp-worker" in f.read():
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return sorted(pids)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(cond, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(server, n: int, subject: str) -> None:
+    for i in range(n):
+        with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as c:
+            c.sendmail("sender@elsewhere.example", ["alice@example.org"],
+                       f"From: sender@elsewhere.example\r\nSubject: {subject} {i}\r\n\r\nhi\r\n")
+
+
+def log_events(server, event: str) -> list[dict]:
+    out = []
+    for line in server.log_text().splitlines():
+        if f'"{event}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.fixture
+def mox2(mox_server_factory):
+    return mox_server_factory(DOMAINS, static_top="smtp_workers = 2\n")
+
+
+def test_two_workers_share_the_port_and_both_deliver(mox2):
+    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    send(mox2, 40, "spread")
+    assert len(mox2.wait_for_messages("alice", 40)) == 40
+    accepted = log_events(mox2, "message_accepted")
+    assert len(accepted) == 40
+    # 40 connections from random source ports: the kernel spread them over both sockets
+    assert {e.get("worker") for e in accepted} == {0, 1}
+    assert worker_pids(mox2) == pids
+
+
+def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
+    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    os.kill(pids[0], signal.SIGKILL)
+    # Sent right away: connections hashed to the dead worker's socket wait in its backlog
+    # (the main process keeps the socket) until the replacement serves them.
+    send(mox2, 20, "after kill")
+    assert len(mox2.wait_for_messages("alice", 20)) == 20
+    new = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="replacement")
+    assert pids[0] not in new and pids[1] in new
+    exited = log_events(mox2, "smtp_worker_exited")
+    assert [e["pid"] for e in exited] == [pids[0]]
+
+
+def test_workers_die_with_a_crashed_main_process(mox2):
+    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    mox2.kill()
+    wait_until(lambda: not any(alive(p) for p in pids), what="workers to exit")
+    # Nothing keeps the port: a plain bind (no SO_REUSEPORT) succeeds.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((mox2.host, mox2.smtp_port))
+    mox2.start()
+    send(mox2, 2, "after restart")
+    assert len(mox2.wait_for_messages("alice", 2)) == 2
+
+
+def test_sigterm_stops_main_and_workers(mox2):
+    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    mox2.proc.terminate()
+    assert mox2.proc.wait(20) == 0
+    assert not any(alive(p) for p in pids)
+    assert len(log_events(mox2, "smtp_worker_stopped")) == 2
+
+
+def test_port_in_use_stops_the_start_with_the_listener_named(mox_server_factory):
+    server = mox_server_factory(DOMAINS, static_top="smtp_workers = 2\n", start=False)
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind((server.host, server.smtp_port))
+        busy.listen(1)
+        proc = server.mox("serve", check=False)
+    assert proc.returncode != 0
+    assert f"listener local: smtp on {server.host}:{server.smtp_port}: Address already in use" in (
+        proc.stdout + proc.stderr)
+
+
+def test_one_worker_means_the_main_process_serves_smtp(mox_server_factory):
+    server = mox_server_factory(DOMAINS, static_top="smtp_workers = 1\n")
+    send(server, 1, "in main")
+    assert len(server.wait_for_messages("alice", 1)) == 1
+    assert worker_pids(server) == []
+    assert "worker" not in log_events(server, "message_accepted")[0]
+
+
+def test_worker_count_auto_is_one_per_usable_cpu():
+    assert worker_count(3) == 3
+    assert worker_count(0) == max(1, min(len(os.sched_getaffinity(0)), 8))
