@@ -101,8 +101,7 @@ def serve(state: State) -> None:
 @click.pass_obj
 def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tuple[str, ...]) -> None:
     """Serve incoming SMTP on sockets from mox serve (started by mox serve, not by hand)."""
-    import asyncio
-
+    from mox_core.server import run_loop
     from mox_core.smtpserver.workers import serve_worker
 
     moxlog.configure(json=True)
@@ -111,7 +110,7 @@ def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tu
     for spec in sockets:
         fd, name, ip = spec.split(":", 2)
         by_key[(name, ip)] = int(fd)
-    asyncio.run(serve_worker(cfg, index, parent, channel, by_key))
+    run_loop(serve_worker(cfg, index, parent, channel, by_key))
 
 
 @cli.command("setaccountpassword")

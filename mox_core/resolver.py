@@ -7,6 +7,7 @@ function, so :func:`install_spf_lookup` replaces it with one that uses our resol
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import dns.asyncresolver
@@ -90,10 +91,15 @@ def cached_answer(resolver: dns.resolver.Resolver, name: str, qtype: str) -> dns
     if cache is None:
         return None
     try:
-        key = (dns.name.from_text(name), dns.rdatatype.from_text(qtype), dns.rdataclass.IN)
+        key = (_qname(name), dns.rdatatype.from_text(qtype), dns.rdataclass.IN)
     except (dns.exception.DNSException, ValueError):
         return None
     return cache.get(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _qname(name: str) -> dns.name.Name:
+    return dns.name.from_text(name)
 
 
 def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:

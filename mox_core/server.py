@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
 from mox_core.config import Config, ConfigHolder
 
 log = structlog.get_logger(component="serve")
+T = TypeVar("T")
 
 
 async def reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
@@ -113,5 +116,19 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         log.info("mox_stopped")
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (a dependency except on Windows): its event
+    loop, transports and timers are in C, and the SMTP command path is mostly event-loop
+    overhead (bench/RESULTS.md). ``MOX_EVENT_LOOP=asyncio`` runs the standard loop instead."""
+    if os.environ.get("MOX_EVENT_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def run(config: Config) -> None:
-    asyncio.run(serve(config))
+    run_loop(serve(config))

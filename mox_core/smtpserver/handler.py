@@ -35,6 +35,18 @@ _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ids = itertools.count(1)
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_header_now() -> str:
+    """RFC 5322 date of this second, local time zone; formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, format_datetime(datetime.fromtimestamp(now).astimezone()))
+    return _date_cache[1]
+
+
 @dataclass
 class Recipient:
     address: str  # as given in RCPT TO (source route removed)
@@ -98,6 +110,7 @@ class Handler:
         self.queue = queue
         self.ratelimits = ratelimits
         self.hostname = hostname or holder.get().static.hostname
+        self._maildirs: dict[str, str] = {}  # account -> Maildir path (data_dir is static)
 
     # -- MAIL -----------------------------------------------------------------------------
 
@@ -273,9 +286,16 @@ class Handler:
         if session.authenticated:
             proto += "A"
         helo_clean = _BAD_CHARS.sub("", helo)[:255] or "unknown"
-        when = format_datetime(datetime.now().astimezone())
+        when = _date_header_now()
         return (f"Received: from {helo_clean} ([{ip}])\r\n\tby {self.hostname} (mox) with {proto}"
                 f"\r\n\tid {msgid}; {when}\r\n").encode("utf-8", "replace")
 
-    def _maildir(self, resolved: Resolved) -> Any:
-        return self.holder.get().data_dir / "accounts" / resolved.account / "Maildir"
+    def _maildir(self, resolved: Resolved) -> str:
+        """The account's Maildir; remembered per account (path building shows in profiles)."""
+        root = self._maildirs.get(resolved.account)
+        if root is None:
+            root = os.path.join(self.holder.get().data_dir, "accounts", resolved.account, "Maildir")
+            if len(self._maildirs) > 10_000:
+                self._maildirs.clear()
+            self._maildirs[resolved.account] = root
+        return root
