@@ -394,6 +394,59 @@ async def test_one_inflight_delivery_per_domain(cfg):
         assert len(SCRIPT.calls) == 3
 
 
+async def _until(pred) -> None:
+    for _ in range(300):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+
+
+FAST = '[transports.fast]\nkind = "queue_scripted"\ndestination_concurrency = 3\n'
+
+
+async def test_transport_destination_concurrency_runs_several_deliveries_to_one_domain(tmp_path):
+    cfg = make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        for i in range(5):
+            await add(q, f"u{i}@one.example")
+        await _until(lambda: SCRIPT.active == 3)
+        await asyncio.sleep(0.05)
+        assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
+        assert sorted(c.recipients[0] for c in SCRIPT.calls) == [f"u{i}@one.example" for i in range(3)]
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert sorted(SCRIPT.recipients_delivered()) == [f"u{i}@one.example" for i in range(5)]
+        assert SCRIPT.max_active == 3 and all(c.transport == "fast" for c in SCRIPT.calls)
+        assert await q.list_messages() == [] and queue_files(q.config) == []
+
+
+async def test_attempt_through_a_one_per_domain_transport_waits_for_the_domain(tmp_path):
+    """A message routed through a transport allowing one delivery per domain does not start
+    while others run to its domain; it is not counted as an attempt, and runs alone later."""
+    cfg = make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')
+    first_gate = SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await add(q, "r1@one.example")
+        await add(q, "r2@one.example")
+        [b] = await add(q, "b@one.example", transport="backup")  # backup: one per domain
+        await add(q, "r4@one.example")
+        await _until(lambda: SCRIPT.active == 2)
+        await asyncio.sleep(0.05)
+        assert sorted(c.recipients[0] for c in SCRIPT.calls) == ["r1@one.example", "r2@one.example"]
+        assert (await q.store.get(b)).attempts == 0
+        SCRIPT.gate = asyncio.Event()  # the next deliveries wait on a new gate
+        first_gate.set()
+        await _until(lambda: len(SCRIPT.calls) == 3 and SCRIPT.active == 1)
+        await asyncio.sleep(0.05)
+        assert SCRIPT.calls[2].recipients == ["b@one.example"] and SCRIPT.calls[2].transport == "backup"
+        assert SCRIPT.active == 1 and len(SCRIPT.calls) == 3  # r4 waits for b
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert [c.recipients[0] for c in SCRIPT.calls][3:] == ["r4@one.example"]
+        assert await q.list_messages() == []
+
+
 async def test_transport_exception_is_a_temporary_failure(cfg):
     SCRIPT.raise_error = RuntimeError("boom")
     async with running(cfg) as q:

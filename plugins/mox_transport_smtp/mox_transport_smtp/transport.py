@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
 from mox_core.smtpclient import Timeouts, TLSMode, deliver_to_host, tcp_dial
-from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
+from mox_core.smtpclient.smarthost import DESTINATION_CONCURRENCY, ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_smtp.settings import SMTPSettings
 
@@ -38,6 +38,9 @@ class SMTPTransport:
     ``options`` are for tests and embedding: ``timeouts`` (:class:`Timeouts`), ``dial`` (a
     :data:`~mox_core.smtpclient.Dialer`).
     """
+
+    #: parallel deliveries to one recipient domain the queue may run through this smarthost
+    destination_concurrency = DESTINATION_CONCURRENCY
 
     def __init__(self, name: str, settings: SMTPSettings, **options: Any) -> None:
         self.name = name

@@ -34,7 +34,7 @@ from mox_core.smtpclient import (
     tcp_dial,
 )
 
-from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
+from mox_core.smtpclient.smarthost import DESTINATION_CONCURRENCY, ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_submission.settings import SubmissionSettings
 
@@ -52,6 +52,9 @@ class SubmissionTransport:
     ``implicit_tls`` selects submissions (465, TLS at connect). ``options`` are for tests and
     embedding: ``timeouts`` (:class:`Timeouts`), ``dial`` (a :data:`~mox_core.smtpclient.Dialer`).
     """
+
+    #: parallel deliveries to one recipient domain the queue may run through this smarthost
+    destination_concurrency = DESTINATION_CONCURRENCY
 
     def __init__(self, name: str, settings: SubmissionSettings, *, implicit_tls: bool = False,
                  **options: Any) -> None:
