@@ -40,6 +40,7 @@ from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, Rec
 from mox_core.queue import dsn
 from mox_core.queue.store import QueuedMessage, QueueStore
 from mox_core.routing import Resolution, TransportCache, TransportUnavailable, resolve, retry_policy, route_context
+from mox_core.smtpclient.sessions import SessionCache
 from mox_core.store import MaildirStore, StorageError
 
 __all__ = ["DELAYED_DSN_ATTEMPT", "Clock", "FakeClock", "RealClock", "Scheduler", "destination_concurrency",
@@ -162,6 +163,8 @@ class Scheduler:
         self.resolver = resolver
         self.concurrency = concurrency or config().static.queue.concurrency
         self.transports = TransportCache()
+        # SMTP sessions to smarthosts kept open for the next message (closed by stop())
+        self.sessions = SessionCache()
         self.max_inflight = 0  # highest number of deliveries at once, for tests and metrics
         self._inflight: dict[asyncio.Task[None], list[QueuedMessage]] = {}  # task -> its batch
         self._per_domain: dict[str, int] = {}  # recipient domain -> tasks in flight
@@ -197,6 +200,7 @@ class Scheduler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sessions.aclose()
 
     def kick(self) -> None:
         """Look for due work now (after add, kick, unhold, or a finished delivery)."""
@@ -375,7 +379,7 @@ class Scheduler:
             account=first.account, smtputf8=first.smtputf8, has_8bit=first.has_8bit,
         )
         ctx = DeliveryContext(transport_name=res.name, attempt=before, hostname=cfg.static.hostname,
-                              config=cfg, resolver=self.resolver)
+                              config=cfg, resolver=self.resolver, sessions=self.sessions)
         try:
             out = list(await transport.deliver(msg, ctx))
         except asyncio.CancelledError:

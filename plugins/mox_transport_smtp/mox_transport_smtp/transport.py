@@ -47,6 +47,8 @@ class SMTPTransport:
         self.settings = settings
         self.options = options
         self._resolvers = ResolverCache()
+        # sessions kept by the queue are shared only by transports with the very same settings
+        self._session_key = ("smtp", name, settings.model_dump_json())
 
     @property
     def tls_mode(self) -> TLSMode:
@@ -70,7 +72,7 @@ class SMTPTransport:
             message, host=s.host, port=s.port, ehlo_name=ctx.hostname,
             resolver=self._resolvers.get(ctx), tls_mode=self.tls_mode, ca_file=ca_file,
             timeouts=self.options.get("timeouts", Timeouts()), allow_private=True,
-            dial=self.options.get("dial", tcp_dial))
+            dial=self.options.get("dial", tcp_dial), sessions=ctx.sessions, session_key=self._session_key)
         log.debug("smarthost_delivery", transport=self.name, host=s.host, port=s.port,
                   statuses=[r.status.value for r in results])
         return results
