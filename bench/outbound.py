@@ -19,6 +19,13 @@ The sink (smtp-sink, no dump files) is shared. 2 KB messages. Median of the roun
 interleaved (order rotated per round).
 
     .venv/bin/python bench/outbound.py [--rounds 3] [--messages 2000] [--out FILE.json]
+
+``--variant NAME=DIR`` (repeatable) measures one more ``mox serve`` run with ``PYTHONPATH=DIR``
+(a copy of ``mox_core/`` and the transport plugin packages, e.g. of an older commit) as the
+targets ``NAME-1-domain`` and ``NAME-20-domains`` in the same interleaved rounds, with ratios
+to Postfix and to the unpatched ``mox``. Its server runs with the current directory set to its
+own spool, so that ``python -m mox_core`` does not import the checkout's ``mox_core``.
+A bare ``--variant DIR`` replaces the measured mox instead (the older form).
 """
 
 from __future__ import annotations
@@ -39,6 +46,25 @@ from mox_core.testpeers import make_private_dir
 from mox_core.testpeers.sink import SmtpSink
 
 TARGETS = ["postfix", "mox-1-domain", "mox-20-domains"]
+
+
+class VariantMox(MoxBench):
+    """``mox serve`` from another code tree: ``PYTHONPATH`` set, and the current directory
+    away from the checkout (``-m`` puts the current directory first on ``sys.path``)."""
+
+    def start(self, nofile: int | None = None, env: dict | None = None) -> MoxBench:
+        import os
+
+        from common import wait_banner
+
+        self.log = open(self.dir / "mox.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
+            env={**os.environ, **self.default_env, **(env or {})})
+        wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=self.proc)
+        wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=self.proc)
+        return self
 
 
 async def _add_held(config_path: Path, n: int, domains: int) -> None:
@@ -118,29 +144,41 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None)
     ap.add_argument("--pyspy", type=Path, default=None, help="profile mox's last measurement into this file")
-    ap.add_argument("--variant", default=None, metavar="DIR", help="run mox serve with PYTHONPATH=DIR")
+    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR",
+                    help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR as NAME-*; "
+                         "DIR alone: run the measured mox with PYTHONPATH=DIR")
     a = ap.parse_args()
     targets = a.targets.split(",")
+    named = dict(v.split("=", 1) for v in a.variant if "=" in v)
+    replace = [v for v in a.variant if "=" not in v]
+    for name in named:
+        targets += [f"{name}-1-domain", f"{name}-20-domains"]
     base = a.base or make_private_dir("mox-bench-outbound-")
     sink = SmtpSink(dump=False, backlog=256).start()
     dns = bench_dns()
     pf = PostfixBench("relay", relay_port=sink.port, base=base).start()
     mox = MoxBench(base / "mox-out", dns.nameserver, relay_port=sink.port)
-    if a.variant:
-        mox.default_env = {"PYTHONPATH": a.variant}
+    if replace:
+        mox.default_env = {"PYTHONPATH": replace[-1]}
+    moxes = {"mox": mox}
+    for name, d in named.items():
+        moxes[name] = VariantMox(base / f"{name}-out", dns.nameserver, relay_port=sink.port)
+        moxes[name].default_env = {"PYTHONPATH": str(Path(d).resolve())}
     results: dict = {}
     cpu: dict = {}
     try:
         # warm-up: one small batch each (also proves both paths deliver)
         run_postfix(pf, 50, 60)
-        run_mox(mox, 50, 1, 60)
+        for m in moxes.values():
+            run_mox(m, 50, 1, 60)
         for rnd in range(a.rounds):
             for t in rotate(targets, rnd):
                 if t == "postfix":
                     res = run_postfix(pf, a.messages, a.timeout)
                 else:
+                    name, _, layout = t.partition("-")
                     last = rnd == a.rounds - 1 and t == "mox-20-domains"
-                    res = run_mox(mox, a.messages, 20 if t == "mox-20-domains" else 1, a.timeout,
+                    res = run_mox(moxes[name], a.messages, 20 if layout == "20-domains" else 1, a.timeout,
                                   a.pyspy if last else None)
                 results.setdefault(t, []).append(res["rate"])
                 if "cpu_ms_per_msg" in res:
@@ -151,7 +189,8 @@ def main() -> None:
         log("command failed:", exc, exc.stderr)
         raise
     finally:
-        mox.stop()
+        for m in moxes.values():
+            m.stop()
         pf.stop()
         dns.stop()
         sink.cleanup()
@@ -165,6 +204,10 @@ def main() -> None:
         for t in results:
             if t != "postfix":
                 summary["targets"][t]["ratio"] = median(results[t]) / median(results["postfix"])
+    for t in results:
+        name, _, layout = t.partition("-")
+        if name in named and f"mox-{layout}" in results:
+            summary["targets"][t]["ratio_to_mox"] = median(results[t]) / median(results[f"mox-{layout}"])
     if a.out:
         a.out.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -17,7 +17,7 @@ LogLevel = Literal["tracedata", "traceauth", "trace", "debug", "info", "warn", "
 LOG_LEVELS: tuple[str, ...] = ("tracedata", "traceauth", "trace", "debug", "info", "warn", "error")
 
 # Keys of a [transports.NAME] table that core handles; the rest goes to the kind's model.
-TRANSPORT_COMMON_KEYS = frozenset({"kind", "retry_intervals", "max_attempts"})
+TRANSPORT_COMMON_KEYS = frozenset({"kind", "retry_intervals", "max_attempts", "destination_concurrency"})
 # Keys of a [[web_handlers]] entry that core handles; the rest goes to the kind's model.
 WEBHANDLER_COMMON_KEYS = frozenset({"kind", "log_name", "domain", "path_regexp", "dont_redirect_plaintext"})
 
@@ -199,6 +199,11 @@ class TransportCommon(Model):
         None, description="Retry intervals in seconds for this transport (default: [queue])."
     )
     max_attempts: int | None = Field(None, ge=1, description="Attempts before failing.")
+    destination_concurrency: int | None = Field(
+        None, ge=1, le=1000,
+        description="Deliveries through this transport at once to one recipient domain "
+        "(default: the kind's; 1 for direct, 20 for smarthosts). [queue] concurrency bounds the total.",
+    )
 
 
 # --------------------------------------------------------------------------------------------

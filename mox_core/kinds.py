@@ -90,6 +90,9 @@ class DeliveryContext:
     hostname: str  # our host name, used in EHLO unless the transport says otherwise
     config: Config | None = None
     resolver: Any = None  # a dns.asyncresolver.Resolver configured from mox.toml
+    # open SMTP sessions kept by the queue for the next message to the same smarthost
+    # (mox_core.smtpclient.SessionCache); None: a new session per message
+    sessions: Any = None
 
 
 @runtime_checkable

@@ -3,6 +3,12 @@
 Tests point ``nameservers`` at a DNS server they start on loopback; nothing in mox asks the
 system resolver when nameservers are configured. pyspf only knows a module-level lookup
 function, so :func:`install_spf_lookup` replaces it with one that uses our resolver.
+
+Both resolvers cache answers for their TTL (dnspython's :class:`~dns.resolver.LRUCache`, which
+also keeps negative answers for the SOA minimum): without it a smarthost's name was looked up
+(A and AAAA) for every single delivery. Answers with TTL 0 are never served from the cache, and
+failures (SERVFAIL, timeouts) are not cached. The loopback test DNS server answers with TTL 0
+unless a test asks for another, because tests change records while a server runs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import dns.rdatatype
 import dns.resolver
 
 from mox_core.configmodels import DNS
+
+#: answers kept per resolver (least recently used dropped first)
+CACHE_SIZE = 10_000
 
 
 def _nameservers(cfg: DNS) -> tuple[list[str], int | None]:
@@ -43,6 +52,7 @@ def make_resolver(cfg: DNS) -> dns.resolver.Resolver:
             r.port = port
     r.lifetime = cfg.timeout
     r.timeout = cfg.timeout
+    r.cache = dns.resolver.LRUCache(CACHE_SIZE)
     return r
 
 
@@ -56,6 +66,7 @@ def make_async_resolver(cfg: DNS) -> dns.asyncresolver.Resolver:
             r.port = port
     r.lifetime = cfg.timeout
     r.timeout = cfg.timeout
+    r.cache = dns.resolver.LRUCache(CACHE_SIZE)
     return r
 
 

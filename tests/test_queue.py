@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -178,6 +179,57 @@ async def test_concurrent_adds_are_group_committed(cfg):
         assert q.store.commits < 30
         assert len(await q.list_messages()) == 30
     finally:
+        await q.close()
+
+
+async def test_attempt_bookkeeping_of_concurrent_deliveries_is_group_committed(cfg):
+    """start/finish_attempt calls queued while the queue-db thread is busy share one
+    transaction, and no caller is resumed before that COMMIT returned."""
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    events: list[str] = []
+
+    def trace(sql):
+        if sql == "COMMIT":
+            time.sleep(0.1)  # a slow commit: nobody may go on before it is done
+            events.append("COMMIT")
+
+    async def together(calls):
+        busy = threading.Event()
+        q.store._executor.submit(busy.wait, 10)  # the queue-db thread is busy meanwhile
+        tasks = [asyncio.create_task(c) for c in calls]
+        for _ in range(3):
+            await asyncio.sleep(0)  # every call has queued its operation
+        before = q.store.attempt_commits
+        events.clear()
+        busy.set()
+        out = await asyncio.gather(*tasks)
+        assert q.store.attempt_commits == before + 1
+        return out
+
+    async def start(mid):
+        rows = await q.store.start_attempt([(mid, 2000.0, 8)], 1000.0, {"text": "delivering..."})
+        events.append(f"returned {mid}")
+        return rows
+
+    async def finish(mid, remove):
+        await q.store.finish_attempt([mid] if remove else [], [] if remove else [(mid, {"text": "451 later"})])
+        events.append(f"returned {mid}")
+
+    try:
+        ids = [(await add(q, f"u{i}@d{i}.example"))[0] for i in range(5)]
+        q.store.db.set_trace_callback(trace)
+        rows = await together([start(m) for m in ids])
+        assert events[0] == "COMMIT" and sorted(events[1:]) == sorted(f"returned {m}" for m in ids)
+        assert [(r.id, r.attempts, r.next_attempt) for [r] in rows] == [(m, 1, 2000.0) for m in ids]
+        await together([finish(m, remove=i < 3) for i, m in enumerate(ids)])
+        assert events[0] == "COMMIT" and len(events) == 6
+        left = await q.list_messages()
+        assert sorted(m.id for m in left) == ids[3:]
+        assert all(m.results[-1]["text"] == "451 later" for m in left)
+        assert len(queue_files(cfg)) == 2  # the delivered ones' files are gone
+    finally:
+        q.store.db.set_trace_callback(None)
         await q.close()
 
 
@@ -392,6 +444,59 @@ async def test_one_inflight_delivery_per_domain(cfg):
         SCRIPT.gate.set()
         await q.scheduler.settle()
         assert len(SCRIPT.calls) == 3
+
+
+async def _until(pred) -> None:
+    for _ in range(300):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+
+
+FAST = '[transports.fast]\nkind = "queue_scripted"\ndestination_concurrency = 3\n'
+
+
+async def test_transport_destination_concurrency_runs_several_deliveries_to_one_domain(tmp_path):
+    cfg = make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        for i in range(5):
+            await add(q, f"u{i}@one.example")
+        await _until(lambda: SCRIPT.active == 3)
+        await asyncio.sleep(0.05)
+        assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
+        assert sorted(c.recipients[0] for c in SCRIPT.calls) == [f"u{i}@one.example" for i in range(3)]
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert sorted(SCRIPT.recipients_delivered()) == [f"u{i}@one.example" for i in range(5)]
+        assert SCRIPT.max_active == 3 and all(c.transport == "fast" for c in SCRIPT.calls)
+        assert await q.list_messages() == [] and queue_files(q.config) == []
+
+
+async def test_attempt_through_a_one_per_domain_transport_waits_for_the_domain(tmp_path):
+    """A message routed through a transport allowing one delivery per domain does not start
+    while others run to its domain; it is not counted as an attempt, and runs alone later."""
+    cfg = make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')
+    first_gate = SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await add(q, "r1@one.example")
+        await add(q, "r2@one.example")
+        [b] = await add(q, "b@one.example", transport="backup")  # backup: one per domain
+        await add(q, "r4@one.example")
+        await _until(lambda: SCRIPT.active == 2)
+        await asyncio.sleep(0.05)
+        assert sorted(c.recipients[0] for c in SCRIPT.calls) == ["r1@one.example", "r2@one.example"]
+        assert (await q.store.get(b)).attempts == 0
+        SCRIPT.gate = asyncio.Event()  # the next deliveries wait on a new gate
+        first_gate.set()
+        await _until(lambda: len(SCRIPT.calls) == 3 and SCRIPT.active == 1)
+        await asyncio.sleep(0.05)
+        assert SCRIPT.calls[2].recipients == ["b@one.example"] and SCRIPT.calls[2].transport == "backup"
+        assert SCRIPT.active == 1 and len(SCRIPT.calls) == 3  # r4 waits for b
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert [c.recipients[0] for c in SCRIPT.calls][3:] == ["r4@one.example"]
+        assert await q.list_messages() == []
 
 
 async def test_transport_exception_is_a_temporary_failure(cfg):

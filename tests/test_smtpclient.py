@@ -28,6 +28,7 @@ from mox_core.smtpclient import (
     MTASTSCache,
     SMTPClientError,
     SMTPTLSError,
+    SessionCache,
     Timeouts,
     TLSMode,
     deliver_to_host,
@@ -97,7 +98,8 @@ class MiniSMTP:
                  rcpt_reply: Callable[[str, int], str] | None = None, final_reply: str = "250 2.0.0 queued",
                  tls_context: ssl.SSLContext | None = None, inject_after_starttls: bytes = b"",
                  auth: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]] | None = None,
-                 hang_after_data: bool = False) -> None:
+                 hang_after_data: bool = False, close_after: int | None = None,
+                 close_reply: str = "") -> None:
         self.extensions = extensions
         self.tls_extensions = tls_extensions
         self.greeting = greeting
@@ -109,6 +111,10 @@ class MiniSMTP:
         self.inject = inject_after_starttls
         self.auth = auth
         self.hang_after_data = hang_after_data
+        # after this many transactions on one connection, hang up right after the final reply
+        # (with close_reply, e.g. a 421, sent in the same write): a server's idle timeout
+        self.close_after = close_after
+        self.close_reply = close_reply
         self.commands: list[str] = []
         self.transactions: list[tuple[str, list[str], bytes]] = []
         self.connections = 0
@@ -198,6 +204,13 @@ class MiniSMTP:
                 self.transactions.append((mail, rcpts, data[:-3]))
                 mail, rcpts = "", []
                 send(self.final_reply)
+                done_here = getattr(writer, "_mini_done", 0) + 1
+                writer._mini_done = done_here  # type: ignore[attr-defined]
+                if self.close_after is not None and done_here >= self.close_after:
+                    if self.close_reply:
+                        send(self.close_reply)
+                    await writer.drain()
+                    return
             elif verb == "RSET":
                 mail, rcpts = "", []
                 send("250 2.0.0 ok")
@@ -677,6 +690,49 @@ async def test_deliver_to_host_smarthost(smarthost, dns_server, dns_resolver):
     results = await deliver_to_host(msg, host="nowhere.test", port=25, ehlo_name="client.test",
                                     resolver=dns_resolver, tls_mode=TLSMode.REQUIRED_VERIFIED)
     assert [r.status for r in results] == [TEMPORARY] * 2 and "nowhere.test" in results[0].text
+
+
+async def test_session_cache_delivers_several_messages_over_one_session(mini_factory, dns_server, dns_resolver):
+    """With the queue's SessionCache, the next message to the same smarthost goes over the
+    session of the previous one (no new connection, EHLO once), and closing the cache QUITs."""
+    server = await mini_factory()
+    dns_server.add("mini.test", "A", server.host)
+    cache = SessionCache()
+    for i in range(3):
+        msg = OutgoingMessage("a@example.org", [f"r{i}@example.net"], MSG)
+        [r] = await deliver_to_host(msg, host="mini.test", port=server.port, ehlo_name="client.test",
+                                    resolver=dns_resolver, tls_mode=TLSMode.SKIP, sessions=cache, session_key="k")
+        assert r.status is DELIVERED, r
+    assert server.connections == 1 and cache.reused == 2
+    assert [rcpts for _, rcpts, _ in server.transactions] == [[f"r{i}@example.net"] for i in range(3)]
+    assert sum(c.startswith("EHLO") for c in server.commands) == 1 and "QUIT" not in server.commands
+    # another key (other settings): its own session
+    [r] = await deliver_to_host(OutgoingMessage("a@example.org", ["o@example.net"], MSG), host="mini.test",
+                                port=server.port, ehlo_name="client.test", resolver=dns_resolver,
+                                tls_mode=TLSMode.SKIP, sessions=cache, session_key="other")
+    assert r.status is DELIVERED and server.connections == 2
+    await cache.aclose()
+    assert server.commands.count("QUIT") == 2
+
+
+@pytest.mark.parametrize("close_reply", ["421 4.4.2 mini.test idle timeout, closing", ""])
+async def test_session_closed_by_the_server_meanwhile_message_goes_over_a_new_one(
+        mini_factory, dns_server, dns_resolver, close_reply):
+    """The server hung up a kept session (with a 421, or silently): the next message is
+    delivered over a new session, exactly once; nothing was sent on the dead one but MAIL."""
+    server = await mini_factory(close_after=1, close_reply=close_reply)
+    dns_server.add("mini.test", "A", server.host)
+    cache = SessionCache()
+    for i in range(2):
+        msg = OutgoingMessage("a@example.org", [f"r{i}@example.net"], MSG)
+        [r] = await deliver_to_host(msg, host="mini.test", port=server.port, ehlo_name="client.test",
+                                    resolver=dns_resolver, tls_mode=TLSMode.SKIP, sessions=cache, session_key="k")
+        assert r.status is DELIVERED, r
+    assert server.connections == 2
+    assert [rcpts for _, rcpts, _ in server.transactions] == [["r0@example.net"], ["r1@example.net"]]
+    if close_reply:  # the 421 was still unread: the kept session was tried, and given up at MAIL
+        assert cache.reused == 1
+    await cache.aclose()
 
 
 # ============================================================================ MX resolution

@@ -19,6 +19,7 @@ busy reads a handful of rows whatever the number of queued messages.
 
 All SQLite work runs in one thread (one connection, one writer), so concurrent ``add()`` calls
 queue up behind a running commit and are then written and committed together (group commit).
+The scheduler's bookkeeping before and after each attempt is group-committed the same way.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class QueueStore:
         self._known_dirs: set[str] = set()
         self._lock_fd: int | None = None
         self.commits = 0  # add() transactions, for tests of group commit
+        self._attempt_ops: list[tuple[Any, tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
+        self._attempts_scheduled = False
+        self.attempt_commits = 0  # transactions of start/finish_attempt, for tests of group commit
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -328,41 +332,56 @@ class QueueStore:
 
     # -- scheduler side ---------------------------------------------------------------------
 
-    async def pick(self, now: float, busy: set[str], limit: int) -> list[list[QueuedMessage]]:
+    async def pick(self, now: float, busy: set[str], limit: int, room: dict[str, int] | None = None,
+                   exclude: frozenset[int] | set[int] = frozenset()) -> list[list[QueuedMessage]]:
         """Up to ``limit`` batches of due, not held rows, one per domain not in ``busy``.
 
         A batch is the earliest due row of its domain plus every other due row of the same
-        submission to that domain: candidates for one transaction.
+        submission to that domain: candidates for one transaction. ``room`` gives domains that
+        may have more than one batch (domain -> how many); rows in ``exclude`` (those being
+        delivered) are never picked.
         """
-        return await self._run(self._pick_sync, now, busy, limit)
+        return await self._run(self._pick_sync, now, busy, limit, room, exclude)
 
-    def _pick_sync(self, now: float, busy: set[str], limit: int) -> list[list[QueuedMessage]]:
+    def _pick_sync(self, now: float, busy: set[str], limit: int, room: dict[str, int] | None = None,
+                   exclude: frozenset[int] | set[int] = frozenset()) -> list[list[QueuedMessage]]:
         db = self.db
+        room = room or {}
         domains = [
             d for (d,) in db.execute(
                 "SELECT domain FROM domain_due WHERE next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-                (now, limit + len(busy)),
+                (now, limit + len(busy) + len(room)),
             ) if d not in busy
-        ][:limit]
-        out = []
+        ]
+        out: list[list[QueuedMessage]] = []
         for d in domains:
-            first = db.execute(
+            want = min(room.get(d, 1), limit - len(out))
+            if want <= 0:
+                break
+            heads: list[QueuedMessage] = []
+            bases: set[int] = set()
+            for r in db.execute(
                 f"SELECT {COLUMNS} FROM msg WHERE hold = 0 AND recipient_domain = ? "
-                "AND next_attempt <= ? ORDER BY next_attempt, id LIMIT 1", (d, now),
-            ).fetchone()
-            if first is None:
-                continue
-            head = QueuedMessage.from_row(first)
-            rest = [
-                QueuedMessage.from_row(r) for r in db.execute(
-                    # INDEXED BY: without it SQLite walks every due row of the domain
-                    # (msg_domain_due) and sorts; at 1M rows of one domain 244 ms vs 24 us.
-                    f"SELECT {COLUMNS} FROM msg INDEXED BY msg_base WHERE base_id = ? "
-                    "AND recipient_domain = ? AND hold = 0 AND next_attempt <= ? AND id != ? ORDER BY id",
-                    (head.base_id, d, now, head.id),
-                )
-            ]
-            out.append([head, *rest])
+                "AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?", (d, now, want + len(exclude)),
+            ):
+                m = QueuedMessage.from_row(r)
+                if m.id in exclude or m.base_id in bases:
+                    continue
+                heads.append(m)
+                bases.add(m.base_id)
+                if len(heads) == want:
+                    break
+            for head in heads:
+                rest = [
+                    QueuedMessage.from_row(r) for r in db.execute(
+                        # INDEXED BY: without it SQLite walks every due row of the domain
+                        # (msg_domain_due) and sorts; at 1M rows of one domain 244 ms vs 24 us.
+                        f"SELECT {COLUMNS} FROM msg INDEXED BY msg_base WHERE base_id = ? "
+                        "AND recipient_domain = ? AND hold = 0 AND next_attempt <= ? AND id != ? ORDER BY id",
+                        (head.base_id, d, now, head.id),
+                    )
+                ]
+                out.append([head, *(m for m in rest if m.id not in exclude)])
         return out
 
     async def next_due(self, busy: set[str]) -> float | None:
@@ -383,30 +402,11 @@ class QueueStore:
     ) -> list[QueuedMessage]:
         """Before an attempt, in one transaction per row set: attempts+1, last_attempt=now,
         next_attempt from ``plans`` (id, next_attempt, max_attempts) and a "delivering..."
-        result. Returns the rows still queued and not held, as updated."""
-        return await self._run(self._start_sync, plans, now, result)
+        result. Returns the rows still queued and not held, as updated, once committed.
 
-    def _start_sync(
-        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
-    ) -> list[QueuedMessage]:
-        db = self.db
-        out = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for mid, nxt, max_attempts in plans:
-                row = db.execute(
-                    "UPDATE msg SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, "
-                    "max_attempts = ?, results = json_insert(results, '$[#]', json(?)) "
-                    f"WHERE id = ? AND hold = 0 RETURNING {COLUMNS}",
-                    (now, nxt, max_attempts, json.dumps(result), mid),
-                ).fetchone()
-                if row is not None:
-                    out.append(QueuedMessage.from_row(row))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        Concurrent calls (and :meth:`finish_attempt` calls) share one transaction: see
+        :meth:`_flush_attempts`."""
+        out, _ = await self._attempt_op(self._start_rows, plans, now, result)
         return out
 
     async def finish_attempt(
@@ -414,25 +414,112 @@ class QueueStore:
     ) -> None:
         """After an attempt, one transaction: delete ``remove`` rows, replace the last result
         of ``update`` rows. Message files no longer referenced are deleted afterwards."""
-        await self._run(self._finish_sync, remove, update)
+        await self._attempt_op(self._finish_rows, remove, update)
+
+    # Group commit of the attempts' bookkeeping. Each delivery used to cost two fsynced
+    # commits of its own (start, finish), one after another in the single queue-db thread,
+    # which was then the bottleneck of outbound delivery. Operations are queued; the thread
+    # runs every operation queued meanwhile in one transaction (a savepoint each, so that one
+    # failing operation fails alone) and resumes each caller only after that COMMIT returned:
+    # what a caller was told is on disk, as before.
+
+    async def _attempt_op(self, fn: Any, *args: Any) -> tuple[Any, set[tuple[int, str]]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._pending_lock:
+            self._attempt_ops.append((fn, args, loop, fut))
+            if not self._attempts_scheduled:
+                self._attempts_scheduled = True
+                self._executor.submit(self._flush_attempts)
+        return await fut
+
+    def _flush_attempts(self) -> None:
+        with self._pending_lock:
+            ops, self._attempt_ops = self._attempt_ops, []
+            self._attempts_scheduled = False
+        outcomes: list[tuple[bool, Any]] = []
+        db = self._db
+        try:
+            if db is None:
+                raise RuntimeError("queue store is not open")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, args, _, _ in ops:
+                    db.execute("SAVEPOINT attempt_op")
+                    try:
+                        outcomes.append((True, fn(*args)))
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO attempt_op")
+                        outcomes.append((False, exc))
+                    db.execute("RELEASE attempt_op")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            log.error("queue_attempt_commit_failed", error=str(exc), operations=len(ops))
+            outcomes = [(False, exc)] * len(ops)
+        else:
+            self.attempt_commits += 1
+            files: set[tuple[int, str]] = set()
+            for ok, res in outcomes:
+                if ok:
+                    files |= res[1]
+            try:
+                self._remove_unreferenced(files)
+            except Exception:  # a file left behind is an orphan, removed at startup
+                log.exception("queue_unlink_failed")
+        for (_, _, loop, fut), (ok, res) in zip(ops, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle, fut, ok, res)
+
+    def _start_rows(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> tuple[list[QueuedMessage], set[tuple[int, str]]]:
+        out = []
+        for mid, nxt, max_attempts in plans:
+            row = self.db.execute(
+                "UPDATE msg SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, "
+                "max_attempts = ?, results = json_insert(results, '$[#]', json(?)) "
+                f"WHERE id = ? AND hold = 0 RETURNING {COLUMNS}",
+                (now, nxt, max_attempts, json.dumps(result), mid),
+            ).fetchone()
+            if row is not None:
+                out.append(QueuedMessage.from_row(row))
+        return out, set()
+
+    def _finish_rows(
+        self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]
+    ) -> tuple[None, set[tuple[int, str]]]:
+        for mid, res in update:
+            self.db.execute(
+                "UPDATE msg SET results = json_set(results, '$[#-1]', json(?)) WHERE id = ?",
+                (json.dumps(res), mid),
+            )
+        return None, self._delete(remove)[1]
+
+    def _start_sync(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> list[QueuedMessage]:
+        """:meth:`start_attempt` alone in its own transaction (benchmarks, tools)."""
+        return self._alone(self._start_rows, plans, now, result)[0]
 
     def _finish_sync(self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """:meth:`finish_attempt` alone in its own transaction (benchmarks, tools)."""
+        self._alone(self._finish_rows, remove, update)
+
+    def _alone(self, fn: Any, *args: Any) -> Any:
         db = self.db
-        files: set[tuple[int, str]] = set()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for mid, res in update:
-                db.execute(
-                    "UPDATE msg SET results = json_set(results, '$[#-1]', json(?)) WHERE id = ?",
-                    (json.dumps(res), mid),
-                )
-            files |= self._delete(remove)[1]
+            out = fn(*args)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._remove_unreferenced(files)
+        self._remove_unreferenced(out[1])
+        return out
 
     def _delete(self, ids: Sequence[int]) -> tuple[int, set[tuple[int, str]]]:
         """Delete rows; return how many existed, and the (base_id, file) they referred to."""
@@ -536,6 +623,15 @@ def _resolve(fut: asyncio.Future[list[int]], error: StorageError | None, ids: li
         fut.set_exception(error)
     else:
         fut.set_result(ids)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, res: Any) -> None:
+    if fut.done():  # the caller was cancelled (shutdown); its operation is committed anyway
+        return
+    if ok:
+        fut.set_result(res)
+    else:
+        fut.set_exception(res)
 
 
 def _sqlite_storage_error(exc: BaseException) -> StorageError:

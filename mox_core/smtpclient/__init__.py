@@ -7,7 +7,8 @@ Shared by the direct, socks, smtp and submission transports and by ``mox sendmai
 * :mod:`.dial`    -- address lookup, the private-address guard, the pluggable :data:`Dialer`;
 * :mod:`.mx`      -- MX resolution, :func:`deliver_via_mx` (the direct-delivery loop) and
   :func:`deliver_to_host` (one smarthost);
-* :mod:`.mtasts`  -- MTA-STS policies (RFC 8461) and their cache.
+* :mod:`.mtasts`  -- MTA-STS policies (RFC 8461) and their cache;
+* :mod:`.sessions` -- open sessions kept for the next message to the same smarthost.
 """
 
 from mox_core.smtpclient.client import (
@@ -32,6 +33,7 @@ from mox_core.smtpclient.mx import (
     session_deliver,
 )
 from mox_core.smtpclient.sasl import AuthCredentials
+from mox_core.smtpclient.sessions import SessionCache
 
 __all__ = [
     "AuthCredentials",
@@ -45,6 +47,7 @@ __all__ = [
     "SMTPClient",
     "SMTPClientError",
     "SMTPTLSError",
+    "SessionCache",
     "TLSMode",
     "Timeouts",
     "deliver_to_host",

@@ -20,6 +20,7 @@ import base64
 import enum
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -273,7 +274,21 @@ class SMTPClient:
         self.tls_verified = False
         self.authenticated = False
         self._in_transaction = False
+        self._broken = False  # a read or write failed: the session cannot be used again
+        self.data_sent = False  # message data was written during the last deliver()
+        self.opened_at = time.monotonic()
         self._log = log.bind(remote=remote_host)
+
+    @property
+    def broken(self) -> bool:
+        """A read or write failed (or timed out): the connection is unusable."""
+        return self._broken
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another transaction may be started on this session (see :class:`SessionCache`)."""
+        return not (self._broken or self._in_transaction or self._writer.is_closing()
+                    or self._reader.at_eof() or self._reader.exception() is not None)
 
     # ---------------------------------------------------------------- low level
 
@@ -293,12 +308,24 @@ class SMTPClient:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
+            self._broken = True
             raise self._error(False, f"timeout writing {command}", command=command) from None
         except (OSError, ConnectionError) as exc:
+            self._broken = True
             raise self._error(False, f"connection lost writing {command}: {exc}", command=command) from None
+        except BaseException:
+            self._broken = True
+            raise
 
     async def _read_reply(self, command: str, timeout: float | None = None) -> Reply:
         """Read one reply; protocol violations and lost connections are temporary errors."""
+        try:
+            return await self._read_reply_inner(command, timeout)
+        except BaseException:
+            self._broken = True  # out of step with the server, or disconnected
+            raise
+
+    async def _read_reply_inner(self, command: str, timeout: float | None) -> Reply:
         lines: list[str] = []
         code: int | None = None
         try:
@@ -464,6 +491,7 @@ class SMTPClient:
         the recipients not yet done. ``require_8bitmime``: smarthosts must announce 8BITMIME for
         8-bit data (reference 1c); direct delivery sends anyway (1a).
         """
+        self.data_sent = False
         if not recipients:
             return []
         ext = self.extensions
@@ -586,6 +614,7 @@ class SMTPClient:
             return results, retry
         if moxlog.enabled("tracedata", "smtpclient"):
             self._log.debug("smtp_data", _level="tracedata", size=len(body))
+        self.data_sent = True
         await self._write(body, self.timeouts.data, "message data")
         final = await self._read_reply("data", self.timeouts.data)
         self._in_transaction = False

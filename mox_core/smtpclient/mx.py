@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -26,10 +26,11 @@ import structlog
 
 from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.smtp.domain import to_ascii
-from mox_core.smtpclient.client import SMTPClientError, SMTPTLSError, Timeouts, TLSMode, open_client
+from mox_core.smtpclient.client import SMTPClient, SMTPClientError, SMTPTLSError, Timeouts, TLSMode, open_client
 from mox_core.smtpclient.dial import Dialer, dns_error_text, dial_host, gather_ips, order_ips, tcp_dial
 from mox_core.smtpclient.mtasts import MTASTSCache, Policy
 from mox_core.smtpclient.sasl import AuthCredentials
+from mox_core.smtpclient.sessions import SessionCache
 
 __all__ = [
     "Destinations",
@@ -317,11 +318,13 @@ async def session_deliver(message: OutgoingMessage, recipients: Sequence[str], *
                           ca_file: str | None = None, auth: AuthCredentials | None = None,
                           timeouts: Timeouts = Timeouts(), allow_private: bool = False,
                           require_8bitmime: bool = False,
-                          on_connect: Callable[[str], None] | None = None) -> tuple[list[RecipientResult], str]:
+                          on_connect: Callable[[str], None] | None = None,
+                          keep: Callable[[SMTPClient], None] | None = None) -> tuple[list[RecipientResult], str]:
     """Dial one of ``ips``, run one SMTP session, deliver, QUIT. Returns results and the IP.
 
     Raises :class:`SMTPClientError` (:class:`SMTPTLSError` for TLS) for failures that are not
-    per recipient. ``on_connect(ip)`` is called once the TCP connection stands.
+    per recipient. ``on_connect(ip)`` is called once the TCP connection stands. With ``keep``,
+    the session is handed to it after the delivery instead of QUIT (a :class:`SessionCache`).
     """
     (reader, writer), ip = await dial_host(host, ips, port, dial=dial, timeout=timeouts.connect,
                                            allow_private=allow_private)
@@ -337,7 +340,10 @@ async def session_deliver(message: OutgoingMessage, recipients: Sequence[str], *
     except BaseException:
         await client.close()
         raise
-    await client.quit()
+    if keep is not None:
+        keep(client)
+    else:
+        await client.quit()
     return results, ip
 
 
@@ -346,19 +352,44 @@ async def deliver_to_host(message: OutgoingMessage, *, host: str, port: int, ehl
                           ca_file: str | None = None, auth: AuthCredentials | None = None,
                           dial: Dialer = tcp_dial, timeouts: Timeouts = Timeouts(),
                           allow_private: bool = True, ipv4: bool = True, ipv6: bool = True,
-                          require_8bitmime: bool = True) -> list[RecipientResult]:
+                          require_8bitmime: bool = True, sessions: SessionCache | None = None,
+                          session_key: Hashable = None) -> list[RecipientResult]:
     """Deliver all recipients to one named host: the smarthost transports (reference 1c).
 
     No MX, no MTA-STS, no plaintext fallback; the certificate is checked against ``host``
     when ``tls_mode`` verifies. Smarthosts may sit on private networks, so private targets
     are allowed by default. Never raises for delivery problems: one result per recipient.
+
+    With ``sessions`` (the queue's :class:`SessionCache`), an idle session kept under
+    ``session_key`` (which must identify host, port and every setting of the session) is used
+    when there is one, and the session is kept afterwards instead of QUIT. A kept session that
+    fails before any message data was sent (the server closed it meanwhile: lost connection,
+    421) cannot have delivered anything, so the message is sent over a new session instead.
     """
+    key = (host, port, tls_mode, session_key)
     try:
+        while sessions is not None and (client := sessions.take(key)) is not None:
+            try:
+                results = await client.deliver(message.mail_from, message.recipients, message.data,
+                                               smtputf8=message.smtputf8, has_8bit=message.has_8bit,
+                                               require_8bitmime=require_8bitmime)
+            except SMTPClientError as exc:
+                await client.close()
+                if client.data_sent or not (client.broken or exc.code == 421):
+                    raise
+                log.debug("cached_session_unusable", host=host, error=str(exc))
+                continue
+            except BaseException:
+                await client.close()
+                raise
+            sessions.put(key, client)
+            return results
         ips = await gather_ips(resolver, host, ipv4=ipv4, ipv6=ipv6)
         results, _ = await session_deliver(
             message, message.recipients, host=host, ips=ips, port=port, ehlo_name=ehlo_name, dial=dial,
             tls_mode=tls_mode, ca_file=ca_file, auth=auth, timeouts=timeouts, allow_private=allow_private,
-            require_8bitmime=require_8bitmime)
+            require_8bitmime=require_8bitmime,
+            keep=(lambda c: sessions.put(key, c)) if sessions is not None else None)
         return results
     except SMTPClientError as exc:
         log.info("delivery_host_failed", host=host, port=port, error=str(exc), permanent=exc.permanent)

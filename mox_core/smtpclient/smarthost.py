@@ -17,10 +17,15 @@ from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, Rec
 from mox_core.smtp.domain import to_ascii
 from mox_core.smtpclient.client import make_ssl_context
 
-__all__ = ["CONFIG_PROBLEM", "ResolverCache", "ca_file_problem", "config_path", "local_failure",
+__all__ = ["CONFIG_PROBLEM", "DESTINATION_CONCURRENCY", "ResolverCache", "ca_file_problem", "config_path", "local_failure",
            "smarthost_name"]
 
 CONFIG_PROBLEM = "4.3.5"
+
+#: Deliveries a smarthost transport runs at once to one recipient domain (the queue's
+#: ``destination_concurrency``; Postfix's ``default_destination_concurrency_limit``). Direct
+#: delivery keeps one per domain; a smarthost is our own relay and takes parallel sessions.
+DESTINATION_CONCURRENCY = 20
 
 
 def smarthost_name(value: str) -> str:

@@ -30,6 +30,9 @@ Semantics:
   (``SERVFAIL``, ``REFUSED``, ``FORMERR``, ``NOTIMP``...), and ``TRUNCATE`` (UDP answers get the
   TC bit, so resolvers retry over TCP, which answers normally). ``delay()`` slows answers down.
 * ``server.queries`` records every question received, as :class:`Query` tuples.
+* Records have TTL 0 unless given one (``ttl=`` on :meth:`add`/:meth:`set`, or ``default_ttl``):
+  mox's resolvers cache answers for their TTL, and tests change records while a server runs, so
+  by default nothing is cached. A test about caching gives its records a TTL.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 class DNSServer:
     """Authoritative DNS server on ``host`` (127.0.0.1), UDP and TCP on the same port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, default_ttl: int = 300):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, default_ttl: int = 0):
         self.host = host
         self._want_port = port
         self.port = 0

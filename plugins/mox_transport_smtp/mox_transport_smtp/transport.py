@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
 from mox_core.smtpclient import Timeouts, TLSMode, deliver_to_host, tcp_dial
-from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
+from mox_core.smtpclient.smarthost import DESTINATION_CONCURRENCY, ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_smtp.settings import SMTPSettings
 
@@ -39,11 +39,16 @@ class SMTPTransport:
     :data:`~mox_core.smtpclient.Dialer`).
     """
 
+    #: parallel deliveries to one recipient domain the queue may run through this smarthost
+    destination_concurrency = DESTINATION_CONCURRENCY
+
     def __init__(self, name: str, settings: SMTPSettings, **options: Any) -> None:
         self.name = name
         self.settings = settings
         self.options = options
         self._resolvers = ResolverCache()
+        # sessions kept by the queue are shared only by transports with the very same settings
+        self._session_key = ("smtp", name, settings.model_dump_json())
 
     @property
     def tls_mode(self) -> TLSMode:
@@ -67,7 +72,7 @@ class SMTPTransport:
             message, host=s.host, port=s.port, ehlo_name=ctx.hostname,
             resolver=self._resolvers.get(ctx), tls_mode=self.tls_mode, ca_file=ca_file,
             timeouts=self.options.get("timeouts", Timeouts()), allow_private=True,
-            dial=self.options.get("dial", tcp_dial))
+            dial=self.options.get("dial", tcp_dial), sessions=ctx.sessions, session_key=self._session_key)
         log.debug("smarthost_delivery", transport=self.name, host=s.host, port=s.port,
                   statuses=[r.status.value for r in results])
         return results

@@ -40,3 +40,22 @@ def test_starttls_options_conflict(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load(tmp_path, '[transports.r]\nkind = "smtp"\nhost = "r.example"\nno_starttls = true\nstarttls_insecure_skip_verify = true\n')
     assert "cannot have both" in exc.value.problems[0].message
+
+
+def test_destination_concurrency_default_and_override(tmp_path):
+    """The queue may run 20 deliveries at once to one domain through a smarthost (direct: 1);
+    the transport table's ``destination_concurrency`` overrides that."""
+    from mox_core.queue.scheduler import destination_concurrency
+    from mox_core.routing import Resolution, TransportCache
+
+    cfg = load(tmp_path, '[transports.relay]\nkind = "smtp"\nhost = "relay.example"\n'
+                         '[transports.slow]\nkind = "smtp"\nhost = "relay.example"\ndestination_concurrency = 2\n')
+    cache = TransportCache()
+
+    def limit(name: str) -> int:
+        entry = cfg.transports[name]
+        return destination_concurrency(cfg, Resolution(name, "route", kind=entry.kind, entry=entry), cache)
+
+    assert limit("relay") == 20
+    assert limit("slow") == 2
+    assert destination_concurrency(cfg, Resolution("", "default", kind="direct"), cache) == 1

@@ -20,6 +20,7 @@ be read the attempt fails temporarily (4.3.5): the admin can fix it while the me
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from mox_core.smtpclient import (
     tcp_dial,
 )
 
-from mox_core.smtpclient.smarthost import ResolverCache, ca_file_problem, config_path, local_failure
+from mox_core.smtpclient.smarthost import DESTINATION_CONCURRENCY, ResolverCache, ca_file_problem, config_path, local_failure
 
 from mox_transport_submission.settings import SubmissionSettings
 
@@ -53,6 +54,9 @@ class SubmissionTransport:
     embedding: ``timeouts`` (:class:`Timeouts`), ``dial`` (a :data:`~mox_core.smtpclient.Dialer`).
     """
 
+    #: parallel deliveries to one recipient domain the queue may run through this smarthost
+    destination_concurrency = DESTINATION_CONCURRENCY
+
     def __init__(self, name: str, settings: SubmissionSettings, *, implicit_tls: bool = False,
                  **options: Any) -> None:
         self.name = name
@@ -60,6 +64,7 @@ class SubmissionTransport:
         self.implicit_tls = implicit_tls
         self.options = options
         self._resolvers = ResolverCache()
+        self._settings_json = settings.model_dump_json()
 
     @property
     def kind(self) -> str:
@@ -125,7 +130,10 @@ class SubmissionTransport:
             message, host=s.host, port=self.port, ehlo_name=ctx.hostname,
             resolver=self._resolvers.get(ctx), tls_mode=self.tls_mode, ca_file=ca_file, auth=creds,
             timeouts=self.options.get("timeouts", Timeouts()), allow_private=True,
-            dial=self.options.get("dial", tcp_dial))
+            dial=self.options.get("dial", tcp_dial), sessions=ctx.sessions,
+            # a kept session is shared only with the very same settings and password
+            session_key=(self.kind, self.name, self._settings_json,
+                         hashlib.sha256(password.encode()).hexdigest()))
         log.debug("smarthost_delivery", transport=self.name, kind=self.kind, host=s.host, port=self.port,
                   statuses=[r.status.value for r in results])
         return results
