@@ -7,7 +7,6 @@ the full evaluation gives; one missing record sends it back to the full evaluati
 
 from __future__ import annotations
 
-import dns.resolver
 import pytest
 
 from mox_core import authres
@@ -19,9 +18,9 @@ MESSAGE = b"From: a@sender.example\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhe
 
 @pytest.fixture
 def spf_resolver(dns_server):
-    """A synchronous resolver with a TTL cache, installed as pyspf's lookup function."""
+    """The server's synchronous resolver (with its TTL cache), installed for pyspf."""
     resolver = make_resolver(DNS(nameservers=[dns_server.nameserver], timeout=2))
-    resolver.cache = dns.resolver.LRUCache(1000)
+    assert resolver.cache is not None
     install_spf_lookup(resolver)
     return resolver
 
@@ -31,7 +30,7 @@ def txt_queries(dns_server, name):
 
 
 async def test_spf_from_cache_gives_same_result_without_a_query(dns_server, spf_resolver):
-    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=300)
     first = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
     assert first.spf == "pass"
     assert txt_queries(dns_server, "sender.example") == 1
@@ -44,8 +43,8 @@ async def test_spf_from_cache_gives_same_result_without_a_query(dns_server, spf_
 
 
 async def test_spf_with_uncached_include_falls_back_to_real_lookups(dns_server, spf_resolver):
-    dns_server.add("sender.example", "TXT", "v=spf1 include:spf.provider.example -all")
-    dns_server.add("spf.provider.example", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
+    dns_server.add("sender.example", "TXT", "v=spf1 include:spf.provider.example -all", ttl=300)
+    dns_server.add("spf.provider.example", "TXT", "v=spf1 ip4:127.0.0.0/8 -all", ttl=300)
     # Only the first record is cached: the cached evaluation misses the include and is redone.
     spf_resolver.resolve("sender.example", "TXT")
     result = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
