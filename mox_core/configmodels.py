@@ -168,9 +168,9 @@ class StaticConfig(Model):
         default_factory=list, description="Plugins not to load, by name (see mox plugins list)."
     )
     smtp_workers: int = Field(
-        1, ge=0, le=64,
+        0, ge=0, le=64,
         description="Processes serving the incoming SMTP (port 25) listeners, sharing each port; "
-        "1: the main process serves them itself; 0: one per CPU (at most 8).",
+        "0: one per CPU (at most 8); 1: the main process serves them itself.",
     )
     dns: DNS = Field(default_factory=DNS, description="DNS resolver used for SPF, DKIM and MX.")
     postmaster: Postmaster = Field(description="Where mail for postmaster goes.")
