@@ -5,20 +5,29 @@ N rows sharing ``base_id``, so the body is stored once however many recipients i
 scheduler can still retry, hold or fail each recipient on its own.
 
 Durability of :meth:`QueueStore.add` (reliability.md A.5): the message file is written into
-``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory fsynced, the
-local Maildir copies of the same submission are committed, and only then are the rows
-committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). A failure at any
-step removes what that submission wrote and raises :class:`StorageError`. A crash between the
-file rename and the commit leaves a message file no row refers to; :meth:`QueueStore.open`
-removes such orphans, so nothing half-written is ever delivered.
+``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory fsynced;
+then, in one SQLite write transaction (``BEGIN IMMEDIATE``), the submission's rate limits are
+checked, its rows inserted and its rate-limit counts written, the local Maildir copies of the
+same submission are committed, and only then is the transaction committed (WAL,
+``synchronous=FULL``: the commit is on disk when it returns). A failure at any step removes
+what that submission wrote and raises :class:`StorageError` (a rate limiter's refusal:
+:class:`mox_core.ratelimit.RateLimited`). A crash between the file rename and the commit
+leaves a message file no row refers to; :meth:`QueueStore.open` removes such orphans, so
+nothing half-written is ever delivered.
 
 Picking due work must not slow down with queue size: ``domain_due`` keeps, per recipient
 domain, the earliest ``next_attempt`` of its non-held rows (maintained by triggers from the
 index ``(hold, recipient_domain, next_attempt)``), so finding the next due domains that are not
 busy reads a handful of rows whatever the number of queued messages.
 
-All SQLite work runs in one thread (one connection, one writer), so concurrent ``add()`` calls
-queue up behind a running commit and are then written and committed together (group commit).
+All SQLite work runs in one thread per process (one connection), and concurrent ``add()``
+calls queue up behind a running commit and are then written and committed together (group
+commit: one directory fsync and one commit per batch). Several processes may add to the same
+queue (an "add-only" store, opened with ``lock=False``): row ids come from blocks each store
+reserves in ``sqlite_sequence``, and rate limits are checked and counted under SQLite's write
+lock, so the limits hold across processes. ``on_commit`` (called in the writer thread after
+each commit that added rows, with their ids) lets such a process tell the one that runs the
+scheduler. Orphan cleanup (``lock=True``) must run before other processes start adding.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -53,6 +62,8 @@ log = structlog.get_logger(component="queue.store")
 
 # Message files per directory: 8192, as mox (queue/<id >> 13>/<id>).
 FILES_PER_DIR_SHIFT = 13
+# Row ids reserved at a time by a store that adds (see QueueStore._reserve_ids).
+ID_BLOCK = 1024
 
 class QueueLocked(MoxError):
     """Another process (a running ``mox serve``) holds the queue."""
@@ -76,11 +87,14 @@ class _Add:
     now: float
     loop: asyncio.AbstractEventLoop
     fut: asyncio.Future[list[int]]
+    rate_limit: Any = None  # mox_core.ratelimit.RateLimitCheck
     rel: str = ""  # file, relative to msg/
     state: int = 0  # 0 nothing on disk, 1 tmp written, 2 renamed into msg/
     local_paths: list[Path] = field(default_factory=list)
-    error: StorageError | None = None
+    error: Exception | None = None  # StorageError, or RateLimited
     ids: list[int] = field(default_factory=list)
+    summary: tuple[str, str] = ("", "")  # Message-ID, Subject
+    committed: bool = False
 
 
 class QueueStore:
@@ -91,7 +105,8 @@ class QueueStore:
     on the same queue at the same time, and removes orphaned message files.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *,
+                 on_commit: Callable[[list[int]], None] | None = None) -> None:
         self.dir = Path(data_dir) / "queue"
         self.msg_dir = self.dir / "msg"
         self.tmp_dir = self.dir / "tmp"
@@ -105,6 +120,9 @@ class QueueStore:
         self._known_dirs: set[str] = set()
         self._lock_fd: int | None = None
         self.commits = 0  # add() transactions, for tests of group commit
+        self.on_commit: Callable[[list[int]], None] | None = on_commit
+        self._id_next = self._id_end = 0  # reserved row ids, see _reserve_ids
+        self._limiters_ready: dict[int, object] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -122,6 +140,7 @@ class QueueStore:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
         self._db = db
+        self._limiters_ready = {}
         if lock and cleanup:
             self._remove_orphans()
 
@@ -176,20 +195,26 @@ class QueueStore:
     async def add(
         self, *, account: str | None, mail_from: str, recipients: Sequence[str], data: bytes,
         local_deliveries: Sequence[Delivery] = (), smtputf8: bool = False, hold: bool = False,
-        transport: str | None = None, now: float | None = None,
+        transport: str | None = None, now: float | None = None, rate_limit: Any = None,
     ) -> list[int]:
         """Queue ``data`` for ``recipients``; return the row ids once all of it is durable.
 
         ``local_deliveries`` (Maildir copies for local recipients of the same submission) are
         committed in the same step: either both they and the queue rows are durable when this
-        returns, or :class:`StorageError` is raised and neither is kept.
+        returns, or :class:`StorageError` is raised and neither is kept. ``recipients`` may
+        be empty when there are local deliveries (a submission to local recipients only:
+        then only the rate limits are checked and counted).
+
+        ``rate_limit`` (a :class:`mox_core.ratelimit.RateLimitCheck`) runs inside the write
+        transaction that inserts the rows: a refusal raises
+        :class:`mox_core.ratelimit.RateLimited` and nothing is kept.
         """
-        if not recipients:
+        if not recipients and not local_deliveries:
             raise ValueError("queue add without recipients")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[int]] = loop.create_future()
         item = _Add(account, mail_from, list(recipients), data, list(local_deliveries), smtputf8,
-                    hold, transport, time.time() if now is None else now, loop, fut)
+                    hold, transport, time.time() if now is None else now, loop, fut, rate_limit)
         with self._pending_lock:
             self._pending.append(item)
             if not self._flush_scheduled:
@@ -206,25 +231,59 @@ class QueueStore:
         except BaseException as exc:  # a bug must not leave SMTP sessions waiting forever
             log.exception("queue_add_batch_crashed")
             for it in batch:
-                if it.error is None:
+                if it.error is None and not it.committed:
                     it.error = StorageError.local_error(step="batch", detail=repr(exc))
                     it.ids = []
                     self._rollback(it)
         for it in batch:
             it.loop.call_soon_threadsafe(_resolve, it.fut, it.error, it.ids)
 
+    def _reserve_ids(self, n: int) -> None:
+        """Make sure ``n`` row ids are reserved for this store. Several processes may add to
+        the same queue: each takes blocks of ids (``sqlite_sequence``, one small commit per
+        block) and names its message files after them, without a lock held while writing."""
+        if self._id_end - self._id_next >= n:
+            return
+        size = max(n, ID_BLOCK)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'msg'").fetchone()
+            first = (row[0] if row else 0) + 1
+            if row is None:
+                db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('msg', ?)", (first + size - 1,))
+            else:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'msg'", (first + size - 1,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._id_next, self._id_end = first, first + size
+
     def _commit_adds(self, batch: list[_Add]) -> None:
+        # 0. Ids, from this store's reserved block: the file is named after its
+        # submission's base id (mox: queue/<id >> 13>/<id>), so one batch lands in one
+        # directory, which then costs one directory fsync. Ids of a failed submission are
+        # not used again (gaps are harmless).
+        try:
+            self._reserve_ids(sum(len(it.recipients) for it in batch))
+        except (sqlite3.Error, OSError) as exc:
+            err = _sqlite_storage_error(exc)
+            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(batch))
+            for it in batch:
+                it.error = err
+            return
         # 1. Message files: write+fsync in tmp/, rename into msg/<xx>/, fsync each dir once.
-        # Ids are assigned here, before anything is written, so the file can be named after
-        # its submission's base id (mox: queue/<id >> 13>/<id>): one batch lands in one
-        # directory, which then costs one directory fsync. This thread is the only writer;
-        # ids of a failed submission are simply used again.
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'msg'").fetchone()
-        next_id = (row[0] if row else 0) + 1
+        # Outside the SQLite write lock: other processes adding to this queue meanwhile
+        # write their files too.
         dirs: dict[str, list[_Add]] = {}
         for it in batch:
-            it.ids = list(range(next_id, next_id + len(it.recipients)))
-            next_id += len(it.recipients)
+            if not it.recipients:
+                continue
+            it.ids = list(range(self._id_next, self._id_next + len(it.recipients)))
+            self._id_next += len(it.recipients)
+            it.summary = _header_summary(it.data)
             name = str(it.ids[0])
             shard = str(it.ids[0] >> FILES_PER_DIR_SHIFT)
             it.rel = f"{shard}/{name}"
@@ -247,61 +306,137 @@ class QueueStore:
                 for it in users:
                     if it.error is None:
                         self._fail(it, exc, "fsync_dir")
-        # 2. Local Maildir copies of the same submissions, as units of one group commit.
-        with_local = [it for it in batch if it.error is None and it.local]
-        if with_local:
-            results = commit_batch([it.local for it in with_local], self._maildirs)
-            for it, res in zip(with_local, results, strict=True):
+        # 2. Rate limiters' tables (once per limiter and connection).
+        live = [it for it in batch if it.error is None]
+        for it in live:
+            if it.rate_limit is not None:
+                try:
+                    it.rate_limit.setup(self.db, self._limiters_ready)
+                except Exception as exc:
+                    log.exception("ratelimit_setup_failed")
+                    it.error = _sqlite_storage_error(exc) if isinstance(exc, sqlite3.Error) else \
+                        StorageError.local_error(step="ratelimit", detail=repr(exc))
+                    self._rollback(it)
+        # 3. One write transaction: per submission check its rate limits, insert its rows,
+        # count it; then the local Maildir copies of the accepted ones; one commit.
+        live = [it for it in batch if it.error is None]
+        while live:
+            retry = self._transaction(live)
+            if retry is None:
+                break
+            live = retry
+
+    def _transaction(self, items: list[_Add]) -> list[_Add] | None:
+        """Check, insert, record, deliver local copies, commit. Returns the items to try
+        again in a new transaction (local copies failed for others), else None."""
+        from mox_core.ratelimit import RateLimited
+
+        db = self.db
+        accepted: list[_Add] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as exc:
+            self._fail_all(items, exc)
+            return None
+        for it in items:
+            db.execute("SAVEPOINT item")
+            try:
+                if it.rate_limit is not None:
+                    it.rate_limit.check(db)
+                if it.recipients:
+                    self._insert_rows(it)
+                if it.rate_limit is not None:
+                    it.rate_limit.record(db)
+                db.execute("RELEASE item")
+                accepted.append(it)
+                continue
+            except RateLimited as exc:
+                it.error = exc
+            except (sqlite3.Error, OSError) as exc:
+                if not db.in_transaction:  # SQLite rolled back the whole transaction
+                    self._fail_all(items, exc)
+                    return None
+                it.error = _sqlite_storage_error(exc)
+                log.error("queue_insert_failed", error=str(exc), code=it.error.code)
+            except Exception as exc:  # a rate limiter's bug fails its submission only
+                log.exception("ratelimit_failed")
+                it.error = StorageError.local_error(step="ratelimit", detail=repr(exc))
+            try:
+                db.execute("ROLLBACK TO item")
+                db.execute("RELEASE item")
+            except sqlite3.Error as exc:
+                self._fail_all(items, exc)
+                return None
+            it.ids = []
+            self._rollback(it)
+        todo = [it for it in accepted if it.local and not it.local_paths]
+        if todo:
+            results = commit_batch([it.local for it in todo], self._maildirs)
+            failed = False
+            for it, res in zip(todo, results, strict=True):
                 if isinstance(res, StorageError):
                     it.error = res
-                    it.ids = []
-                    self._rollback(it)
+                    failed = True
                 else:
                     it.local_paths = res
-        # 3. One transaction for the rows of every surviving submission.
-        ok = [it for it in batch if it.error is None]
-        if not ok:
-            return
+            if failed:
+                # Their rows and counts must go: start over without them (rare).
+                db.execute("ROLLBACK")
+                for it in todo:
+                    if it.error is not None:
+                        it.ids = []
+                        self._rollback(it)
+                return [it for it in accepted if it.error is None]
+        if not accepted:
+            db.execute("ROLLBACK")
+            return None
         try:
-            self._insert(ok)
+            db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
-            err = _sqlite_storage_error(exc)
-            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(ok))
-            for it in ok:
+            self._fail_all(accepted, exc)
+            return None
+        self.commits += 1
+        for it in accepted:
+            it.committed = True
+        if self.on_commit is not None:
+            ids = [i for it in accepted for i in it.ids]
+            if ids:
+                try:
+                    self.on_commit(ids)
+                except Exception:
+                    log.exception("queue_on_commit_failed")
+        return None
+
+    def _fail_all(self, items: list[_Add], exc: BaseException) -> None:
+        db = self.db
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        err = _sqlite_storage_error(exc)
+        log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(items))
+        for it in items:
+            if it.error is None:
                 it.error = err
                 it.ids = []
                 self._rollback(it)
-            return
-        self.commits += 1
 
-    def _insert(self, items: list[_Add]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = []
-            for it in items:
-                message_id, subject = _header_summary(it.data)
-                has_8bit = not it.data.isascii()
-                smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
-                    not r.isascii() for r in it.recipients
-                )
-                for mid, rcpt in zip(it.ids, it.recipients, strict=True):
-                    rows.append((
-                        mid, it.ids[0], it.account, it.mail_from, rcpt, recipient_domain(rcpt),
-                        it.now, it.now, int(it.hold), it.transport, len(it.data), int(has_8bit),
-                        int(smtputf8), message_id, subject, it.rel,
-                    ))
-            db.executemany(
-                "INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, "
-                "queued, next_attempt, hold, transport, size, has_8bit, smtputf8, message_id, "
-                "subject, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _insert_rows(self, it: _Add) -> None:
+        message_id, subject = it.summary
+        has_8bit = not it.data.isascii()
+        smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
+            not r.isascii() for r in it.recipients
+        )
+        self.db.executemany(
+            "INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, "
+            "queued, next_attempt, hold, transport, size, has_8bit, smtputf8, message_id, "
+            "subject, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(mid, it.ids[0], it.account, it.mail_from, rcpt, recipient_domain(rcpt),
+              it.now, it.now, int(it.hold), it.transport, len(it.data), int(has_8bit),
+              int(smtputf8), message_id, subject, it.rel)
+             for mid, rcpt in zip(it.ids, it.recipients, strict=True)],
+        )
 
     def _fail(self, it: _Add, exc: OSError, step: str) -> None:
         it.error = StorageError.from_oserror(exc, step)
@@ -529,7 +664,7 @@ class QueueStore:
 # helpers
 
 
-def _resolve(fut: asyncio.Future[list[int]], error: StorageError | None, ids: list[int]) -> None:
+def _resolve(fut: asyncio.Future[list[int]], error: Exception | None, ids: list[int]) -> None:
     if fut.done():
         return
     if error is not None:
