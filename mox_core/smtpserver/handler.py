@@ -34,6 +34,15 @@ MAX_HOPS = 100
 _RECEIVED = re.compile(rb"^received:", re.I | re.M)
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ids = itertools.count(1)
+# The common From header, decided without the email parser (Handler._check_from): one
+# dot-atom address, bare or in <>, with at most a display name of plain atoms or a simple
+# quoted string. Anything else (comments, groups, encoded words, quoted local parts, domain
+# literals, non-ASCII, a second address) goes to the parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_FROM_FAST = re.compile(
+    rf"[ \t]*(?:(?:{_ATEXT}+(?:[ \t]+{_ATEXT}+)*|\"[^\"\\]*\")?[ \t]*<({_ADDR})>|({_ADDR}))[ \t]*")
+_FIELD = re.compile(rb"[!-9;-~]+:")
 
 
 @dataclass
@@ -77,6 +86,40 @@ def _strip_source_route(address: str) -> str:
     if address.startswith("@") and ":" in address:
         return address.split(":", 1)[1]
     return address
+
+
+def _lean_from(head: bytes) -> str | None:
+    """The address of the one From header of ``head`` (CRLF header lines) in the common
+    forms; None when the email parser must decide (anything unusual, or any problem)."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
+        return None
+    value: bytes | None = None
+    in_from = False
+    seen = False
+    for line in head.split(b"\r\n"):
+        if not line:
+            break  # end of the header (as the parser)
+        if line[0] in b" \t":
+            if not seen:
+                return None
+            if in_from:
+                value += line  # type: ignore[operator]
+            continue
+        m = _FIELD.match(line)
+        if m is None:
+            return None
+        seen = True
+        in_from = m.end() == 5 and line[:4].lower() == b"from"
+        if in_from:
+            if value is not None:
+                return None  # a second From: the parser gives the error
+            value = line[5:]
+    if value is None or not value.isascii() or b"=?" in value:
+        return None
+    m = _FROM_FAST.fullmatch(value.decode("ascii"))
+    if m is None:
+        return None
+    return m.group(1) or m.group(2)
 
 
 class Handler:
@@ -247,24 +290,27 @@ class Handler:
 
     def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
         """The message From must be one address of the authenticated account: (error, domain)."""
-        msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
-        froms = msg.get_all("From") or []
-        if len(froms) != 1:
-            return "550 5.7.1 message must have exactly one From header", ""
+        addr = _lean_from(head)
+        if addr is None:
+            msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
+            froms = msg.get_all("From") or []
+            if len(froms) != 1:
+                return "550 5.7.1 message must have exactly one From header", ""
+            try:
+                header = froms[0]
+                addrs = list(header.addresses)
+            except Exception:
+                return "550 5.7.1 bad From header", ""
+            if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
+                return "550 5.7.1 From header must have exactly one valid address", ""
+            addr = addrs[0].addr_spec
         try:
-            header = froms[0]
-            addrs = list(header.addresses)
-        except Exception:
-            return "550 5.7.1 bad From header", ""
-        if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
-            return "550 5.7.1 From header must have exactly one valid address", ""
-        try:
-            owner = lookup(self.holder.get(), addrs[0].addr_spec).account
+            owner = lookup(self.holder.get(), addr).account
         except (AddressNotFound, ValueError):
             owner = None
         if owner != self._account_of(session):
             return "550 5.7.1 From address must belong to the authenticated account", ""
-        return None, split_address(addrs[0].addr_spec)[1]
+        return None, split_address(addr)[1]
 
     def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:
         proto = "ESMTP" if session.extended_smtp else "SMTP"
