@@ -108,10 +108,7 @@ class OutgoingLog:
                 n = db.execute(
                     "INSERT OR IGNORE INTO outgoing(account, recipient, submitted, submission) "
                     "SELECT account, recipient, submitted, submission FROM legacy.outgoing").rowcount
-                # (executescript would commit first: run the statements one by one)
-                for stmt in _REBUILD.split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
+                OutgoingLog.rebuild(db)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -124,6 +121,14 @@ class OutgoingLog:
         except FileNotFoundError:  # another process imported it just now
             pass
         log.info("ratelimit_records_imported", file=str(path), records=n)
+
+    @staticmethod
+    def rebuild(db: sqlite3.Connection) -> None:
+        """Recompute ``outgoing_first`` and ``outgoing_minute`` from ``outgoing``, in the
+        caller's transaction."""
+        for stmt in _REBUILD.split(";"):  # (executescript would commit first)
+            if stmt.strip():
+                db.execute(stmt)
 
     @staticmethod
     def in_window(db: sqlite3.Connection, account: str, now: float) -> int:
