@@ -47,6 +47,7 @@ async def add(q: Queue, *rcpts: str, mail_from: str = "alice@example.org", accou
 
 async def test_add_stores_one_row_per_recipient_and_one_file(cfg):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     try:
         ids = await add(q, "a@remote.example", "b@remote.example", "c@other.example")
@@ -71,6 +72,7 @@ async def test_add_stores_one_row_per_recipient_and_one_file(cfg):
 async def test_add_durability_order(cfg, monkeypatch):
     """fsync(file) -> rename into msg/ -> fsync(dir) -> COMMIT, all before add() returns."""
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     events: list[str] = []
     real_fsync, real_rename = os.fsync, os.rename
@@ -111,6 +113,7 @@ async def test_add_durability_order(cfg, monkeypatch):
 
 async def test_add_fsync_error_is_452_and_leaves_nothing(cfg, monkeypatch, tmp_path):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     local = Delivery(tmp_path / "local" / "Maildir", MSG, b"Delivered-To: x@example.org\r\n")
 
@@ -222,6 +225,7 @@ async def test_concurrent_adds_are_group_committed(cfg):
 
 async def test_orphans_are_removed_at_startup_and_referenced_files_kept(cfg):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     await add(q, "a@remote.example")
     [row] = await q.list_messages()

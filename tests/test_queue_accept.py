@@ -33,6 +33,16 @@ def cfg(tmp_path):
     return make_config(tmp_path)
 
 
+def stored(cfg) -> list[str]:
+    """Every stored message: files under queue/msg/, and "db/<base_id>" for msg_data rows."""
+    db = sqlite3.connect(cfg.data_dir / "queue" / "index.db")
+    try:
+        inline = [f"db/{b}" for (b,) in db.execute("SELECT base_id FROM msg_data")]
+    finally:
+        db.close()
+    return sorted(queue_files(cfg) + inline)
+
+
 def check(cfg, limit: int, *rcpts: str, account: str = "alice") -> RateLimitCheck:
     limiter = MessagesPerDay("m", LimitSettings(limit=limit), cfg.data_dir / "ratelimit" / "messages_per_day")
     sub = Submission(account, f"{account}@example.org", list(rcpts), id=uuid.uuid4().hex, time=time.time())
@@ -58,12 +68,52 @@ async def test_rate_limit_in_the_batch_refuses_and_removes_the_file(cfg):
         assert q.store.commits < 30  # batched
         assert sorted(committed) == sorted(i for ids in ok for i in ids)
         rows = await q.list_messages()
-        assert len(rows) == 10 and len(queue_files(cfg)) == 10
-        assert sorted(m.file for m in rows) == queue_files(cfg)
+        assert len(rows) == 10 and sorted(m.file for m in rows) == stored(cfg)
         assert os.listdir(cfg.data_dir / "queue" / "tmp") == []
         (n,) = q.store.db.execute("SELECT COUNT(*) FROM outgoing").fetchone()
         assert n == 10
     finally:
+        await q.close()
+
+
+async def test_small_message_is_in_the_index_until_its_last_row_goes(cfg):
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def trace(sql):
+        if sql == "COMMIT" or sql.startswith("INSERT INTO msg_data"):
+            events.append(sql.split("(")[0].strip())
+
+    os.fsync = fsync
+    q.store.db.set_trace_callback(trace)
+    try:
+        ids = await q.add(account="alice", mail_from="alice@example.org",
+                          recipients=["a@remote.example", "b@remote.example"], data=MSG)
+        events.append("add returned")
+        # No file, no fsync from Python: the WAL commit of the batch makes it durable.
+        assert [e for e in events if e.startswith("fsync")] == [] and queue_files(cfg) == []
+        assert events[-3:] == ["INSERT INTO msg_data", "COMMIT", "add returned"], events
+        rows = await q.list_messages()
+        assert {m.file for m in rows} == {f"db/{ids[0]}"} == set(stored(cfg))
+        assert await q.dump(ids[0]) == MSG
+        assert await q.store.remove([ids[0]]) == 1
+        assert stored(cfg) == [f"db/{ids[0]}"]  # the other recipient still needs it
+        assert await q.store.remove([ids[1]]) == 1
+        assert stored(cfg) == []
+        big = MSG + b"x" * q.store.inline_max
+        [bid] = await q.add(account="alice", mail_from="alice@example.org", recipients=["c@remote.example"],
+                            data=big)
+        [m] = await q.list_messages()
+        assert not m.file.startswith("db/") and stored(cfg) == [m.file] and await q.dump(bid) == big
+    finally:
+        os.fsync = real_fsync
+        q.store.db.set_trace_callback(None)
         await q.close()
 
 
@@ -88,7 +138,7 @@ async def test_failing_limiter_fails_only_its_submission(cfg):
         assert isinstance(results[0], list)
         assert getattr(results[1], "code", None) == 451
         [m] = await q.list_messages()
-        assert m.recipient == "a@remote.example" and queue_files(cfg) == [m.file]
+        assert m.recipient == "a@remote.example" and stored(cfg) == [m.file]
     finally:
         await q.close()
 
@@ -166,7 +216,7 @@ def test_processes_adding_to_one_queue_share_ids_and_limits(cfg, tmp_path):
     assert len(set(ids)) == 50 and sorted(ids) == sorted(m.id for m in rows)
     for o in outs:
         assert sorted(o["committed"]) == sorted(i for ids in o["accepted"] for i in ids)
-    assert sorted(m.file for m in rows) == queue_files(cfg)
+    assert sorted(m.file for m in rows) == stored(cfg)
     db = sqlite3.connect(cfg.data_dir / "queue" / "index.db")
     assert db.execute("SELECT COUNT(*) FROM outgoing").fetchone()[0] == 50
     assert db.execute("SELECT SUM(n) FROM outgoing_minute").fetchone()[0] == 50

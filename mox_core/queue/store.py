@@ -1,19 +1,23 @@
-"""The queue's durable state: SQLite index (one row per recipient) plus one file per message.
+"""The queue's durable state: SQLite index (one row per recipient) plus the message data.
 
-Why this shape (mox ``queue/``): a submission with N remote recipients is one message file and
-N rows sharing ``base_id``, so the body is stored once however many recipients it has, and the
-scheduler can still retry, hold or fail each recipient on its own.
+Why this shape (mox ``queue/``): a submission with N remote recipients is one stored message
+and N rows sharing ``base_id``, so the body is stored once however many recipients it has,
+and the scheduler can still retry, hold or fail each recipient on its own. A message of up to
+``INLINE_MAX`` bytes is stored in the index itself (table ``msg_data``, ``msg.file`` =
+``db/<base_id>``), larger ones in a file ``queue/msg/<id >> 13>/<id>``.
 
-Durability of :meth:`QueueStore.add` (reliability.md A.5): the message file is written into
-``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory fsynced;
-then, in one SQLite write transaction (``BEGIN IMMEDIATE``), the submission's rate limits are
-checked, its rows inserted and its rate-limit counts written, the local Maildir copies of the
-same submission are committed, and only then is the transaction committed (WAL,
-``synchronous=FULL``: the commit is on disk when it returns). A failure at any step removes
-what that submission wrote and raises :class:`StorageError` (a rate limiter's refusal:
-:class:`mox_core.ratelimit.RateLimited`). A crash between the file rename and the commit
-leaves a message file no row refers to; :meth:`QueueStore.open` removes such orphans, so
-nothing half-written is ever delivered.
+Durability of :meth:`QueueStore.add` (reliability.md A.5): a large message's file is written
+into ``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory
+fsynced; then, in one SQLite write transaction (``BEGIN IMMEDIATE``), the submission's rate
+limits are checked, its rows (and a small message's data) inserted and its rate-limit counts
+written, the local Maildir copies of the same submission are committed, and only then is the
+transaction committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). So
+a small message costs no fsync of its own: the commit of its batch makes it durable. A failure
+at any step removes what that submission wrote and raises :class:`StorageError` (a rate
+limiter's refusal: :class:`mox_core.ratelimit.RateLimited`). A crash between a file's rename
+and the commit leaves a message file no row refers to; :meth:`QueueStore.open` removes such
+orphans, so nothing half-written is ever delivered. ``msg_data`` rows go with the last row of
+their message (trigger ``msg_data_ad``, same transaction).
 
 Picking due work must not slow down with queue size: ``domain_due`` keeps, per recipient
 domain, the earliest ``next_attempt`` of its non-held rows (maintained by triggers from the
@@ -67,6 +71,10 @@ FILES_PER_DIR_SHIFT = 13
 ID_BLOCK = 1024
 # Threads writing and fsyncing the message files of one batch in parallel.
 FILE_WRITERS = 4
+# Messages up to this size are stored in the index (msg_data) instead of a file: one WAL
+# commit makes them durable, instead of a file fsync, a directory fsync and the commit.
+INLINE_MAX = 64 * 1024
+INLINE_PREFIX = "db/"  # msg.file of a message stored in msg_data: "db/<base_id>"
 
 class QueueLocked(MoxError):
     """Another process (a running ``mox serve``) holds the queue."""
@@ -117,6 +125,7 @@ class QueueStore:
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._writers = ThreadPoolExecutor(FILE_WRITERS, thread_name_prefix="queue-write")
+        self.inline_max = INLINE_MAX
         self._pending: list[_Add] = []
         self._pending_lock = threading.Lock()
         self._flush_scheduled = False
@@ -282,12 +291,18 @@ class QueueStore:
         # 1. Message files: write+fsync in tmp/, rename into msg/<xx>/, fsync each dir once.
         # Outside the SQLite write lock: other processes adding to this queue meanwhile
         # write their files too.
-        files = [it for it in batch if it.recipients]
-        for it in files:
+        files = []
+        for it in batch:
+            if not it.recipients:
+                continue
             it.ids = list(range(self._id_next, self._id_next + len(it.recipients)))
             self._id_next += len(it.recipients)
             it.summary = _header_summary(it.data)
+            if len(it.data) <= self.inline_max:
+                it.rel = f"{INLINE_PREFIX}{it.ids[0]}"  # into msg_data, with its rows
+                continue
             it.rel = f"{it.ids[0] >> FILES_PER_DIR_SHIFT}/{it.ids[0]}"
+            files.append(it)
         # Written and fsynced in parallel when there are several: the filesystem's journal
         # then commits their metadata together instead of once per file.
         if len(files) > 1:
@@ -443,6 +458,8 @@ class QueueStore:
                 self._rollback(it)
 
     def _insert_rows(self, it: _Add) -> None:
+        if it.rel.startswith(INLINE_PREFIX):
+            self.db.execute("INSERT INTO msg_data(base_id, data) VALUES (?, ?)", (it.ids[0], it.data))
         message_id, subject = it.summary
         has_8bit = not it.data.isascii()
         smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
@@ -613,8 +630,16 @@ class QueueStore:
 
     async def read_message(self, rel: str) -> bytes:
         """The message bytes (read in a worker thread; may be large)."""
+        if rel.startswith(INLINE_PREFIX):
+            return await self._run(self._read_inline, int(rel[len(INLINE_PREFIX):]))
         path = self.msg_dir / rel
         return await asyncio.to_thread(path.read_bytes)
+
+    def _read_inline(self, base_id: int) -> bytes:
+        row = self.db.execute("SELECT data FROM msg_data WHERE base_id = ?", (base_id,)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"queue message {INLINE_PREFIX}{base_id} not found")
+        return bytes(row[0])
 
     # -- admin side -------------------------------------------------------------------------
 
