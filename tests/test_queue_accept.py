@@ -253,6 +253,27 @@ def test_window_counts_match_the_records(tmp_path):
     db.close()
 
 
+def test_records_of_earlier_versions_are_imported_once(tmp_path):
+    legacy = tmp_path / "ratelimit" / "outgoing.db"
+    legacy.parent.mkdir()
+    old = sqlite3.connect(legacy)
+    old.execute("CREATE TABLE outgoing (account TEXT NOT NULL, recipient TEXT NOT NULL, submitted REAL NOT NULL, "
+                "submission TEXT NOT NULL, UNIQUE (submission, recipient))")
+    now = time.time()
+    old.executemany("INSERT INTO outgoing VALUES ('a', ?, ?, ?)",
+                    [("x@r.example", now - 2 * DAY, "s1"), ("x@r.example", now - 60, "s2"), ("y@r.example", now - 30, "s3")])
+    old.commit()
+    old.close()
+    db = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+    OutgoingLog(legacy).setup(db)
+    assert not legacy.exists() and legacy.with_name("outgoing.db.imported").exists()
+    OutgoingLog(legacy).setup(db)  # nothing left to import: unchanged
+    assert OutgoingLog.in_window(db, "a", now) == 2
+    # y was first sent to in the window, x long before; z would be new.
+    assert OutgoingLog.first_time_count(db, "a", ["x@r.example", "z@r.example"], now) == 1 + 1
+    db.close()
+
+
 def _parser_from(head: bytes) -> str | None:
     msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
     froms = msg.get_all("From") or []

@@ -73,7 +73,7 @@ ID_BLOCK = 1024
 FILE_WRITERS = 4
 # Messages up to this size are stored in the index (msg_data) instead of a file: one WAL
 # commit makes them durable, instead of a file fsync, a directory fsync and the commit.
-INLINE_MAX = 64 * 1024
+INLINE_MAX = 256 * 1024
 INLINE_PREFIX = "db/"  # msg.file of a message stored in msg_data: "db/<base_id>"
 
 class QueueLocked(MoxError):
