@@ -4,7 +4,9 @@ The server creates one :class:`Queue`, ``await queue.start()`` (opens the store,
 orphans, starts the scheduler), gives it to the submission listener (``queue.add``) and to the
 ctl socket (:meth:`Queue.ctl_handlers`), and ``await queue.close()`` at shutdown. Admin
 commands (``mox queue ...``) call the same methods, through the ctl socket when the server
-runs, or on an offline :class:`Queue` (never started) when it does not.
+runs, or on an offline :class:`Queue` (never started) when it does not. A process that only
+accepts submissions next to the one that delivers (listeners in worker processes sharing the
+queue's SQLite file) uses :meth:`Queue.open_add_only` and ``on_commit`` to tell the other.
 """
 
 from __future__ import annotations
