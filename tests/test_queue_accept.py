@@ -23,7 +23,7 @@ from mox_core.kinds import Submission
 from mox_core.queue import FakeClock, Queue
 from mox_core.queue.store import _header_summary, _header_summary_quick
 from mox_core.ratelimit import RateLimitCheck, RateLimited
-from mox_core.smtpserver.handler import _lean_from
+from mox_core.smtpserver.fromheader import lean_from_address as _lean_from
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, make_config, queue_files
 

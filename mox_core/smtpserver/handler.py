@@ -25,6 +25,7 @@ from mox_core import authres, dkimsign
 from mox_core.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.config import ConfigHolder
 from mox_core.ratelimit import RateLimitCheck, RateLimited
+from mox_core.smtpserver.fromheader import lean_from_address
 from mox_core.smtp.domain import to_ascii, to_unicode
 from mox_core.store import Delivery, StorageError
 
@@ -34,15 +35,6 @@ MAX_HOPS = 100
 _RECEIVED = re.compile(rb"^received:", re.I | re.M)
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ids = itertools.count(1)
-# The common From header, decided without the email parser (Handler._check_from): one
-# dot-atom address, bare or in <>, with at most a display name of plain atoms or a simple
-# quoted string. Anything else (comments, groups, encoded words, quoted local parts, domain
-# literals, non-ASCII, a second address) goes to the parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_FROM_FAST = re.compile(
-    rf"[ \t]*(?:(?:{_ATEXT}+(?:[ \t]+{_ATEXT}+)*|\"[^\"\\]*\")?[ \t]*<({_ADDR})>|({_ADDR}))[ \t]*")
-_FIELD = re.compile(rb"[!-9;-~]+:")
 
 
 @dataclass
@@ -86,40 +78,6 @@ def _strip_source_route(address: str) -> str:
     if address.startswith("@") and ":" in address:
         return address.split(":", 1)[1]
     return address
-
-
-def _lean_from(head: bytes) -> str | None:
-    """The address of the one From header of ``head`` (CRLF header lines) in the common
-    forms; None when the email parser must decide (anything unusual, or any problem)."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
-        return None
-    value: bytes | None = None
-    in_from = False
-    seen = False
-    for line in head.split(b"\r\n"):
-        if not line:
-            break  # end of the header (as the parser)
-        if line[0] in b" \t":
-            if not seen:
-                return None
-            if in_from:
-                value += line  # type: ignore[operator]
-            continue
-        m = _FIELD.match(line)
-        if m is None:
-            return None
-        seen = True
-        in_from = m.end() == 5 and line[:4].lower() == b"from"
-        if in_from:
-            if value is not None:
-                return None  # a second From: the parser gives the error
-            value = line[5:]
-    if value is None or not value.isascii() or b"=?" in value:
-        return None
-    m = _FROM_FAST.fullmatch(value.decode("ascii"))
-    if m is None:
-        return None
-    return m.group(1) or m.group(2)
 
 
 class Handler:
@@ -290,7 +248,7 @@ class Handler:
 
     def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
         """The message From must be one address of the authenticated account: (error, domain)."""
-        addr = _lean_from(head)
+        addr = lean_from_address(head)
         if addr is None:
             msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
             froms = msg.get_all("From") or []
