@@ -11,7 +11,7 @@ Targets, all on 127.0.0.1, all started by this script:
                    (Cyrus sasldb), remote recipient, discard after the queue.
 * ``mox-queue``    ``mox serve``, submission listener (no TLS on loopback), AUTH CRAM-MD5,
                    remote recipient: durable add to the outgoing queue (message file fsync,
-                   dir fsync, SQLite WAL commit with synchronous=FULL, rate-limit record).
+                   dir fsync, SQLite WAL commit with synchronous=FULL that also counts the rate limits).
 
 ``postfix`` and ``mox-maildir`` are driven by smtp-source (Debian's postfix package): a new
 connection per message, HELO, one recipient, no pipelining. smtp-source cannot AUTH, so

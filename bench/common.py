@@ -501,6 +501,9 @@ class MoxBench:
                 resource.setrlimit(resource.RLIMIT_NOFILE, lim)
 
         self.log = open(self.dir / "mox.log", "ab")
+        # cwd: "python -m" puts the working directory first on sys.path, so started from the
+        # repository root a --variant's PYTHONPATH copy of mox_core would be shadowed by the
+        # checkout's (every variant measured the same code).
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "mox_core", "--config", str(self.config_path), "serve"],
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre, cwd=self.dir,

@@ -9,6 +9,7 @@ objects follow the ``typing.Protocol`` classes below. Plugins import these names
 from __future__ import annotations
 
 import enum
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -219,14 +220,26 @@ class RateLimitDecision:
 
 @runtime_checkable
 class RateLimiter(Protocol):
-    """A configured rate limiter, built by its kind's factory."""
+    """A configured rate limiter, built by its kind's factory.
 
-    async def check(self, submission: Submission) -> RateLimitDecision | None:
+    Limiters keep their counts in the outgoing queue's SQLite database, so that checking,
+    queueing and counting a submission are one transaction, whichever process (or thread)
+    adds to the queue. ``check`` and ``record`` are plain functions, called in the queue's
+    writer thread inside that write transaction (``BEGIN IMMEDIATE``: no other writer, in
+    any process, runs until it commits): what ``check`` reads includes what ``record`` wrote
+    for earlier submissions of the same transaction. They must not commit, roll back or
+    block on anything but the database; an exception fails only this submission (451) and
+    undoes what it wrote. Counts kept anywhere else (memory, files) are not rolled back
+    when the transaction is, and are not shared between processes.
+    """
+
+    def check(self, db: sqlite3.Connection, submission: Submission) -> RateLimitDecision | None:
         """Called for every submission before it is queued. ``None`` allows it."""
         ...
 
-    async def record(self, submission: Submission) -> None:
-        """Called after the submission was queued, to count it."""
+    def record(self, db: sqlite3.Connection, submission: Submission) -> None:
+        """Called when every limiter allowed it and its queue rows were inserted, in the same
+        transaction: count it (it is queued once that transaction commits)."""
         ...
 
 
@@ -234,8 +247,8 @@ class RateLimiter(Protocol):
 class RateLimiterKind:
     """A rate limiter kind. ``factory(name, settings, state_dir)`` returns a :class:`RateLimiter`.
 
-    ``state_dir`` is a directory of the data directory reserved for this limiter kind, where
-    it keeps its counts so that they survive a restart.
+    ``state_dir`` is a directory of the data directory reserved for this limiter kind (not
+    created), for anything it needs besides its tables in the queue database.
     """
 
     name: str

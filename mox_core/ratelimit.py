@@ -1,30 +1,84 @@
-"""Applying rate limiters to submissions: which, in which order, and atomically per account.
+"""Applying rate limiters to submissions: which, in which order, and atomically.
 
 An account's ``rate_limiters`` list in domains.toml names limiters in order: a name from
 ``[rate_limiters.NAME]`` (a configured kind with settings) or a kind used with its default
 settings. Without a list, the built-ins ``messages_per_day`` then
-``first_time_recipients_per_day`` apply. Check, queue and record happen under one lock per
-account, so concurrent submissions cannot both pass a limit that only one of them fits.
+``first_time_recipients_per_day`` apply.
+
+The SMTP session builds a :class:`RateLimitCheck` (:meth:`RateLimits.prepare`) and hands it to
+the queue with the message. The queue's writer thread runs it inside the SQLite write
+transaction that inserts the message's rows (``BEGIN IMMEDIATE``): check every limiter,
+insert, record every limiter, one commit. So concurrent submissions, in this process or
+another one adding to the same queue, cannot both pass a limit that only one of them fits,
+and nothing is counted that was not queued (or queued that was not counted).
 """
 
 from __future__ import annotations
 
-import asyncio
+import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
 
 from mox_core.builtin.rate_limiters import DEFAULT_LIMITERS
 from mox_core.config import Config, ConfigHolder
+from mox_core.errors import MoxError
 from mox_core.kinds import RateLimitDecision, RateLimiter, Submission
+
+log = structlog.get_logger(component="ratelimit")
+
+
+class RateLimited(MoxError):
+    """A rate limiter refused the submission; ``reply`` is the SMTP reply."""
+
+    def __init__(self, decision: RateLimitDecision):
+        self.decision = decision
+        super().__init__(self.reply)
+
+    @property
+    def reply(self) -> str:
+        d = self.decision
+        return f"{d.code} {d.enhanced_code} {d.text}"
+
+
+@dataclass
+class RateLimitCheck:
+    """One submission and the limiters that apply to it, run by the queue's writer thread."""
+
+    submission: Submission
+    limiters: list[tuple[str, RateLimiter]]
+
+    def setup(self, db: sqlite3.Connection, ready: dict[int, object]) -> None:
+        """``setup(db)`` of limiters not yet set up on ``db`` (outside a transaction).
+        ``ready`` (per connection) keeps the limiters done, so their ids stay unique."""
+        for _name, limiter in self.limiters:
+            if id(limiter) in ready:
+                continue
+            fn = getattr(limiter, "setup", None)
+            if fn is not None:
+                fn(db)
+            ready[id(limiter)] = limiter
+
+    def check(self, db: sqlite3.Connection) -> None:
+        """Raise :class:`RateLimited` with the first limiter's refusal, in list order."""
+        for name, limiter in self.limiters:
+            decision = limiter.check(db, self.submission)
+            if decision is not None:
+                log.info("submission_rate_limited", account=self.submission.account, limiter=name,
+                         setting=decision.setting)
+                raise RateLimited(decision)
+
+    def record(self, db: sqlite3.Connection) -> None:
+        for _name, limiter in self.limiters:
+            limiter.record(db, self.submission)
 
 
 class RateLimits:
     def __init__(self, holder: ConfigHolder):
         self.holder = holder
         self._built: tuple[int, dict[str, RateLimiter]] | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
 
     def _instances(self, cfg: Config) -> dict[str, RateLimiter]:
         key = id(cfg.dynamic)
@@ -63,22 +117,12 @@ class RateLimits:
         return Submission(account=account, mail_from=mail_from, recipients=recipients, size=size,
                           id=uuid.uuid4().hex, time=time.time(), account_config=cfg.account(account))
 
-    @asynccontextmanager
-    async def guard(self, account: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(account, asyncio.Lock())
-        async with lock:
-            yield
-
-    async def check(self, submission: Submission) -> RateLimitDecision | None:
-        for _name, limiter in self.limiters_for(self.holder.get(), submission.account):
-            decision = await limiter.check(submission)
-            if decision is not None:
-                return decision
-        return None
-
-    async def record(self, submission: Submission) -> None:
-        for _name, limiter in self.limiters_for(self.holder.get(), submission.account):
-            await limiter.record(submission)
+    def prepare(self, account: str, mail_from: str, recipients: list[str], size: int = 0) -> RateLimitCheck | None:
+        """What the queue runs for this submission; ``None`` when no limiter applies."""
+        limiters = self.limiters_for(self.holder.get(), account)
+        if not limiters:
+            return None
+        return RateLimitCheck(self.submission(account, mail_from, recipients, size), limiters)
 
 
-__all__ = ["RateLimits"]
+__all__ = ["RateLimitCheck", "RateLimited", "RateLimits"]

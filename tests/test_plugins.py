@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import click
 import pytest
@@ -94,16 +95,21 @@ def test_registered_route_matcher_is_a_route_criterion(bare_host: PluginHost, tm
     assert cfg.route_matches(route, hit) and not cfg.route_matches(route, miss)
 
 
-async def test_registered_rate_limiter_checks_and_records(bare_host: PluginHost, tmp_path):
+def test_registered_rate_limiter_checks_and_records(bare_host: PluginHost, tmp_path):
     bare_host.register(every_hook, "every_hook")
     cfg = load(tmp_path, domains='[rate_limiters.small]\nkind = "cap"\nmax_recipients = 2\n', host=bare_host)
     entry = cfg.dynamic.rate_limiters["small"]
     limiter = bare_host.rate_limiters["cap"].factory("small", entry.settings, tmp_path)
+    db = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    limiter.setup(db)
     sub = Submission("admin", "admin@example.org", ["x@example.net", "y@example.net"])
-    assert await limiter.check(sub) is None
-    await limiter.record(sub)
-    decision = await limiter.check(Submission("admin", "admin@example.org", ["z@example.net"]))
+    db.execute("BEGIN IMMEDIATE")
+    assert limiter.check(db, sub) is None
+    limiter.record(db, sub)
+    db.execute("COMMIT")
+    decision = limiter.check(db, Submission("admin", "admin@example.org", ["z@example.net"]))
     assert decision is not None and decision.setting == "max_recipients"
+    db.close()
 
 
 async def test_registered_webhandler_builds_an_asgi_app(bare_host: PluginHost, tmp_path):

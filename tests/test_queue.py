@@ -48,6 +48,7 @@ async def add(q: Queue, *rcpts: str, mail_from: str = "alice@example.org", accou
 
 async def test_add_stores_one_row_per_recipient_and_one_file(cfg):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     try:
         ids = await add(q, "a@remote.example", "b@remote.example", "c@other.example")
@@ -72,6 +73,7 @@ async def test_add_stores_one_row_per_recipient_and_one_file(cfg):
 async def test_add_durability_order(cfg, monkeypatch):
     """fsync(file) -> rename into msg/ -> fsync(dir) -> COMMIT, all before add() returns."""
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     events: list[str] = []
     real_fsync, real_rename = os.fsync, os.rename
@@ -102,7 +104,8 @@ async def test_add_durability_order(cfg, monkeypatch):
         i_file = events.index(f"fsync_file {name}")
         i_rename = events.index(f"rename {name}")
         i_dir = events.index(f"fsync_dir {shard}")
-        i_commit = events.index("COMMIT")
+        # (the first COMMIT of a fresh store reserves its block of row ids)
+        i_commit = len(events) - 1 - events[::-1].index("COMMIT")
         assert i_file < i_rename < i_dir < i_commit < events.index("add returned"), events
     finally:
         q.store.db.set_trace_callback(None)
@@ -111,6 +114,7 @@ async def test_add_durability_order(cfg, monkeypatch):
 
 async def test_add_fsync_error_is_452_and_leaves_nothing(cfg, monkeypatch, tmp_path):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     local = Delivery(tmp_path / "local" / "Maildir", MSG, b"Delivered-To: x@example.org\r\n")
 
@@ -140,20 +144,58 @@ async def test_add_db_error_is_451_and_rolls_back_file_and_local_copies(cfg, mon
     root = tmp_path / "local" / "Maildir"
     local = Delivery(root, MSG, b"Delivered-To: x@example.org\r\n")
 
-    def broken(items):
+    def broken(item):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(q.store, "_insert", broken)
+    monkeypatch.setattr(q.store, "_insert_rows", broken)
     try:
         with pytest.raises(StorageError) as exc:
             await add(q, "a@remote.example", local_deliveries=[local])
         assert exc.value.code == 451 and exc.value.enhanced_code == "4.3.0"
         assert queue_files(cfg) == []
-        assert os.listdir(root / "new") == [] and os.listdir(root / "tmp") == []
+        assert not (root / "new").exists() or (os.listdir(root / "new") == [] and os.listdir(root / "tmp") == [])
         monkeypatch.undo()
         await add(q, "a@remote.example", local_deliveries=[local])
         assert len(os.listdir(root / "new")) == 1 and len(await q.list_messages()) == 1
     finally:
+        await q.close()
+
+
+class _FailingCommit:
+    """The store's connection, with COMMIT failing as on a full disk."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.db.in_transaction and self.db.execute(
+                "SELECT COUNT(*) FROM msg").fetchone()[0] > 0:
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+async def test_failed_commit_is_452_and_rolls_back_file_and_local_copies(cfg, tmp_path):
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    root = tmp_path / "local" / "Maildir"
+    local = Delivery(root, MSG, b"Delivered-To: x@example.org\r\n")
+    real = q.store._db
+    q.store._db = _FailingCommit(real)
+    try:
+        results = await asyncio.gather(add(q, "a@remote.example", local_deliveries=[local]),
+                                       add(q, "b@remote.example"), return_exceptions=True)
+        assert all(isinstance(r, StorageError) and r.code == 452 for r in results), results
+        q.store._db = real
+        assert await q.list_messages() == [] and queue_files(cfg) == []
+        assert os.listdir(root / "new") == [] and os.listdir(root / "tmp") == []
+        await add(q, "a@remote.example", local_deliveries=[local])
+        assert len(os.listdir(root / "new")) == 1 and len(await q.list_messages()) == 1
+    finally:
+        q.store._db = real
         await q.close()
 
 
@@ -187,6 +229,7 @@ async def test_attempt_bookkeeping_of_concurrent_deliveries_is_group_committed(c
     transaction, and no caller is resumed before that COMMIT returned."""
     q = Queue(cfg, clock=FakeClock())
     await q.open()
+    q.store.inline_max = 0  # message files, so that their removal can be seen
     events: list[str] = []
 
     def trace(sql):
@@ -235,6 +278,7 @@ async def test_attempt_bookkeeping_of_concurrent_deliveries_is_group_committed(c
 
 async def test_orphans_are_removed_at_startup_and_referenced_files_kept(cfg):
     q = Queue(cfg, clock=FakeClock())
+    q.store.inline_max = 0  # a message file, not a msg_data row
     await q.open()
     await add(q, "a@remote.example")
     [row] = await q.list_messages()

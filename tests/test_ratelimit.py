@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 
-from mox_core.builtin.rate_limiters import OutgoingLog
-from mox_core.kinds import Submission
+import sqlite3
 
 DOMAINS = """
 [domains."example.org"]
@@ -42,9 +41,15 @@ def send(mox, to: str) -> tuple[int, bytes]:
 
 
 def old_record(data_dir: Path, account: str, recipient: str, age: float) -> None:
-    log = OutgoingLog(data_dir / "ratelimit" / "outgoing.db")
-    log.record(Submission(account, f"{account}@example.org", [recipient], id="old", time=time.time() - age))
-    log.conn.close()
+    """A record as versions before the queue kept them (ratelimit/outgoing.db): imported."""
+    path = data_dir / "ratelimit" / "outgoing.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE outgoing (account TEXT NOT NULL, recipient TEXT NOT NULL, submitted REAL NOT NULL, "
+               "submission TEXT NOT NULL, UNIQUE (submission, recipient))")
+    db.execute("INSERT INTO outgoing VALUES (?, ?, ?, 'old')", (account, recipient, time.time() - age))
+    db.commit()
+    db.close()
 
 
 def test_sequence_of_mox_limit_test(mox_server_factory, dns_server):
@@ -89,23 +94,30 @@ class Settings(BaseModel):
     max_per_domain: int
 
 class PerDomainHourly:
-    counts = {}
+    """At most max_per_domain recipients per domain in the last hour; counts in the queue db."""
 
     def __init__(self, name, settings, state_dir):
         self.settings = settings
 
-    async def check(self, submission):
+    def setup(self, db):
+        db.execute("CREATE TABLE IF NOT EXISTS per_domain_sent (account TEXT, domain TEXT, t REAL)")
+        db.execute("CREATE INDEX IF NOT EXISTS per_domain_sent_key ON per_domain_sent(account, domain, t)")
+
+    def check(self, db, submission):
+        since = (submission.time or time.time()) - 3600
         for r in submission.recipients:
             domain = r.rpartition("@")[2]
-            if self.counts.get((submission.account, domain), 0) >= self.settings.max_per_domain:
+            (n,) = db.execute("SELECT COUNT(*) FROM per_domain_sent WHERE account = ? AND domain = ? AND t > ?",
+                              (submission.account, domain, since)).fetchone()
+            if n >= self.settings.max_per_domain:
                 return RateLimitDecision(451, "4.7.1", f"max {self.settings.max_per_domain} messages per hour to {domain}, "
                                          "try increasing rate limiter setting max_per_domain", setting="max_per_domain")
         return None
 
-    async def record(self, submission):
-        for r in submission.recipients:
-            key = (submission.account, r.rpartition("@")[2])
-            self.counts[key] = self.counts.get(key, 0) + 1
+    def record(self, db, submission):
+        db.executemany("INSERT INTO per_domain_sent VALUES (?, ?, ?)",
+                       [(submission.account, r.rpartition("@")[2], submission.time or time.time())
+                        for r in submission.recipients])
 
 @hookimpl
 def mox_register_rate_limiters():

@@ -12,6 +12,7 @@ import os
 import signal
 import smtplib
 import socket
+import threading
 import time
 
 import pytest
@@ -88,13 +89,29 @@ def mox2(mox_server_factory):
     return mox_server_factory(DOMAINS, static_top="smtp_workers = 2\n")
 
 
-def test_two_workers_share_the_port_and_both_deliver(mox2):
+def send_from_cpu(server, cpu: int, n: int, subject: str) -> None:
+    """Send from a thread pinned to ``cpu``: on loopback the connection arrives on that CPU."""
+    def run():
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        send(server, n, subject)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+
+
+def test_connections_go_to_the_worker_of_their_cpu(mox2):
     pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
-    send(mox2, 40, "spread")
-    assert len(mox2.wait_for_messages("alice", 40)) == 40
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert len(cpus) == 2, "steering by CPU needs a machine with 2 CPUs to be tested"
+    send_from_cpu(mox2, cpus[0], 10, "first cpu")
+    first = {e.get("worker") for e in log_events(mox2, "message_accepted")}
+    send_from_cpu(mox2, cpus[1], 10, "second cpu")
+    assert len(mox2.wait_for_messages("alice", 20)) == 20
     accepted = log_events(mox2, "message_accepted")
-    assert len(accepted) == 40
-    # 40 connections from random source ports: the kernel spread them over both sockets
+    assert len(accepted) == 20
+    # One client's connections keep to one warm worker; clients on both CPUs use both.
+    assert first == {cpus[0] % 2}
     assert {e.get("worker") for e in accepted} == {0, 1}
     assert worker_pids(mox2) == pids
 

@@ -1,33 +1,51 @@
 """Core's outgoing rate limiters (mox section 7), registered through the rate-limiter hook.
 
-Both read one table of outgoing recipients per data directory (SQLite ``ratelimit.db``): a
-row per recipient of every queued submission, never pruned, since "first-time recipient"
-means never sent to before, ever. The window is the rolling 24 hours before now.
+Both keep their counts in the outgoing queue's database (``queue/index.db``), written in the
+transaction that queues the submission, and read them inside the same write transaction, so
+concurrent submissions (other sessions, other processes) cannot both pass a limit only one
+of them fits.
+
+Tables (created by :meth:`OutgoingLog.setup`):
+
+- ``outgoing``: a row per recipient of every queued submission, never pruned (the record,
+  as mox's Outgoing table).
+- ``outgoing_first``: per account and recipient, the time of its first record ever:
+  "first-time recipient" means never sent to before, ever.
+- ``outgoing_minute``: per account and minute, the number of records (``n``) and of first
+  records (``first_n``) of that minute. Counting the rolling 24 hours reads at most 1,441 of
+  these plus the records of the one minute the window starts in, whatever the volume.
+
+The window is the rolling 24 hours before now (strictly newer than now - 24 h).
 
 - ``messages_per_day``: n + r > limit refuses (n: records in the window, r: recipients of the
   new submission); limit from the account's ``max_outgoing_messages_per_day`` (default 1000).
 - ``first_time_recipients_per_day``: if n + r reaches the limit (``max_first_time_recipients_
   per_day``, default 200), count first-time recipients: new recipients never sent to, plus
-  recipients in the window whose earliest record there had no record before it; more than
-  the limit refuses.
+  recipients in the window whose earliest record there had no record before it (that is,
+  whose first record ever is in the window); more than the limit refuses.
+
+Records of versions that kept them in ``ratelimit/outgoing.db`` are imported once by
+:meth:`OutgoingLog.setup` (the old file is then renamed ``outgoing.db.imported``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from mox_core import hookimpl
 from mox_core.kinds import RateLimitDecision, RateLimiterKind, Submission
 
+log = structlog.get_logger(component="ratelimit")
+
 DAY = 24 * 3600.0
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS outgoing (
     account TEXT NOT NULL,
     recipient TEXT NOT NULL,
@@ -36,65 +54,148 @@ CREATE TABLE IF NOT EXISTS outgoing (
     UNIQUE (submission, recipient)
 );
 CREATE INDEX IF NOT EXISTS outgoing_account_time ON outgoing(account, submitted);
-CREATE INDEX IF NOT EXISTS outgoing_account_recipient ON outgoing(account, recipient, submitted);
+CREATE TABLE IF NOT EXISTS outgoing_first (
+    account TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    first REAL NOT NULL,
+    PRIMARY KEY (account, recipient)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outgoing_first_time ON outgoing_first(account, first);
+CREATE TABLE IF NOT EXISTS outgoing_minute (
+    account TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    n INTEGER NOT NULL DEFAULT 0,
+    first_n INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, minute)
+) WITHOUT ROWID;
+"""
+
+_REBUILD = """
+DELETE FROM outgoing_first;
+DELETE FROM outgoing_minute;
+INSERT INTO outgoing_first(account, recipient, first)
+    SELECT account, recipient, MIN(submitted) FROM outgoing GROUP BY account, recipient;
+INSERT INTO outgoing_minute(account, minute, n)
+    SELECT account, CAST(submitted / 60 AS INTEGER) AS m, COUNT(*) FROM outgoing GROUP BY account, m;
+INSERT INTO outgoing_minute(account, minute, first_n)
+    SELECT account, CAST(first / 60 AS INTEGER) AS m, COUNT(*) FROM outgoing_first GROUP BY account, m
+    ON CONFLICT(account, minute) DO UPDATE SET first_n = excluded.first_n;
 """
 
 
+def _minute(t: float) -> int:
+    return int(t // 60)
+
+
 class OutgoingLog:
-    """The outgoing-recipients table; one per database file, shared by both limiters."""
+    """The outgoing-recipient tables: stateless, every method takes the connection."""
 
-    _instances: dict[str, OutgoingLog] = {}
-    _guard = threading.Lock()
+    def __init__(self, legacy: Path | None = None):
+        self.legacy = legacy  # ratelimit/outgoing.db of earlier versions, imported by setup
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(_SCHEMA)
-        self.lock = threading.Lock()
+    def setup(self, db: sqlite3.Connection) -> None:
+        db.executescript(SCHEMA)
+        if self.legacy is not None and self.legacy.exists():
+            self._import(db, self.legacy)
 
-    @classmethod
-    def for_path(cls, path: Path) -> OutgoingLog:
-        with cls._guard:
-            key = str(path.resolve())
-            if key not in cls._instances:
-                cls._instances[key] = cls(path)
-            return cls._instances[key]
+    @staticmethod
+    def _import(db: sqlite3.Connection, path: Path) -> None:
+        """Import the records of ``path``; idempotent (two processes may both do it)."""
+        db.execute("ATTACH DATABASE ? AS legacy", (str(path),))
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                n = db.execute(
+                    "INSERT OR IGNORE INTO outgoing(account, recipient, submitted, submission) "
+                    "SELECT account, recipient, submitted, submission FROM legacy.outgoing").rowcount
+                OutgoingLog.rebuild(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("DETACH DATABASE legacy")
+        try:
+            os.replace(path, path.with_name(path.name + ".imported"))
+        except FileNotFoundError:  # another process imported it just now
+            pass
+        log.info("ratelimit_records_imported", file=str(path), records=n)
 
-    def in_window(self, account: str, now: float) -> int:
-        with self.lock:
-            return self.conn.execute(
-                "SELECT COUNT(*) FROM outgoing WHERE account = ? AND submitted > ?",
-                (account, now - DAY)).fetchone()[0]
+    @staticmethod
+    def rebuild(db: sqlite3.Connection) -> None:
+        """Recompute ``outgoing_first`` and ``outgoing_minute`` from ``outgoing``, in the
+        caller's transaction."""
+        for stmt in _REBUILD.split(";"):  # (executescript would commit first)
+            if stmt.strip():
+                db.execute(stmt)
 
-    def first_time_count(self, account: str, recipients: list[str], now: float) -> int:
-        with self.lock:
-            count = 0
-            for r in set(recipients):
-                seen = self.conn.execute(
-                    "SELECT 1 FROM outgoing WHERE account = ? AND recipient = ? AND submitted <= ? LIMIT 1",
-                    (account, r, now)).fetchone()
-                if seen is None:
-                    count += 1
-            # Recipients in the window whose earliest record in the window was their first ever.
-            count += self.conn.execute(
-                """SELECT COUNT(*) FROM (
-                       SELECT recipient, MIN(submitted) AS first FROM outgoing
-                       WHERE account = ? AND submitted > ? GROUP BY recipient) w
-                   WHERE NOT EXISTS (SELECT 1 FROM outgoing o WHERE o.account = ?
-                                     AND o.recipient = w.recipient AND o.submitted < w.first)""",
-                (account, now - DAY, account)).fetchone()[0]
-            return count
+    @staticmethod
+    def in_window(db: sqlite3.Connection, account: str, now: float) -> int:
+        """Records of ``account`` newer than ``now`` - 24 h."""
+        start = now - DAY
+        m = _minute(start)
+        (buckets,) = db.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM outgoing_minute WHERE account = ? AND minute > ?",
+            (account, m)).fetchone()
+        (edge,) = db.execute(
+            "SELECT COUNT(*) FROM outgoing WHERE account = ? AND submitted > ? AND submitted < ?",
+            (account, start, (m + 1) * 60)).fetchone()
+        return buckets + edge
 
-    def record(self, submission: Submission) -> None:
+    @staticmethod
+    def first_time_count(db: sqlite3.Connection, account: str, recipients: list[str], now: float) -> int:
+        """New recipients never sent to before ``now``, plus recipients first sent to in the
+        window."""
+        count = 0
+        for r in set(recipients):
+            row = db.execute("SELECT first FROM outgoing_first WHERE account = ? AND recipient = ?",
+                             (account, r)).fetchone()
+            if row is None or row[0] > now:
+                count += 1
+        start = now - DAY
+        m = _minute(start)
+        (buckets,) = db.execute(
+            "SELECT COALESCE(SUM(first_n), 0) FROM outgoing_minute WHERE account = ? AND minute > ?",
+            (account, m)).fetchone()
+        (edge,) = db.execute(
+            "SELECT COUNT(*) FROM outgoing_first WHERE account = ? AND first > ? AND first < ?",
+            (account, start, (m + 1) * 60)).fetchone()
+        return count + buckets + edge
+
+    @staticmethod
+    def record(db: sqlite3.Connection, submission: Submission) -> None:
+        """Count ``submission`` (idempotent per submission id). Runs in the caller's
+        transaction."""
         now = submission.time or time.time()
-        with self.lock:
-            self.conn.execute("BEGIN")
-            self.conn.executemany(
+        account = submission.account
+        minute = _minute(now)
+        added = 0
+        firsts = 0
+        for r in dict.fromkeys(submission.recipients):
+            cur = db.execute(
                 "INSERT OR IGNORE INTO outgoing(account, recipient, submitted, submission) VALUES (?, ?, ?, ?)",
-                [(submission.account, r, now, submission.id) for r in submission.recipients])
-            self.conn.execute("COMMIT")
+                (account, r, now, submission.id))
+            if cur.rowcount <= 0:
+                continue
+            added += 1
+            row = db.execute("SELECT first FROM outgoing_first WHERE account = ? AND recipient = ?",
+                             (account, r)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO outgoing_first(account, recipient, first) VALUES (?, ?, ?)",
+                           (account, r, now))
+                firsts += 1
+            elif now < row[0]:  # a record older than the first known (clock moved back)
+                db.execute("UPDATE outgoing_first SET first = ? WHERE account = ? AND recipient = ?",
+                           (now, account, r))
+                db.execute("UPDATE outgoing_minute SET first_n = first_n - 1 WHERE account = ? AND minute = ?",
+                           (account, _minute(row[0])))
+                firsts += 1
+        if added:
+            db.execute(
+                "INSERT INTO outgoing_minute(account, minute, n, first_n) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(account, minute) DO UPDATE SET n = n + excluded.n, first_n = first_n + excluded.first_n",
+                (account, minute, added, firsts))
 
 
 class LimitSettings(BaseModel):
@@ -107,11 +208,15 @@ class LimitSettings(BaseModel):
 
 class _Limiter:
     setting = ""
+    default = 0
 
     def __init__(self, name: str, settings: LimitSettings, state_dir: Path):
         self.name = name
         self.settings = settings
-        self.log = OutgoingLog.for_path(Path(state_dir).parent / "outgoing.db")
+        self.log = OutgoingLog(Path(state_dir).parent / "outgoing.db")
+
+    def setup(self, db: sqlite3.Connection) -> None:
+        self.log.setup(db)
 
     def limit(self, submission: Submission) -> int:
         if self.settings.limit is not None:
@@ -119,17 +224,18 @@ class _Limiter:
         value = getattr(submission.account_config, self.setting, None)
         return value if isinstance(value, int) and value != 0 else self.default
 
-    async def record(self, submission: Submission) -> None:
-        await asyncio.to_thread(self.log.record, submission)
+    def record(self, db: sqlite3.Connection, submission: Submission) -> None:
+        # Both built-ins share the tables; the second record() of a submission adds nothing.
+        self.log.record(db, submission)
 
 
 class MessagesPerDay(_Limiter):
     setting = "max_outgoing_messages_per_day"
     default = 1000
 
-    async def check(self, submission: Submission) -> RateLimitDecision | None:
+    def check(self, db: sqlite3.Connection, submission: Submission) -> RateLimitDecision | None:
         now = submission.time or time.time()
-        n = await asyncio.to_thread(self.log.in_window, submission.account, now)
+        n = self.log.in_window(db, submission.account, now)
         limit = self.limit(submission)
         if n + len(submission.recipients) > limit:
             return RateLimitDecision(
@@ -143,16 +249,13 @@ class FirstTimeRecipientsPerDay(_Limiter):
     setting = "max_first_time_recipients_per_day"
     default = 200
 
-    def _check(self, submission: Submission, limit: int) -> bool:
-        now = submission.time or time.time()
-        n = self.log.in_window(submission.account, now)
-        if n + len(submission.recipients) < limit:
-            return True
-        return self.log.first_time_count(submission.account, list(submission.recipients), now) <= limit
-
-    async def check(self, submission: Submission) -> RateLimitDecision | None:
+    def check(self, db: sqlite3.Connection, submission: Submission) -> RateLimitDecision | None:
         limit = self.limit(submission)
-        if await asyncio.to_thread(self._check, submission, limit):
+        now = submission.time or time.time()
+        n = self.log.in_window(db, submission.account, now)
+        if n + len(submission.recipients) < limit:
+            return None
+        if self.log.first_time_count(db, submission.account, list(submission.recipients), now) <= limit:
             return None
         return RateLimitDecision(
             451, "4.7.1",

@@ -4,7 +4,9 @@ The server creates one :class:`Queue`, ``await queue.start()`` (opens the store,
 orphans, starts the scheduler), gives it to the submission listener (``queue.add``) and to the
 ctl socket (:meth:`Queue.ctl_handlers`), and ``await queue.close()`` at shutdown. Admin
 commands (``mox queue ...``) call the same methods, through the ctl socket when the server
-runs, or on an offline :class:`Queue` (never started) when it does not.
+runs, or on an offline :class:`Queue` (never started) when it does not. A process that only
+accepts submissions next to the one that delivers (listeners in worker processes sharing the
+queue's SQLite file) uses :meth:`Queue.open_add_only` and ``on_commit`` to tell the other.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Queue:
     :param maildir_store: the server's durable Maildir store, for DSNs; one is created (and
         closed by :meth:`close`) when not given.
     :param clock: time source; :class:`FakeClock` in tests.
+    :param on_commit: called in the queue's writer thread after every commit that queued
+        messages, with the new row ids (quick and thread-safe, e.g. a write to a pipe): how a
+        process that only adds (:meth:`open_add_only`) wakes the scheduler of the process
+        that delivers. Within one process :meth:`add` wakes the scheduler itself.
     """
 
     def __init__(
@@ -65,13 +71,14 @@ class Queue:
         clock: Clock | None = None,
         resolver: Any = None,
         concurrency: int | None = None,
+        on_commit: Callable[[list[int]], None] | None = None,
     ) -> None:
         self._config: Callable[[], Config] = (
             config.get if isinstance(config, ConfigHolder) else (lambda: config)
         )
         cfg = self._config()
         self.clock: Clock = clock or RealClock()
-        self.store = QueueStore(cfg.data_dir)
+        self.store = QueueStore(cfg.data_dir, on_commit=on_commit)
         self._own_maildir = maildir_store is None
         self.maildir_store = maildir_store
         self._resolver = resolver
@@ -96,6 +103,15 @@ class Queue:
             self.store, self._config, maildir_store=self.maildir_store, clock=self.clock,
             resolver=self._resolver, concurrency=self._concurrency,
         )
+        self._opened = True
+
+    async def open_add_only(self) -> None:
+        """Open the store to add messages only, in a process that does not deliver (while
+        another process runs :meth:`start` on the same data directory): no lock, no
+        orphan cleanup, no scheduler."""
+        if self._opened:
+            return
+        await self.store.open(lock=False, cleanup=False)
         self._opened = True
 
     async def start(self) -> None:
@@ -136,6 +152,7 @@ class Queue:
         smtputf8: bool = False,
         hold: bool = False,
         transport: str | None = None,
+        rate_limit: Any = None,
     ) -> list[int]:
         """Queue ``data`` (CRLF, trace headers included) from ``mail_from`` to ``recipients``.
 
@@ -143,12 +160,19 @@ class Queue:
         ``local_deliveries`` (Maildir copies for the submission's local recipients) are all
         durable: the SMTP server may answer 250 then. Raises :class:`StorageError` (451/452)
         with nothing kept otherwise. ``account`` is the sending account (``None``: no DSNs).
+
+        ``rate_limit`` (:meth:`mox_core.ratelimit.RateLimits.prepare`) is checked and counted
+        in the transaction that queues the message; a refusal raises
+        :class:`mox_core.ratelimit.RateLimited` with nothing kept. ``recipients`` may be
+        empty if ``local_deliveries`` is not: the rate limits still apply.
         """
         ids = await self.store.add(
             account=account, mail_from=mail_from, recipients=recipients, data=data,
             local_deliveries=local_deliveries, smtputf8=smtputf8, hold=hold,
-            transport=transport, now=self.clock.now(),
+            transport=transport, now=self.clock.now(), rate_limit=rate_limit,
         )
+        if not ids:
+            return ids
         log.info("queue_added", ids=ids, account=account, mail_from=mail_from,
                  recipients=len(recipients), size=len(data), local=len(local_deliveries))
         if self.scheduler is not None:

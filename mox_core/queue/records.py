@@ -71,6 +71,17 @@ CREATE TRIGGER IF NOT EXISTS msg_ad AFTER DELETE ON msg WHEN OLD.hold = 0 BEGIN
         WHERE hold = 0 AND recipient_domain = OLD.recipient_domain
         ORDER BY next_attempt LIMIT 1;
 END;
+
+-- Small messages are stored here instead of in a file (msg.file = "db/<base_id>"): written
+-- in the transaction that inserts their rows, removed with the last of them.
+CREATE TABLE IF NOT EXISTS msg_data (
+    base_id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS msg_data_ad AFTER DELETE ON msg
+WHEN NOT EXISTS (SELECT 1 FROM msg WHERE base_id = OLD.base_id) BEGIN
+    DELETE FROM msg_data WHERE base_id = OLD.base_id;
+END;
 """
 
 COLUMNS = (

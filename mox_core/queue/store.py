@@ -1,25 +1,38 @@
-"""The queue's durable state: SQLite index (one row per recipient) plus one file per message.
+"""The queue's durable state: SQLite index (one row per recipient) plus the message data.
 
-Why this shape (mox ``queue/``): a submission with N remote recipients is one message file and
-N rows sharing ``base_id``, so the body is stored once however many recipients it has, and the
-scheduler can still retry, hold or fail each recipient on its own.
+Why this shape (mox ``queue/``): a submission with N remote recipients is one stored message
+and N rows sharing ``base_id``, so the body is stored once however many recipients it has,
+and the scheduler can still retry, hold or fail each recipient on its own. A message of up to
+``INLINE_MAX`` bytes is stored in the index itself (table ``msg_data``, ``msg.file`` =
+``db/<base_id>``), larger ones in a file ``queue/msg/<id >> 13>/<id>``.
 
-Durability of :meth:`QueueStore.add` (reliability.md A.5): the message file is written into
-``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory fsynced, the
-local Maildir copies of the same submission are committed, and only then are the rows
-committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). A failure at any
-step removes what that submission wrote and raises :class:`StorageError`. A crash between the
-file rename and the commit leaves a message file no row refers to; :meth:`QueueStore.open`
-removes such orphans, so nothing half-written is ever delivered.
+Durability of :meth:`QueueStore.add` (reliability.md A.5): a large message's file is written
+into ``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory
+fsynced; then, in one SQLite write transaction (``BEGIN IMMEDIATE``), the submission's rate
+limits are checked, its rows (and a small message's data) inserted and its rate-limit counts
+written, the local Maildir copies of the same submission are committed, and only then is the
+transaction committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). So
+a small message costs no fsync of its own: the commit of its batch makes it durable. A failure
+at any step removes what that submission wrote and raises :class:`StorageError` (a rate
+limiter's refusal: :class:`mox_core.ratelimit.RateLimited`). A crash between a file's rename
+and the commit leaves a message file no row refers to; :meth:`QueueStore.open` removes such
+orphans, so nothing half-written is ever delivered. ``msg_data`` rows go with the last row of
+their message (trigger ``msg_data_ad``, same transaction).
 
 Picking due work must not slow down with queue size: ``domain_due`` keeps, per recipient
 domain, the earliest ``next_attempt`` of its non-held rows (maintained by triggers from the
 index ``(hold, recipient_domain, next_attempt)``), so finding the next due domains that are not
 busy reads a handful of rows whatever the number of queued messages.
 
-All SQLite work runs in one thread (one connection, one writer), so concurrent ``add()`` calls
-queue up behind a running commit and are then written and committed together (group commit).
-The scheduler's bookkeeping before and after each attempt is group-committed the same way.
+All SQLite work runs in one thread per process (one connection), and concurrent ``add()``
+calls queue up behind a running commit and are then written and committed together (group
+commit: one directory fsync and one commit per batch). The scheduler's bookkeeping before and
+after each attempt is group-committed the same way. Several processes may add to the same
+queue (an "add-only" store, opened with ``lock=False``): row ids come from blocks each store
+reserves in ``sqlite_sequence``, and rate limits are checked and counted under SQLite's write
+lock, so the limits hold across processes. ``on_commit`` (called in the writer thread after
+each commit that added rows, with their ids) lets such a process tell the one that runs the
+scheduler. Orphan cleanup (``lock=True``) must run before other processes start adding.
 """
 
 from __future__ import annotations
@@ -30,10 +43,11 @@ import errno
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -54,6 +68,14 @@ log = structlog.get_logger(component="queue.store")
 
 # Message files per directory: 8192, as mox (queue/<id >> 13>/<id>).
 FILES_PER_DIR_SHIFT = 13
+# Row ids reserved at a time by a store that adds (see QueueStore._reserve_ids).
+ID_BLOCK = 1024
+# Threads writing and fsyncing the message files of one batch in parallel.
+FILE_WRITERS = 4
+# Messages up to this size are stored in the index (msg_data) instead of a file: one WAL
+# commit makes them durable, instead of a file fsync, a directory fsync and the commit.
+INLINE_MAX = 256 * 1024
+INLINE_PREFIX = "db/"  # msg.file of a message stored in msg_data: "db/<base_id>"
 
 class QueueLocked(MoxError):
     """Another process (a running ``mox serve``) holds the queue."""
@@ -77,11 +99,14 @@ class _Add:
     now: float
     loop: asyncio.AbstractEventLoop
     fut: asyncio.Future[list[int]]
+    rate_limit: Any = None  # mox_core.ratelimit.RateLimitCheck
     rel: str = ""  # file, relative to msg/
     state: int = 0  # 0 nothing on disk, 1 tmp written, 2 renamed into msg/
     local_paths: list[Path] = field(default_factory=list)
-    error: StorageError | None = None
+    error: Exception | None = None  # StorageError, or RateLimited
     ids: list[int] = field(default_factory=list)
+    summary: tuple[str, str] = ("", "")  # Message-ID, Subject
+    committed: bool = False
 
 
 class QueueStore:
@@ -92,13 +117,16 @@ class QueueStore:
     on the same queue at the same time, and removes orphaned message files.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *,
+                 on_commit: Callable[[list[int]], None] | None = None) -> None:
         self.dir = Path(data_dir) / "queue"
         self.msg_dir = self.dir / "msg"
         self.tmp_dir = self.dir / "tmp"
         self.db_path = self.dir / "index.db"
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
+        self._writers = ThreadPoolExecutor(FILE_WRITERS, thread_name_prefix="queue-write")
+        self.inline_max = INLINE_MAX
         self._pending: list[_Add] = []
         self._pending_lock = threading.Lock()
         self._flush_scheduled = False
@@ -109,6 +137,9 @@ class QueueStore:
         self._attempt_ops: list[tuple[Any, tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._attempts_scheduled = False
         self.attempt_commits = 0  # transactions of start/finish_attempt, for tests of group commit
+        self.on_commit: Callable[[list[int]], None] | None = on_commit
+        self._id_next = self._id_end = 0  # reserved row ids, see _reserve_ids
+        self._limiters_ready: dict[int, object] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,6 +157,7 @@ class QueueStore:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
         self._db = db
+        self._limiters_ready = {}
         if lock and cleanup:
             self._remove_orphans()
 
@@ -157,6 +189,7 @@ class QueueStore:
     async def close(self) -> None:
         await self._run(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._writers.shutdown(wait=True)
 
     def _close_sync(self) -> None:
         if self._db is not None:
@@ -180,20 +213,26 @@ class QueueStore:
     async def add(
         self, *, account: str | None, mail_from: str, recipients: Sequence[str], data: bytes,
         local_deliveries: Sequence[Delivery] = (), smtputf8: bool = False, hold: bool = False,
-        transport: str | None = None, now: float | None = None,
+        transport: str | None = None, now: float | None = None, rate_limit: Any = None,
     ) -> list[int]:
         """Queue ``data`` for ``recipients``; return the row ids once all of it is durable.
 
         ``local_deliveries`` (Maildir copies for local recipients of the same submission) are
         committed in the same step: either both they and the queue rows are durable when this
-        returns, or :class:`StorageError` is raised and neither is kept.
+        returns, or :class:`StorageError` is raised and neither is kept. ``recipients`` may
+        be empty when there are local deliveries (a submission to local recipients only:
+        then only the rate limits are checked and counted).
+
+        ``rate_limit`` (a :class:`mox_core.ratelimit.RateLimitCheck`) runs inside the write
+        transaction that inserts the rows: a refusal raises
+        :class:`mox_core.ratelimit.RateLimited` and nothing is kept.
         """
-        if not recipients:
+        if not recipients and not local_deliveries:
             raise ValueError("queue add without recipients")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[int]] = loop.create_future()
         item = _Add(account, mail_from, list(recipients), data, list(local_deliveries), smtputf8,
-                    hold, transport, time.time() if now is None else now, loop, fut)
+                    hold, transport, time.time() if now is None else now, loop, fut, rate_limit)
         with self._pending_lock:
             self._pending.append(item)
             if not self._flush_scheduled:
@@ -210,31 +249,77 @@ class QueueStore:
         except BaseException as exc:  # a bug must not leave SMTP sessions waiting forever
             log.exception("queue_add_batch_crashed")
             for it in batch:
-                if it.error is None:
+                if it.error is None and not it.committed:
                     it.error = StorageError.local_error(step="batch", detail=repr(exc))
                     it.ids = []
                     self._rollback(it)
         for it in batch:
             it.loop.call_soon_threadsafe(_resolve, it.fut, it.error, it.ids)
 
+    def _reserve_ids(self, n: int) -> None:
+        """Make sure ``n`` row ids are reserved for this store. Several processes may add to
+        the same queue: each takes blocks of ids (``sqlite_sequence``, one small commit per
+        block) and names its message files after them, without a lock held while writing."""
+        if self._id_end - self._id_next >= n:
+            return
+        size = max(n, ID_BLOCK)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'msg'").fetchone()
+            first = (row[0] if row else 0) + 1
+            if row is None:
+                db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('msg', ?)", (first + size - 1,))
+            else:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'msg'", (first + size - 1,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._id_next, self._id_end = first, first + size
+
     def _commit_adds(self, batch: list[_Add]) -> None:
+        # 0. Ids, from this store's reserved block: the file is named after its
+        # submission's base id (mox: queue/<id >> 13>/<id>), so one batch lands in one
+        # directory, which then costs one directory fsync. Ids of a failed submission are
+        # not used again (gaps are harmless).
+        try:
+            self._reserve_ids(sum(len(it.recipients) for it in batch))
+        except (sqlite3.Error, OSError) as exc:
+            err = _sqlite_storage_error(exc)
+            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(batch))
+            for it in batch:
+                it.error = err
+            return
         # 1. Message files: write+fsync in tmp/, rename into msg/<xx>/, fsync each dir once.
-        # Ids are assigned here, before anything is written, so the file can be named after
-        # its submission's base id (mox: queue/<id >> 13>/<id>): one batch lands in one
-        # directory, which then costs one directory fsync. This thread is the only writer;
-        # ids of a failed submission are simply used again.
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'msg'").fetchone()
-        next_id = (row[0] if row else 0) + 1
-        dirs: dict[str, list[_Add]] = {}
+        # Outside the SQLite write lock: other processes adding to this queue meanwhile
+        # write their files too.
+        files = []
         for it in batch:
-            it.ids = list(range(next_id, next_id + len(it.recipients)))
-            next_id += len(it.recipients)
-            name = str(it.ids[0])
-            shard = str(it.ids[0] >> FILES_PER_DIR_SHIFT)
-            it.rel = f"{shard}/{name}"
+            if not it.recipients:
+                continue
+            it.ids = list(range(self._id_next, self._id_next + len(it.recipients)))
+            self._id_next += len(it.recipients)
+            it.summary = _header_summary(it.data)
+            if len(it.data) <= self.inline_max:
+                it.rel = f"{INLINE_PREFIX}{it.ids[0]}"  # into msg_data, with its rows
+                continue
+            it.rel = f"{it.ids[0] >> FILES_PER_DIR_SHIFT}/{it.ids[0]}"
+            files.append(it)
+        # Written and fsynced in parallel when there are several: the filesystem's journal
+        # then commits their metadata together instead of once per file.
+        if len(files) > 1:
+            errors = list(self._writers.map(self._write_tmp, files))
+        else:
+            errors = [self._write_tmp(it) for it in files]
+        dirs: dict[str, list[_Add]] = {}
+        for it, exc in zip(files, errors, strict=True):
+            if exc is not None:
+                self._fail(it, exc, "write")
+                continue
             try:
-                write_file(str(self.tmp_dir / name), b"", it.data)
-                it.state = 1
+                shard, _, name = it.rel.partition("/")
                 shard_dir = str(self.msg_dir / shard)
                 if shard_dir not in self._known_dirs:
                     _mkdir_durable(shard_dir)
@@ -251,61 +336,148 @@ class QueueStore:
                 for it in users:
                     if it.error is None:
                         self._fail(it, exc, "fsync_dir")
-        # 2. Local Maildir copies of the same submissions, as units of one group commit.
-        with_local = [it for it in batch if it.error is None and it.local]
-        if with_local:
-            results = commit_batch([it.local for it in with_local], self._maildirs)
-            for it, res in zip(with_local, results, strict=True):
+        # 2. Rate limiters' tables (once per limiter and connection).
+        live = [it for it in batch if it.error is None]
+        for it in live:
+            if it.rate_limit is not None:
+                try:
+                    it.rate_limit.setup(self.db, self._limiters_ready)
+                except Exception as exc:
+                    log.exception("ratelimit_setup_failed")
+                    it.error = _sqlite_storage_error(exc) if isinstance(exc, sqlite3.Error) else \
+                        StorageError.local_error(step="ratelimit", detail=repr(exc))
+                    self._rollback(it)
+        # 3. One write transaction: per submission check its rate limits, insert its rows,
+        # count it; then the local Maildir copies of the accepted ones; one commit.
+        live = [it for it in batch if it.error is None]
+        while live:
+            retry = self._transaction(live)
+            if retry is None:
+                break
+            live = retry
+
+    def _write_tmp(self, it: _Add) -> OSError | None:
+        """Write and fsync ``tmp/<id>`` (in a writer pool thread, or this one)."""
+        try:
+            write_file(str(self.tmp_dir / it.rel.rpartition("/")[2]), b"", it.data)
+        except OSError as exc:
+            return exc
+        it.state = 1
+        return None
+
+    def _transaction(self, items: list[_Add]) -> list[_Add] | None:
+        """Check, insert, record, deliver local copies, commit. Returns the items to try
+        again in a new transaction (local copies failed for others), else None."""
+        from mox_core.ratelimit import RateLimited
+
+        db = self.db
+        accepted: list[_Add] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as exc:
+            self._fail_all(items, exc)
+            return None
+        for it in items:
+            db.execute("SAVEPOINT item")
+            try:
+                if it.rate_limit is not None:
+                    it.rate_limit.check(db)
+                if it.recipients:
+                    self._insert_rows(it)
+                if it.rate_limit is not None:
+                    it.rate_limit.record(db)
+                db.execute("RELEASE item")
+                accepted.append(it)
+                continue
+            except RateLimited as exc:
+                it.error = exc
+            except (sqlite3.Error, OSError) as exc:
+                if not db.in_transaction:  # SQLite rolled back the whole transaction
+                    self._fail_all(items, exc)
+                    return None
+                it.error = _sqlite_storage_error(exc)
+                log.error("queue_insert_failed", error=str(exc), code=it.error.code)
+            except Exception as exc:  # a rate limiter's bug fails its submission only
+                log.exception("ratelimit_failed")
+                it.error = StorageError.local_error(step="ratelimit", detail=repr(exc))
+            try:
+                db.execute("ROLLBACK TO item")
+                db.execute("RELEASE item")
+            except sqlite3.Error as exc:
+                self._fail_all(items, exc)
+                return None
+            it.ids = []
+            self._rollback(it)
+        todo = [it for it in accepted if it.local and not it.local_paths]
+        if todo:
+            results = commit_batch([it.local for it in todo], self._maildirs)
+            failed = False
+            for it, res in zip(todo, results, strict=True):
                 if isinstance(res, StorageError):
                     it.error = res
-                    it.ids = []
-                    self._rollback(it)
+                    failed = True
                 else:
                     it.local_paths = res
-        # 3. One transaction for the rows of every surviving submission.
-        ok = [it for it in batch if it.error is None]
-        if not ok:
-            return
+            if failed:
+                # Their rows and counts must go: start over without them (rare).
+                db.execute("ROLLBACK")
+                for it in todo:
+                    if it.error is not None:
+                        it.ids = []
+                        self._rollback(it)
+                return [it for it in accepted if it.error is None]
+        if not accepted:
+            db.execute("ROLLBACK")
+            return None
         try:
-            self._insert(ok)
+            db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
-            err = _sqlite_storage_error(exc)
-            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(ok))
-            for it in ok:
+            self._fail_all(accepted, exc)
+            return None
+        self.commits += 1
+        for it in accepted:
+            it.committed = True
+        if self.on_commit is not None:
+            ids = [i for it in accepted for i in it.ids]
+            if ids:
+                try:
+                    self.on_commit(ids)
+                except Exception:
+                    log.exception("queue_on_commit_failed")
+        return None
+
+    def _fail_all(self, items: list[_Add], exc: BaseException) -> None:
+        db = self.db
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        err = _sqlite_storage_error(exc)
+        log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(items))
+        for it in items:
+            if it.error is None:
                 it.error = err
                 it.ids = []
                 self._rollback(it)
-            return
-        self.commits += 1
 
-    def _insert(self, items: list[_Add]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = []
-            for it in items:
-                message_id, subject = _header_summary(it.data)
-                has_8bit = not it.data.isascii()
-                smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
-                    not r.isascii() for r in it.recipients
-                )
-                for mid, rcpt in zip(it.ids, it.recipients, strict=True):
-                    rows.append((
-                        mid, it.ids[0], it.account, it.mail_from, rcpt, recipient_domain(rcpt),
-                        it.now, it.now, int(it.hold), it.transport, len(it.data), int(has_8bit),
-                        int(smtputf8), message_id, subject, it.rel,
-                    ))
-            db.executemany(
-                "INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, "
-                "queued, next_attempt, hold, transport, size, has_8bit, smtputf8, message_id, "
-                "subject, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _insert_rows(self, it: _Add) -> None:
+        if it.rel.startswith(INLINE_PREFIX):
+            self.db.execute("INSERT INTO msg_data(base_id, data) VALUES (?, ?)", (it.ids[0], it.data))
+        message_id, subject = it.summary
+        has_8bit = not it.data.isascii()
+        smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
+            not r.isascii() for r in it.recipients
+        )
+        self.db.executemany(
+            "INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, "
+            "queued, next_attempt, hold, transport, size, has_8bit, smtputf8, message_id, "
+            "subject, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(mid, it.ids[0], it.account, it.mail_from, rcpt, recipient_domain(rcpt),
+              it.now, it.now, int(it.hold), it.transport, len(it.data), int(has_8bit),
+              int(smtputf8), message_id, subject, it.rel)
+             for mid, rcpt in zip(it.ids, it.recipients, strict=True)],
+        )
 
     def _fail(self, it: _Add, exc: OSError, step: str) -> None:
         it.error = StorageError.from_oserror(exc, step)
@@ -538,6 +710,8 @@ class QueueStore:
         # All rows of a file share its base_id (indexed), so the check stays cheap.
         # No fsync: a file whose unlink is lost in a crash is an orphan, removed at startup.
         for base_id, f in files:
+            if f.startswith(INLINE_PREFIX):  # its msg_data row goes with its last msg row (trigger)
+                continue
             if self.db.execute(
                 "SELECT 1 FROM msg WHERE base_id = ? LIMIT 1", (base_id,)
             ).fetchone() is None:
@@ -545,8 +719,16 @@ class QueueStore:
 
     async def read_message(self, rel: str) -> bytes:
         """The message bytes (read in a worker thread; may be large)."""
+        if rel.startswith(INLINE_PREFIX):
+            return await self._run(self._read_inline, int(rel[len(INLINE_PREFIX):]))
         path = self.msg_dir / rel
         return await asyncio.to_thread(path.read_bytes)
+
+    def _read_inline(self, base_id: int) -> bytes:
+        row = self.db.execute("SELECT data FROM msg_data WHERE base_id = ?", (base_id,)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"queue message {INLINE_PREFIX}{base_id} not found")
+        return bytes(row[0])
 
     # -- admin side -------------------------------------------------------------------------
 
@@ -616,7 +798,7 @@ class QueueStore:
 # helpers
 
 
-def _resolve(fut: asyncio.Future[list[int]], error: StorageError | None, ids: list[int]) -> None:
+def _resolve(fut: asyncio.Future[list[int]], error: Exception | None, ids: list[int]) -> None:
     if fut.done():
         return
     if error is not None:
@@ -644,10 +826,19 @@ def _sqlite_storage_error(exc: BaseException) -> StorageError:
     return StorageError.local_error(step="commit", detail=str(exc))
 
 
+_MSGID = re.compile(rb"[ \t]*(<[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                    rb"@[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*>)[ \t]*")
+_FIELD = re.compile(rb"([!-9;-~]+):")
+_SUBJECT = re.compile(rb"[ \t]*([ -~]*?)[ \t]*")
+
+
 def _header_summary(data: bytes) -> tuple[str, str]:
     """Message-ID and Subject for listings and DSN References; parse the header only."""
     end = data.find(b"\r\n\r\n")
     head = data[: end + 2] if end >= 0 else data[:65536]
+    quick = _header_summary_quick(head)
+    if quick is not None:
+        return quick
     try:
         msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
         mid = str(msg.get("Message-ID", "") or "").strip()
@@ -655,6 +846,38 @@ def _header_summary(data: bytes) -> tuple[str, str]:
     except Exception:  # a broken header must not fail the submission
         return "", ""
     return mid[:998], subject[:200]
+
+
+def _header_summary_quick(head: bytes) -> tuple[str, str] | None:
+    """The common case without the email parser: one-line ``Message-ID: <x>`` and plain
+    ASCII ``Subject``, at most one of each, CRLF lines. None: let the parser decide."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
+        return None
+    mid = subject = None
+    last = b""
+    for line in head.split(b"\r\n"):
+        if not line:
+            break
+        if line[0] in b" \t":
+            if last in (b"message-id", b"subject"):
+                return None  # folded: the parser unfolds
+            continue
+        m = _FIELD.match(line)
+        if m is None:
+            return None  # the parser would end the header here
+        last = m.group(1).lower()
+        value = line[m.end():]
+        if last == b"message-id":
+            m = _MSGID.fullmatch(value)
+            if mid is not None or m is None:
+                return None
+            mid = m.group(1).decode()
+        elif last == b"subject":
+            m = _SUBJECT.fullmatch(value)
+            if subject is not None or m is None or b"=?" in value:
+                return None
+            subject = m.group(1).decode()
+    return (mid or "")[:998], (subject or "")[:200]
 
 
 def _mkdir_durable(path: str) -> None:

@@ -24,6 +24,8 @@ import structlog
 from mox_core import authres, dkimsign
 from mox_core.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.config import ConfigHolder
+from mox_core.ratelimit import RateLimitCheck, RateLimited
+from mox_core.smtpserver.fromheader import lean_from_address
 from mox_core.smtp.domain import to_ascii, to_unicode
 from mox_core.store import Delivery, StorageError
 
@@ -210,19 +212,14 @@ class Handler:
             prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
             deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
         account = self._account_of(session) if self.submission else None
+        rate = None
+        if account is not None and self.ratelimits is not None:
+            rate = self.ratelimits.prepare(
+                account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
         try:
-            if account is not None and self.ratelimits is not None:
-                sub = self.ratelimits.submission(
-                    account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
-                async with self.ratelimits.guard(account):
-                    decision = await self.ratelimits.check(sub)
-                    if decision is not None:
-                        log.info("submission_rate_limited", account=account, setting=decision.setting)
-                        return f"{decision.code} {decision.enhanced_code} {decision.text}"
-                    await self._store(envelope, account, from_domain, received, data, remote, deliveries)
-                    await self.ratelimits.record(sub)
-            else:
-                await self._store(envelope, account, from_domain, received, data, remote, deliveries)
+            await self._store(envelope, account, from_domain, received, data, remote, deliveries, rate)
+        except RateLimited as exc:
+            return exc.reply
         except StorageError as exc:
             log.error("delivery_storage_error", error=str(exc), code=exc.code)
             return exc.reply
@@ -231,16 +228,21 @@ class Handler:
         return f"250 2.0.0 message queued as {msgid}"
 
     async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
-                     data: bytes, remote: list[Recipient], deliveries: list[Delivery]) -> None:
-        """Make the message durable: queue (with local copies) or local delivery only."""
+                     data: bytes, remote: list[Recipient], deliveries: list[Delivery],
+                     rate: RateLimitCheck | None = None) -> None:
+        """Make the message durable: queue (with local copies) or local delivery only. The
+        queue checks and counts ``rate`` in the transaction that queues the message."""
         if remote:
             signature = dkimsign.sign(self.holder.get(), from_domain, data) if from_domain else b""
             smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
             await self.queue.add(
                 account=account, mail_from=_sender(envelope),
                 recipients=[r.address for r in remote], data=signature + received + data,
-                local_deliveries=deliveries, smtputf8=smtputf8,
+                local_deliveries=deliveries, smtputf8=smtputf8, rate_limit=rate,
             )
+        elif deliveries and rate is not None and self.queue is not None:
+            await self.queue.add(account=account, mail_from=_sender(envelope), recipients=[],
+                                 data=data, local_deliveries=deliveries, rate_limit=rate)
         elif deliveries:
             await self.store.deliver(deliveries)
 
@@ -259,24 +261,27 @@ class Handler:
 
     def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
         """The message From must be one address of the authenticated account: (error, domain)."""
-        msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
-        froms = msg.get_all("From") or []
-        if len(froms) != 1:
-            return "550 5.7.1 message must have exactly one From header", ""
+        addr = lean_from_address(head)
+        if addr is None:
+            msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
+            froms = msg.get_all("From") or []
+            if len(froms) != 1:
+                return "550 5.7.1 message must have exactly one From header", ""
+            try:
+                header = froms[0]
+                addrs = list(header.addresses)
+            except Exception:
+                return "550 5.7.1 bad From header", ""
+            if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
+                return "550 5.7.1 From header must have exactly one valid address", ""
+            addr = addrs[0].addr_spec
         try:
-            header = froms[0]
-            addrs = list(header.addresses)
-        except Exception:
-            return "550 5.7.1 bad From header", ""
-        if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
-            return "550 5.7.1 From header must have exactly one valid address", ""
-        try:
-            owner = lookup(self.holder.get(), addrs[0].addr_spec).account
+            owner = lookup(self.holder.get(), addr).account
         except (AddressNotFound, ValueError):
             owner = None
         if owner != self._account_of(session):
             return "550 5.7.1 From address must belong to the authenticated account", ""
-        return None, split_address(addrs[0].addr_spec)[1]
+        return None, split_address(addr)[1]
 
     def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:
         proto = "ESMTP" if session.extended_smtp else "SMTP"

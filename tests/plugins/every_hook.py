@@ -38,16 +38,27 @@ class CapSettings(BaseModel):
 
 
 class Cap:
-    def __init__(self, name, settings, state_dir):
-        self.settings, self.count = settings, 0
+    """At most ``max_recipients`` recipients per account, ever; counts in the queue database."""
 
-    async def check(self, submission):
-        if self.count + len(submission.recipients) > self.settings.max_recipients:
+    def __init__(self, name, settings, state_dir):
+        self.settings = settings
+
+    def setup(self, db):
+        db.execute("CREATE TABLE IF NOT EXISTS test_cap (account TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+
+    def _count(self, db, account):
+        row = db.execute("SELECT n FROM test_cap WHERE account = ?", (account,)).fetchone()
+        return row[0] if row else 0
+
+    def check(self, db, submission):
+        if self._count(db, submission.account) + len(submission.recipients) > self.settings.max_recipients:
             return RateLimitDecision(451, "4.7.1", "cap reached", setting="max_recipients")
         return None
 
-    async def record(self, submission):
-        self.count += len(submission.recipients)
+    def record(self, db, submission):
+        db.execute("INSERT INTO test_cap(account, n) VALUES (?, ?) "
+                   "ON CONFLICT(account) DO UPDATE SET n = n + excluded.n",
+                   (submission.account, len(submission.recipients)))
 
 
 class HelloSettings(BaseModel):
