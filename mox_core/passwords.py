@@ -202,14 +202,50 @@ def md5_compress(state: MD5State, block: bytes) -> MD5State:
             (state[3] + d) & _MASK)
 
 
-def md5_from_state(state: MD5State, data: bytes, prefix_len: int) -> bytes:
+def _openssl_md5() -> Any:
+    """libcrypto's MD5_Update/MD5_Final, which can start from a chaining state (hashlib
+    cannot), or None. Ten times faster than :func:`md5_compress` in Python, which costs about
+    90 us per CRAM-MD5 login (a fifth of a busy submission listener's event loop)."""
+    import ctypes
+    import ctypes.util
+
+    path = ctypes.util.find_library("crypto")
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        lib.MD5_Update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.MD5_Final.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_LIBCRYPTO = _openssl_md5()
+
+
+def _md5_from_state_openssl(state: MD5State, data: bytes, prefix_len: int) -> bytes:
+    import ctypes
+
+    bits = prefix_len * 8
+    # MD5_CTX: A, B, C, D, Nl, Nh (bit count), data[16], num: 23 32-bit words, all zero but these
+    ctx = (ctypes.c_uint32 * 23)(*state, bits & _MASK, (bits >> 32) & _MASK)
+    _LIBCRYPTO.MD5_Update(ctx, data, len(data))
+    out = ctypes.create_string_buffer(16)
+    _LIBCRYPTO.MD5_Final(out, ctx)
+    return out.raw
+
+
+def md5_from_state(state: MD5State, data: bytes, prefix_len: int, *, python: bool = False) -> bytes:
     """Finish an MD5 computation that has already absorbed ``prefix_len`` bytes into ``state``.
 
     ``prefix_len`` must be a multiple of 64 (whole blocks). ``md5_from_state(IV, m, 0)`` is
-    ``hashlib.md5(m).digest()``.
+    ``hashlib.md5(m).digest()``. Through OpenSSL when available, unless ``python``.
     """
     if prefix_len % 64:
         raise ValueError("prefix_len must be a multiple of 64")
+    if _LIBCRYPTO is not None and not python:
+        return _md5_from_state_openssl(state, data, prefix_len)
     total = prefix_len + len(data)
     padded = data + b"\x80" + b"\x00" * ((55 - len(data)) % 64) + struct.pack("<Q", (total * 8) & (2**64 - 1))
     for off in range(0, len(padded), 64):
