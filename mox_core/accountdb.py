@@ -74,6 +74,7 @@ class AccountCredentials:
         self.holder = holder
         self._conn = _connect(db_path(holder.get()))
         self._lock = threading.Lock()
+        self._parsed: dict[str, tuple[str, StoredCredentials]] = {}
 
     def lookup(self, username: str) -> StoredCredentials | None:
         account = account_for_login(self.holder.get(), username)
@@ -81,7 +82,18 @@ class AccountCredentials:
             return None
         with self._lock:
             row = self._conn.execute("SELECT data FROM credentials WHERE account = ?", (account,)).fetchone()
-        return StoredCredentials.from_dict(json.loads(row[0])) if row else None
+        if row is None:
+            return None
+        # Parsed once per stored value: a login costs the query, not the JSON and key decoding
+        # (a password change stores a new value, which is parsed again).
+        cached = self._parsed.get(account)
+        if cached is not None and cached[0] == row[0]:
+            return cached[1]
+        creds = StoredCredentials.from_dict(json.loads(row[0]))
+        if len(self._parsed) > 10_000:
+            self._parsed.clear()
+        self._parsed[account] = (row[0], creds)
+        return creds
 
     def close(self) -> None:
         self._conn.close()

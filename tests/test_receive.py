@@ -262,6 +262,16 @@ def test_submission_with_smtplib_mechanisms(mox, mechanism):
     assert "with ESMTPSA" in headers_of(raw)
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "CRAM-MD5"])
+def test_password_changed_while_running_applies_to_the_next_login(mox, mechanism):
+    submit(mox, "alice@example.org", "alice-secret", "alice@example.org", ["admin@example.org"], mechanism)
+    mox.set_password("alice", "alice-new-secret")
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        submit(mox, "alice@example.org", "alice-secret", "alice@example.org", ["admin@example.org"], mechanism)
+    submit(mox, "alice@example.org", "alice-new-secret", "alice@example.org", ["admin@example.org"], mechanism)
+    assert len(mox.wait_for_messages("admin", 2)) == 2
+
+
 def test_submissions_implicit_tls(mox):
     submit(mox, "alice@example.org", "alice-secret", "alice@example.org", ["admin@example.org"], implicit=True)
     [raw] = mox.wait_for_messages("admin", 1)
