@@ -60,10 +60,12 @@ class Bench:
         self.pf = PostfixBench("accept", base=base).start()
         self.moxes = {"mox": MoxBench(base / "mox", self.dns.nameserver, log_level=log_level).start()}
         for name, spec in (variants or {}).items():
-            # "DIR[,log=LEVEL][,workers=N]" (DIR may be empty: the project as installed)
+            # "DIR[,log=LEVEL][,workers=N][,loop=asyncio]" (DIR empty: the project as installed)
             path, *opts = spec.split(",")
             opt = dict(o.split("=", 1) for o in opts)
             env = {"PYTHONPATH": path} if path else {}
+            if "loop" in opt:  # loop=asyncio: the standard event loop instead of uvloop
+                env["MOX_EVENT_LOOP"] = opt["loop"]
             self.moxes[name] = MoxBench(base / f"mox-{name}", self.dns.nameserver,
                                         log_level=opt.get("log", log_level),
                                         smtp_workers=int(opt["workers"]) if "workers" in opt else None).start(env=env)
@@ -131,7 +133,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None, help="directory for spools (default mkdtemp)")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N]",
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N][,loop=asyncio]",
                     help="also run mox serve with PYTHONPATH=DIR (and/or another log_level) as targets "
                          "NAME-maildir, NAME-queue")
     ap.add_argument("--no-latency", dest="latency", action="store_false")

@@ -104,8 +104,9 @@ def main() -> None:
     q = a.quick
     cmds = {
         "machine": ["machine.py", "--out", str(a.out / "machine.json")],
+        # "one": the same code with smtp_workers = 1 (one process), measured in the same rounds
         "accept": ["accept.py", "--rounds", "1" if q else "5", "--scale", "0.3" if q else "1",
-                   "--out", str(a.out / "accept.json")],
+                   "--variant", "one=,workers=1", "--out", str(a.out / "accept.json")],
         "outbound": ["outbound.py", "--rounds", "1" if q else "3", "--messages", "300" if q else "2000",
                      "--out", str(a.out / "outbound.json")],
         "idle": ["idle.py", "--connections", "10000", "--out", str(a.out / "idle.json")],

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from mox_core.smtpserver.workers import worker_count
+from mox_core.testpeers import wait_for
 
 DOMAINS = """
 [domains."example.org"]
@@ -59,16 +60,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(cond, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def send(server, n: int, subject: str) -> None:
     for i in range(n):
         with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as c:
@@ -101,7 +92,7 @@ def send_from_cpu(server, cpu: int, n: int, subject: str) -> None:
 
 
 def test_connections_go_to_the_worker_of_their_cpu(mox2):
-    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
     cpus = sorted(os.sched_getaffinity(0))[:2]
     assert len(cpus) == 2, "steering by CPU needs a machine with 2 CPUs to be tested"
     send_from_cpu(mox2, cpus[0], 10, "first cpu")
@@ -117,22 +108,22 @@ def test_connections_go_to_the_worker_of_their_cpu(mox2):
 
 
 def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
-    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
     os.kill(pids[0], signal.SIGKILL)
     # Sent right away: connections hashed to the dead worker's socket wait in its backlog
     # (the main process keeps the socket) until the replacement serves them.
     send(mox2, 20, "after kill")
     assert len(mox2.wait_for_messages("alice", 20)) == 20
-    new = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="replacement")
+    new = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="replacement")
     assert pids[0] not in new and pids[1] in new
     exited = log_events(mox2, "smtp_worker_exited")
     assert [e["pid"] for e in exited] == [pids[0]]
 
 
 def test_workers_die_with_a_crashed_main_process(mox2):
-    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
     mox2.kill()
-    wait_until(lambda: not any(alive(p) for p in pids), what="workers to exit")
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=20, what="workers to exit")
     # Nothing keeps the port: a plain bind (no SO_REUSEPORT) succeeds.
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -143,7 +134,7 @@ def test_workers_die_with_a_crashed_main_process(mox2):
 
 
 def test_sigterm_stops_main_and_workers(mox2):
-    pids = wait_until(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), what="2 workers")
+    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
     mox2.proc.terminate()
     assert mox2.proc.wait(20) == 0
     assert not any(alive(p) for p in pids)
