@@ -10,6 +10,7 @@ separator); then an exact destination, else the domain's catch-all ``@domain``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mox_core.config import Config
 from mox_core.configmodels import Destination
@@ -58,13 +59,28 @@ def is_local_domain(config: Config, domain: str) -> bool:
         return False
 
 
+_hostnames: dict[int, tuple[Any, frozenset[str]]] = {}
+
+
+def _smtp_hostnames(config: Config) -> frozenset[str]:
+    """The host names whose postmaster@ is ours; from mox.toml, so once per static config."""
+    static = config.static
+    hit = _hostnames.get(id(static))
+    if hit is not None and hit[0] is static:
+        return hit[1]
+    names = frozenset({static.hostname} | {
+        (l.hostname or "").lower() for l in static.listeners.values() if l.smtp.enabled})
+    if len(_hostnames) > 64:
+        _hostnames.clear()
+    _hostnames[id(static)] = (static, names)
+    return names
+
+
 def lookup(config: Config, address: str) -> Resolved:
     """Resolve ``address`` to an account; raise :class:`AddressNotFound`."""
     lp, domain = split_address(address)
     pm = config.static.postmaster
-    hostnames = {config.static.hostname} | {
-        (l.hostname or "").lower() for l in config.static.listeners.values() if l.smtp.enabled
-    }
+    hostnames = _smtp_hostnames(config)
     if lp.lower() == "postmaster" and (domain == "" or domain.lower() in hostnames):
         return Resolved(pm.account, pm.mailbox, f"postmaster@{config.static.hostname}", None)
     try:

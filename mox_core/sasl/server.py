@@ -21,6 +21,7 @@ stable across attempts) and end in the same failure.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -406,6 +407,7 @@ class AuthFailureLimiter:
         self._failures: dict[str, collections.deque[float]] = {}
 
     @staticmethod
+    @functools.lru_cache(maxsize=65536)
     def key(ip: str) -> str:
         try:
             addr = ipaddress.ip_address(ip)

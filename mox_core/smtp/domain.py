@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
+@functools.lru_cache(maxsize=8192)
 def to_ascii(domain: str) -> str:
-    """Return ``domain`` as lower-case IDNA ASCII; raise ValueError if it is not a domain."""
+    """Return ``domain`` as lower-case IDNA ASCII; raise ValueError if it is not a domain.
+
+    Remembered for the most recent 8192 names: every command of an SMTP session asks again
+    for the same few domains, and IDNA encoding shows in profiles."""
     d = domain.strip()
     if not d:
         raise ValueError("empty domain")
