@@ -97,10 +97,10 @@ def serve(state: State) -> None:
 @click.option("--index", type=int, required=True)
 @click.option("--parent", type=int, required=True)
 @click.option("--channel", type=int, required=True)
-@click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:SERVICE:IP")
+@click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:IP")
 @click.pass_obj
 def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tuple[str, ...]) -> None:
-    """Serve SMTP listeners on sockets from mox serve (started by mox serve, not by hand)."""
+    """Serve incoming SMTP on sockets from mox serve (started by mox serve, not by hand)."""
     from mox_core.server import run_loop
     from mox_core.smtpserver.workers import serve_worker
 
@@ -108,8 +108,8 @@ def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tu
     cfg = state.load_config(reapply_cli_level=False)
     by_key = {}
     for spec in sockets:
-        fd, name, service, ip = spec.split(":", 3)
-        by_key[(name, service, ip)] = int(fd)
+        fd, name, ip = spec.split(":", 2)
+        by_key[(name, ip)] = int(fd)
     run_loop(serve_worker(cfg, index, parent, channel, by_key))
 
 

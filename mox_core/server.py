@@ -48,7 +48,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     from mox_core.ratelimit import RateLimits
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.sasl.server import AuthFailureLimiter
-    from mox_core.smtpserver.listen import service_endpoints, start_listeners
+    from mox_core.smtpserver.listen import smtp_endpoints, start_listeners
     from mox_core.smtpserver.workers import SMTPWorkers, worker_count
     from mox_core.store import MaildirStore
 
@@ -73,25 +73,22 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     await queue.start()
     ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
     await ctl.start()
-    # The SMTP listeners run in worker processes (smtpserver/workers.py) when there is more
-    # than one CPU; their sockets are bound here, first, so a busy port stops the start.
+    # Incoming SMTP in worker processes (smtpserver/workers.py) when there is more than one
+    # CPU; their sockets are bound here, first, so a busy port stops the start right away.
     workers = None
-    endpoints = service_endpoints(holder)
+    endpoints = smtp_endpoints(holder)
     count = worker_count(config.static.smtp_workers)
-    auth_limiter = AuthFailureLimiter()
     if endpoints and count > 1:
-        workers = SMTPWorkers(config.path, endpoints, count, auth_limiter=auth_limiter,
-                              on_queued=queue.scheduler.kick if queue.scheduler else None)
+        workers = SMTPWorkers(config.path, endpoints, count)
         workers.bind()
-    listeners = []
     try:
+        listeners = await start_listeners(
+            holder, store=store, credentials=credentials, resolver=resolver,
+            auth_limiter=AuthFailureLimiter(), queue=queue, ratelimits=RateLimits(holder),
+            services=frozenset({"submission", "submissions"}) if workers else None,
+        )
         if workers:
             await workers.start()
-        else:
-            listeners = await start_listeners(
-                holder, store=store, credentials=credentials, resolver=resolver,
-                auth_limiter=auth_limiter, queue=queue, ratelimits=RateLimits(holder),
-            )
     except BaseException:
         if workers:
             await workers.stop()
@@ -100,7 +97,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         await store.aclose()
         raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path),
-             pid=os.getpid(), listeners=len(endpoints), smtp_workers=count if workers else 0)
+             pid=os.getpid(), listeners=len(listeners), smtp_workers=count if workers else 0)
     if started is not None:
         started.set()
     reloader = asyncio.create_task(reload_loop(holder, stop))

@@ -30,7 +30,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 from scramp import ScramMechanism
 from scramp.utils import ScramException
@@ -55,7 +55,6 @@ __all__ = [
     "Plain",
     "ScramSHA1",
     "ScramSHA256",
-    "SharedAuthFailureLimiter",
     "Step",
     "StepKind",
     "new_mechanism",
@@ -449,51 +448,6 @@ class AuthFailureLimiter:
 
     def succeeded(self, ip: str) -> None:
         self._failures.pop(self.key(ip), None)
-
-    def blocked_for(self, ip: str) -> float:
-        """Seconds until ``ip`` may try again (0 when it is not blocked)."""
-        times = self._recent(self.key(ip))
-        if times is None or len(times) < self.max_failures:
-            return 0.0
-        return max(0.0, times[0] + self.window - self._clock())
-
-
-class SharedAuthFailureLimiter(AuthFailureLimiter):
-    """The limiter of an SMTP worker process: counts its own connections' failures and
-    reports each failure and success to the main process (``report``), which counts over
-    all workers and tells every worker about an IP to block (:meth:`block`, :meth:`unblock`).
-    So 10 failures per minute hold for the server, whichever workers the attempts reach."""
-
-    def __init__(self, report: Callable[[str], None], **kw: Any) -> None:
-        super().__init__(**kw)
-        self._report = report
-        self._blocks: dict[str, float] = {}  # key -> monotonic time the block ends
-
-    def blocked(self, ip: str) -> bool:
-        until = self._blocks.get(self.key(ip))
-        if until is not None:
-            if self._clock() < until:
-                return True
-            del self._blocks[self.key(ip)]
-        return super().blocked(ip)
-
-    def failed(self, ip: str) -> None:
-        super().failed(ip)
-        self._report(f"authfail {ip}")
-
-    def succeeded(self, ip: str) -> None:
-        super().succeeded(ip)
-        self._blocks.pop(self.key(ip), None)
-        self._report(f"authok {ip}")
-
-    def block(self, ip: str, seconds: float) -> None:
-        if len(self._blocks) > 100_000:
-            now = self._clock()
-            self._blocks = {k: t for k, t in self._blocks.items() if t > now}
-        self._blocks[self.key(ip)] = self._clock() + seconds
-
-    def unblock(self, ip: str) -> None:
-        self._blocks.pop(self.key(ip), None)
 
 
 # Used by connections that are not given their own limiter, so throttling is never off by

@@ -87,29 +87,22 @@ def _factory(holder: ConfigHolder, lst: Listener, service: str, options: dict[st
     return factory
 
 
-def service_endpoints(holder: ConfigHolder) -> list[tuple[str, str, str, int]]:
-    """(listener name, service, ip, port) of every enabled SMTP, submission and submissions
-    service: what SMTP worker processes serve."""
-    out = []
-    for name, lst in holder.get().static.listeners.items():
-        for service, enabled, port in (("smtp", lst.smtp.enabled, lst.smtp.port),
-                                       ("submission", lst.submission.enabled, lst.submission.port),
-                                       ("submissions", lst.submissions.enabled, lst.submissions.port)):
-            if enabled:
-                out.extend((name, service, ip, port) for ip in lst.ips)
-    return out
+def smtp_endpoints(holder: ConfigHolder) -> list[tuple[str, str, int]]:
+    """(listener name, ip, port) of every enabled incoming SMTP (port 25) service."""
+    return [(name, ip, lst.smtp.port) for name, lst in holder.get().static.listeners.items()
+            if lst.smtp.enabled for ip in lst.ips]
 
 
 async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any, resolver: Any,
                           queue: Any = None, auth_limiter: Any = None, ratelimits: Any = None,
                           services: frozenset[str] | None = None,
-                          sockets: dict[tuple[str, str, str], socket.socket] | None = None,
+                          sockets: dict[tuple[str, str], list[socket.socket]] | None = None,
                           ) -> list[Listening]:
     """Bind every enabled service; raises OSError naming the address when a bind fails.
 
-    ``services``: only these. ``sockets``: already bound listening sockets by (listener
-    name, service, ip), used instead of binding (a worker gets its sockets from the main
-    process).
+    ``services``: only these (e.g. without "smtp" when worker processes serve it).
+    ``sockets``: already bound listening sockets by (listener name, ip), used instead of
+    binding (an SMTP worker process gets its sockets from the main process).
     """
     cfg = holder.get()
     out: list[Listening] = []
@@ -124,7 +117,7 @@ async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any,
             for ip in lst.ips:
                 try:
                     if sockets is not None:
-                        server = await loop.create_server(factory, sock=sockets[(name, service, ip)],
+                        server = await loop.create_server(factory, sock=sockets[(name, ip)][0],
                                                           ssl=implicit_tls, backlog=1024)
                     else:
                         server = await loop.create_server(factory, host=ip, port=port, ssl=implicit_tls,
@@ -136,7 +129,7 @@ async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any,
     return out
 
 
-def bind_shared(name: str, service: str, ip: str, port: int, count: int) -> list[socket.socket]:
+def bind_shared(name: str, ip: str, port: int, count: int) -> list[socket.socket]:
     """``count`` listening sockets on ip:port sharing the port (SO_REUSEPORT), one per worker
     process; the kernel spreads new connections over them.
 
@@ -163,7 +156,7 @@ def bind_shared(name: str, service: str, ip: str, port: int, count: int) -> list
     except OSError as exc:
         for sock in out:
             sock.close()
-        raise OSError(exc.errno, f"listener {name}: {service} on {ip}:{port}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"listener {name}: smtp on {ip}:{port}: {exc.strerror}") from None
     if count > 1:
         steer_by_cpu(out[0], count)
     return out

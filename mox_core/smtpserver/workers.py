@@ -1,23 +1,15 @@
-"""Worker processes for the SMTP listeners: use every CPU, as Postfix's smtpd processes do.
+"""Worker processes for incoming SMTP (port 25): use every CPU, as Postfix's smtpd processes do.
 
 One Python process runs on one core (the GIL), and accepting mail costs CPU per message
-(parsing, SPF, AUTH, headers; bench/RESULTS.md). So ``mox serve`` runs its SMTP, submission
-and submissions listeners in ``smtp_workers`` processes (default: one per CPU). The main
-process binds, for every address, one listening socket per worker sharing the port
-(``SO_REUSEPORT``; a connection goes to the worker numbered after the CPU that received it),
-starts the workers with their sockets, and keeps the queue scheduler, the ctl socket and
-everything else.
+(parsing, SPF, headers; bench/RESULTS.md). So ``mox serve`` runs the incoming SMTP listeners
+in ``smtp_workers`` processes (default: one per CPU). The main process binds, for every SMTP
+address, one listening socket per worker sharing the port (``SO_REUSEPORT``: the kernel spreads
+connections over them), starts the workers with their sockets, and keeps serving everything
+else itself: submission (AUTH, rate limits, the queue), the queue scheduler, the ctl socket.
 
-What the workers share goes through files, SQLite and one pipe each to the main process:
-
-* Incoming mail: recipients from the config files (each process reloads domains.toml
-  itself), SPF/DKIM, delivery into Maildir, which is safe for several writers by design.
-* Submissions: each worker adds to the outgoing queue's SQLite database itself ("add-only",
-  :meth:`mox_core.queue.Queue.open_add_only`); rate limits are checked and counted in that
-  write transaction, so they hold across processes. After each commit the worker writes
-  ``queued`` to its pipe and the main process wakes its scheduler.
-* Failed logins: a worker reports ``authfail IP`` / ``authok IP``; the main process counts
-  over all workers and sends ``block IP SECONDS`` / ``unblock IP`` to every worker.
+Incoming SMTP needs nothing shared but files: a worker resolves recipients from the config
+files (each process reloads domains.toml itself), checks SPF/DKIM and delivers into Maildir,
+which is safe for several writers by design (unique file names with the process id; rename).
 
 A worker that dies is started again after a second, with the same sockets: connections that
 waited in its backlog are then served. Workers die with the main process (``PR_SET_PDEATHSIG``
@@ -35,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +56,11 @@ def worker_count(setting: int) -> int:
 class SMTPWorkers:
     """The main process's side: sockets, starting, watching and stopping the workers."""
 
-    def __init__(self, config_path: Path, endpoints: list[tuple[str, str, str, int]], count: int, *,
-                 on_queued: Callable[[], None] | None = None, auth_limiter: Any = None):
+    def __init__(self, config_path: Path, endpoints: list[tuple[str, str, int]], count: int):
         self.config_path = config_path
         self.endpoints = endpoints
         self.count = count
-        self.on_queued = on_queued
-        self.auth_limiter = auth_limiter
-        self._sockets: dict[tuple[str, str, str], list[socket.socket]] = {}
-        self._readers: list[asyncio.Task[None] | None] = [None] * count
+        self._sockets: dict[tuple[str, str], list[socket.socket]] = {}
         self._procs: list[asyncio.subprocess.Process | None] = [None] * count
         # The main process's end of each worker's pipe: the worker stops when it closes.
         self._channels: list[asyncio.StreamWriter | None] = [None] * count
@@ -83,8 +70,8 @@ class SMTPWorkers:
     def bind(self) -> None:
         """Bind every SMTP address, ``count`` sockets each; OSError names the listener."""
         try:
-            for name, service, ip, port in self.endpoints:
-                self._sockets[(name, service, ip)] = bind_shared(name, service, ip, port, self.count)
+            for name, ip, port in self.endpoints:
+                self._sockets[(name, ip)] = bind_shared(name, ip, port, self.count)
         except OSError:
             self.close_sockets()
             raise
@@ -108,10 +95,10 @@ class SMTPWorkers:
         ours, theirs = socket.socketpair()
         fds = [theirs.fileno()]
         spec = []
-        for (name, service, ip), group in self._sockets.items():
+        for (name, ip), group in self._sockets.items():
             fd = group[index].fileno()
             fds.append(fd)
-            spec.append(f"{fd}:{name}:{service}:{ip}")
+            spec.append(f"{fd}:{name}:{ip}")
         cmd = [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "smtp-worker",
                "--index", str(index), "--parent", str(os.getpid()), "--channel", str(theirs.fileno()),
                *[a for s in spec for a in ("--socket", s)]]
@@ -132,30 +119,7 @@ class SMTPWorkers:
                 proc.kill()
             code = await proc.wait()
             raise MoxError(f"smtp worker {index} did not start (exit status {code}); see its log above")
-        self._readers[index] = asyncio.create_task(self._read(index, reader))
         log.info("smtp_worker_started", worker=index, pid=proc.pid)
-
-    async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
-        """A worker's reports: ``queued``, ``authfail IP``, ``authok IP``."""
-        with contextlib.suppress(OSError):
-            while line := await reader.readline():
-                word, _, arg = line.decode("ascii", "replace").strip().partition(" ")
-                if word == "queued":
-                    if self.on_queued is not None:
-                        self.on_queued()
-                elif word == "authfail" and self.auth_limiter is not None:
-                    self.auth_limiter.failed(arg)
-                    seconds = self.auth_limiter.blocked_for(arg)
-                    if seconds > 0:
-                        self._tell_all(f"block {arg} {seconds:.3f}")
-                elif word == "authok" and self.auth_limiter is not None:
-                    self.auth_limiter.succeeded(arg)
-                    self._tell_all(f"unblock {arg}")
-
-    def _tell_all(self, line: str) -> None:
-        for writer in self._channels:
-            if writer is not None and not writer.is_closing():
-                writer.write(line.encode("ascii") + b"\n")
 
     async def _watch(self, index: int) -> None:
         while True:
@@ -173,9 +137,6 @@ class SMTPWorkers:
             if old is not None:
                 old.close()
                 self._channels[index] = None
-            reader_task = self._readers[index]
-            if reader_task is not None:
-                reader_task.cancel()
             try:
                 await self._spawn(index)
             except (MoxError, OSError) as exc:
@@ -188,7 +149,7 @@ class SMTPWorkers:
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every worker (they finish the deliveries in progress), then wait."""
         self._stopping = True
-        for task in (*self._watchers, *(r for r in self._readers if r is not None)):
+        for task in self._watchers:
             task.cancel()
         procs = [p for p in self._procs if p is not None and p.returncode is None]
         for p in procs:
@@ -223,29 +184,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _listen_to_main(reader: asyncio.StreamReader, limiter: Any, stop: asyncio.Event) -> None:
-    """Lines from the main process (``block IP SECONDS``, ``unblock IP``); at its end, stop."""
+async def _wait_eof(channel: socket.socket, stop: asyncio.Event) -> None:
+    reader, writer = await asyncio.open_connection(sock=channel)
     with contextlib.suppress(OSError):
-        while line := await reader.readline():
-            word, _, rest = line.decode("ascii", "replace").strip().partition(" ")
-            if word == "block":
-                ip, _, seconds = rest.partition(" ")
-                with contextlib.suppress(ValueError):
-                    limiter.block(ip, float(seconds))
-            elif word == "unblock":
-                limiter.unblock(rest)
+        while await reader.read(4096):
+            pass
     stop.set()
+    writer.close()
 
 
 async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
-                       sockets: dict[tuple[str, str, str], int]) -> None:
-    """Serve the SMTP listeners on sockets inherited from the main process."""
-    from mox_core.accountdb import AccountCredentials
+                       sockets: dict[tuple[str, str], int]) -> None:
+    """Serve the incoming SMTP listeners on sockets inherited from the main process."""
     from mox_core.config import ConfigHolder
-    from mox_core.queue import Queue
-    from mox_core.ratelimit import RateLimits
     from mox_core.resolver import install_spf_lookup, make_resolver
-    from mox_core.sasl.server import SharedAuthFailureLimiter
     from mox_core.server import reload_loop
     from mox_core.smtpserver.listen import start_listeners
     from mox_core.store import MaildirStore
@@ -257,31 +209,15 @@ async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     channel = socket.socket(fileno=channel_fd)
-    reader, writer = await asyncio.open_connection(sock=channel)
-
-    def report(line: str) -> None:  # in the event loop
-        if not writer.is_closing():
-            writer.write(line.encode("ascii") + b"\n")
-
-    def queued(ids: list[int]) -> None:  # in the queue's writer thread
-        loop.call_soon_threadsafe(report, "queued")
-
-    socks = {key: socket.socket(fileno=fd) for key, fd in sockets.items()}
+    socks = {key: [socket.socket(fileno=fd)] for key, fd in sockets.items()}
     holder = ConfigHolder(config)
     resolver = make_resolver(config.static.dns)
     install_spf_lookup(resolver)
     store = MaildirStore()
-    credentials = AccountCredentials(holder)
-    limiter = SharedAuthFailureLimiter(report)
-    queue = Queue(holder, maildir_store=store, on_commit=queued)
-    await queue.open_add_only()
-    listeners = await start_listeners(
-        holder, store=store, credentials=credentials, resolver=resolver, queue=queue,
-        auth_limiter=limiter, ratelimits=RateLimits(holder),
-        services=frozenset(service for _, service, _ in sockets), sockets=socks)
-    writer.write(b"ready\n")
-    await writer.drain()
-    watcher = asyncio.create_task(_listen_to_main(reader, limiter, stop))
+    listeners = await start_listeners(holder, store=store, credentials=None, resolver=resolver,
+                                      services=frozenset({"smtp"}), sockets=socks)
+    channel.sendall(b"ready\n")
+    watcher = asyncio.create_task(_wait_eof(channel, stop))
     reloader = asyncio.create_task(reload_loop(holder, stop))
     try:
         await stop.wait()
@@ -290,8 +226,5 @@ async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
         reloader.cancel()
         for lst in listeners:
             lst.server.close()
-        await queue.close()
         await store.aclose()
-        credentials.close()
-        writer.close()
         log.info("smtp_worker_stopped", pid=os.getpid())
