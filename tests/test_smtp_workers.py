@@ -60,6 +60,12 @@ def alive(pid: int) -> bool:
         return False
 
 
+def ready_workers(server, n: int = 2) -> list[int]:
+    """Pids of the ``n`` workers, once each has said it serves its sockets."""
+    wait_for(lambda: len(log_events(server, "smtp_worker_started")) >= n, timeout=20, what="workers ready")
+    return wait_for(lambda: len(worker_pids(server)) == n and worker_pids(server), timeout=20, what="workers")
+
+
 def send(server, n: int, subject: str) -> None:
     for i in range(n):
         with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as c:
@@ -92,7 +98,7 @@ def send_from_cpu(server, cpu: int, n: int, subject: str) -> None:
 
 
 def test_connections_go_to_the_worker_of_their_cpu(mox2):
-    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
+    pids = ready_workers(mox2)
     cpus = sorted(os.sched_getaffinity(0))[:2]
     assert len(cpus) == 2, "steering by CPU needs a machine with 2 CPUs to be tested"
     send_from_cpu(mox2, cpus[0], 10, "first cpu")
@@ -108,7 +114,7 @@ def test_connections_go_to_the_worker_of_their_cpu(mox2):
 
 
 def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
-    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
+    pids = ready_workers(mox2)
     os.kill(pids[0], signal.SIGKILL)
     # Sent right away: connections hashed to the dead worker's socket wait in its backlog
     # (the main process keeps the socket) until the replacement serves them.
@@ -121,20 +127,28 @@ def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
 
 
 def test_workers_die_with_a_crashed_main_process(mox2):
-    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
+    pids = ready_workers(mox2)
     mox2.kill()
     wait_for(lambda: not any(alive(p) for p in pids), timeout=20, what="workers to exit")
-    # Nothing keeps the port: a plain bind (no SO_REUSEPORT) succeeds.
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((mox2.host, mox2.smtp_port))
+    # Nothing keeps the port: a plain bind (no SO_REUSEPORT) succeeds (the kernel may take a
+    # moment to drop the dead workers' sockets).
+    def port_free():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((mox2.host, mox2.smtp_port))
+            except OSError:
+                return False
+            return True
+
+    wait_for(port_free, timeout=10, what="the SMTP port to be free")
     mox2.start()
     send(mox2, 2, "after restart")
     assert len(mox2.wait_for_messages("alice", 2)) == 2
 
 
 def test_sigterm_stops_main_and_workers(mox2):
-    pids = wait_for(lambda: len(worker_pids(mox2)) == 2 and worker_pids(mox2), timeout=20, what="2 workers")
+    pids = ready_workers(mox2)
     mox2.proc.terminate()
     assert mox2.proc.wait(20) == 0
     assert not any(alive(p) for p in pids)
