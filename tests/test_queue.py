@@ -360,6 +360,16 @@ async def test_picking_does_not_slow_down_with_queue_size(cfg):
         assert [b[0].recipient_domain for b in big_picked] == ["free.example"]
         assert big <= small * 2 + 5, (small, big)
         assert store._next_due_sync({"busy.example"}) == 20.0
+        # One trip for a scheduler pass: the batches, then the next due time of the domains
+        # that are neither busy nor just picked.
+        batches, nxt, looked = await store.pick_and_next_due(100.0, {"busy.example"}, 5)
+        assert [b[0].recipient_domain for b in batches] == ["free.example"]
+        assert looked and nxt is None  # busy.example busy, free.example now in flight
+        batches, nxt, looked = await store.pick_and_next_due(15.0, set(), 5)
+        assert [b[0].recipient_domain for b in batches] == ["busy.example"]
+        assert looked and nxt == 20.0  # free.example is due at 20
+        batches, nxt, looked = await store.pick_and_next_due(100.0, set(), 1)
+        assert len(batches) == 1 and not looked  # as many as asked: the scheduler is full
     finally:
         await q.close()
 

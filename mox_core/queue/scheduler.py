@@ -246,9 +246,13 @@ class Scheduler:
                 busy = self.busy_domains  # deliveries may finish while we pick: use this set
                 room = self._room()
                 free = self.concurrency - len(self._inflight)
+                nxt, have_next = None, False
                 if free > 0:
-                    for batch in await self.store.pick(self.clock.now(), busy, free, room,
-                                                       frozenset(self._inflight_ids)):
+                    # One trip to the database thread for both questions (a pass runs after
+                    # every queued message).
+                    batches, nxt, have_next = await self.store.pick_and_next_due(
+                        self.clock.now(), busy, free, room, frozenset(self._inflight_ids))
+                    for batch in batches:
                         self._launch(batch)
                         room.pop(batch[0].recipient_domain, None)
                         started += 1
@@ -259,7 +263,8 @@ class Scheduler:
                 else:
                     # a domain with room left that gave nothing has all its due rows in flight:
                     # waiting for it is waiting for a delivery to finish, and that wakes us
-                    nxt = await self.store.next_due(self.busy_domains | set(room))
+                    if not have_next:
+                        nxt = await self.store.next_due(self.busy_domains | set(room))
                     delay = None if nxt is None else max(0.0, nxt - self.clock.now())
                     if delay == 0.0 and not started:
                         delay = 0.05  # never spin; should not happen with consistent state

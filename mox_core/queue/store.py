@@ -556,6 +556,25 @@ class QueueStore:
                 out.append([head, *(m for m in rest if m.id not in exclude)])
         return out
 
+    async def pick_and_next_due(
+        self, now: float, busy: set[str], limit: int, room: dict[str, int] | None = None,
+        exclude: frozenset[int] | set[int] = frozenset(),
+    ) -> tuple[list[list[QueuedMessage]], float | None, bool]:
+        """:meth:`pick`, then (when fewer than ``limit`` batches came back) :meth:`next_due`
+        for the domains that will not be busy once these batches run, in one trip to the
+        database thread: (batches, next due time, whether it was looked up)."""
+        return await self._run(self._pick_and_next_due_sync, now, busy, limit, room, exclude)
+
+    def _pick_and_next_due_sync(self, now: float, busy: set[str], limit: int,
+                                room: dict[str, int] | None, exclude: frozenset[int] | set[int],
+                                ) -> tuple[list[list[QueuedMessage]], float | None, bool]:
+        batches = self._pick_sync(now, busy, limit, room, exclude)
+        if len(batches) >= limit:
+            return batches, None, False
+        picked = {b[0].recipient_domain for b in batches}
+        still_room = set(room or {}) - picked
+        return batches, self._next_due_sync(set(busy) | picked | still_room), True
+
     async def next_due(self, busy: set[str]) -> float | None:
         """Earliest ``next_attempt`` of a non-held row whose domain is not busy."""
         return await self._run(self._next_due_sync, busy)
