@@ -57,8 +57,18 @@ class Bench:
     def __init__(self, base: Path, log_level: str = "info", variants: dict[str, str] | None = None):
         self.base = base
         self.dns = bench_dns(stall_domains=["dest.test"])
-        self.pf = PostfixBench("accept", base=base).start()
-        self.moxes = {"mox": MoxBench(base / "mox", self.dns.nameserver, log_level=log_level).start()}
+        self.moxes: dict[str, MoxBench] = {}
+        self.pf = PostfixBench("accept", base=base)
+        try:  # a target that fails to start must not leave the others running
+            self.pf.start()
+            self._start_moxes(base, log_level, variants)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_moxes(self, base: Path, log_level: str, variants: dict[str, str] | None) -> None:
+        self.moxes["mox"] = MoxBench(base / "mox", self.dns.nameserver, log_level=log_level)
+        self.moxes["mox"].start()
         for name, spec in (variants or {}).items():
             # "DIR[,log=LEVEL][,workers=N][,loop=asyncio]" (DIR empty: the project as installed)
             path, *opts = spec.split(",")
@@ -68,7 +78,8 @@ class Bench:
                 env["MOX_EVENT_LOOP"] = opt["loop"]
             self.moxes[name] = MoxBench(base / f"mox-{name}", self.dns.nameserver,
                                         log_level=opt.get("log", log_level),
-                                        smtp_workers=int(opt["workers"]) if "workers" in opt else None).start(env=env)
+                                        smtp_workers=int(opt["workers"]) if "workers" in opt else None)
+            self.moxes[name].start(env=env)
 
     @property
     def mox(self) -> MoxBench:
