@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -27,6 +28,8 @@ from mox_core.configmodels import DNS
 
 #: answers kept per resolver (least recently used dropped first)
 CACHE_SIZE = 10_000
+
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
 
 
 def _nameservers(cfg: DNS) -> tuple[list[str], int | None]:
@@ -41,12 +44,13 @@ def _nameservers(cfg: DNS) -> tuple[list[str], int | None]:
     return ips, port
 
 
-def make_resolver(cfg: DNS) -> dns.resolver.Resolver:
-    """A synchronous resolver (for pyspf and dkimpy, which run in a thread)."""
+def _configure(cls: type[R], cfg: DNS) -> R:
+    """A resolver of ``cls`` for ``[dns]``: its nameservers (else the system's), timeout, and
+    a cache that keeps answers for their TTL (never those with TTL 0)."""
     if not cfg.nameservers:
-        r = dns.resolver.Resolver()
+        r = cls()
     else:
-        r = dns.resolver.Resolver(configure=False)
+        r = cls(configure=False)
         r.nameservers, port = _nameservers(cfg)
         if port:
             r.port = port
@@ -54,20 +58,16 @@ def make_resolver(cfg: DNS) -> dns.resolver.Resolver:
     r.timeout = cfg.timeout
     r.cache = dns.resolver.LRUCache(CACHE_SIZE)
     return r
+
+
+def make_resolver(cfg: DNS) -> dns.resolver.Resolver:
+    """A synchronous resolver (for pyspf and dkimpy, which run in a thread)."""
+    return _configure(dns.resolver.Resolver, cfg)
 
 
 def make_async_resolver(cfg: DNS) -> dns.asyncresolver.Resolver:
-    if not cfg.nameservers:
-        r = dns.asyncresolver.Resolver()
-    else:
-        r = dns.asyncresolver.Resolver(configure=False)
-        r.nameservers, port = _nameservers(cfg)
-        if port:
-            r.port = port
-    r.lifetime = cfg.timeout
-    r.timeout = cfg.timeout
-    r.cache = dns.resolver.LRUCache(CACHE_SIZE)
-    return r
+    """The resolver of the queue and the transports (MX, MTA-STS, smarthost addresses)."""
+    return _configure(dns.asyncresolver.Resolver, cfg)
 
 
 class CacheOnly:
