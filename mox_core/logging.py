@@ -71,10 +71,6 @@ def _filter(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-class _Logger(structlog.PrintLogger):
-    """PrintLogger with trace levels as methods (``log.trace(...)``)."""
-
-
 class BoundLogger(structlog.BoundLoggerBase):
     """Logger with mox's levels; ``trace*`` methods go through the same filter."""
 
@@ -133,7 +129,9 @@ def configure(*, json: bool, stream: Any = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=BoundLogger,
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        # WriteLogger: each line in one write() (print() writes the newline separately), so
+        # the lines of mox serve and its worker processes on one stream never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
     # Libraries using stdlib logging (uvicorn, aiosmtpd) go to stderr at warning and above.
