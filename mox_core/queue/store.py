@@ -60,7 +60,7 @@ from mox_core.errors import MoxError
 from mox_core.queue.records import COLUMNS, SCHEMA, Filter, QueuedMessage
 from mox_core.routing import address_domain
 from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
-from mox_core.store.maildir import fsync_dir, write_file
+from mox_core.store.maildir import fsync_dir, mkdir_durable, unlink_quiet, write_file
 
 __all__ = ["Filter", "QueueLocked", "QueueStore", "QueuedMessage", "recipient_domain"]
 
@@ -148,7 +148,7 @@ class QueueStore:
 
     def _open_sync(self, lock: bool, cleanup: bool) -> None:
         for d in (self.dir.parent, self.dir, self.msg_dir, self.tmp_dir):
-            _mkdir_durable(str(d))
+            mkdir_durable(str(d))
         if lock:
             self._take_lock()
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
@@ -176,13 +176,13 @@ class QueueStore:
         referenced = {r[0] for r in self._db.execute("SELECT DISTINCT file FROM msg")}
         removed = 0
         for entry in os.scandir(self.tmp_dir):
-            removed += _unlink_quiet(entry.path)
+            removed += unlink_quiet(entry.path)
         for sub in os.scandir(self.msg_dir):
             if not sub.is_dir():
                 continue
             for entry in os.scandir(sub.path):
                 if f"{sub.name}/{entry.name}" not in referenced:
-                    removed += _unlink_quiet(entry.path)
+                    removed += unlink_quiet(entry.path)
         if removed:
             log.info("queue_orphans_removed", count=removed)
 
@@ -322,7 +322,7 @@ class QueueStore:
                 shard, _, name = it.rel.partition("/")
                 shard_dir = str(self.msg_dir / shard)
                 if shard_dir not in self._known_dirs:
-                    _mkdir_durable(shard_dir)
+                    mkdir_durable(shard_dir)
                     self._known_dirs.add(shard_dir)
                 os.rename(self.tmp_dir / name, self.msg_dir / it.rel)
                 it.state = 2
@@ -489,14 +489,14 @@ class QueueStore:
     def _rollback(self, it: _Add) -> None:
         """Remove what this submission put on disk; fsync directories it was visible in."""
         name = it.rel.rpartition("/")[2]
-        if it.state >= 2 and _unlink_quiet(str(self.msg_dir / it.rel)):
+        if it.state >= 2 and unlink_quiet(str(self.msg_dir / it.rel)):
             _fsync_quiet(str((self.msg_dir / it.rel).parent))
         if it.state >= 1:
-            _unlink_quiet(str(self.tmp_dir / name))
+            unlink_quiet(str(self.tmp_dir / name))
         it.state = 0
         newdirs = set()
         for p in it.local_paths:
-            if _unlink_quiet(str(p)):
+            if unlink_quiet(str(p)):
                 newdirs.add(str(p.parent))
         for d in newdirs:
             _fsync_quiet(d)
@@ -734,7 +734,7 @@ class QueueStore:
             if self.db.execute(
                 "SELECT 1 FROM msg WHERE base_id = ? LIMIT 1", (base_id,)
             ).fetchone() is None:
-                _unlink_quiet(str(self.msg_dir / f))
+                unlink_quiet(str(self.msg_dir / f))
 
     async def read_message(self, rel: str) -> bytes:
         """The message bytes (read in a worker thread; may be large)."""
@@ -897,32 +897,6 @@ def _header_summary_quick(head: bytes) -> tuple[str, str] | None:
                 return None
             subject = m.group(1).decode()
     return (mid or "")[:998], (subject or "")[:200]
-
-
-def _mkdir_durable(path: str) -> None:
-    """Create ``path`` (and missing parents), fsyncing each parent that gained an entry."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if not parent or parent == path:
-            raise
-        _mkdir_durable(parent)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            return
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def _unlink_quiet(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except OSError:
-        return False
-    return True
 
 
 def _fsync_quiet(path: str) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "StorageError",
     "fsync_dir",
     "mailbox_dir",
+    "mkdir_durable",
     "unique_name",
     "unlink_quiet",
     "write_file",
@@ -178,7 +179,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _mkdir_durable(path: str) -> bool:
+def mkdir_durable(path: str) -> bool:
     """Create ``path`` (and missing parents) with mode 0700, fsyncing each changed parent.
 
     Returns whether ``path`` was created. 0700 because mail is private, and Maildir readers
@@ -194,7 +195,7 @@ def _mkdir_durable(path: str) -> bool:
         parent = os.path.dirname(path)
         if not parent or parent == path:
             raise
-        _mkdir_durable(parent)
+        mkdir_durable(parent)
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:  # created concurrently: someone else fsyncs the parent
@@ -292,7 +293,7 @@ class Maildir:
         """
         if self.subfolder:
             Maildir(os.path.dirname(self.path)).ensure()
-        _mkdir_durable(self.path)
+        mkdir_durable(self.path)
         changed = False
         for sub in (self.tmp, self.new, self.cur):
             try:
