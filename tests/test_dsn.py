@@ -7,24 +7,11 @@ import email.policy
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-import pytest
-
 from mox_core.queue import Filter
 from mox_core.queue.dsn import DSNRecipient, compose, status_code
-from tests.plugins.queue_helpers import MSG, make_config, maildir_new, read_mail, running
+from tests.plugins.queue_helpers import MSG, maildir_new, read_mail, running
+from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, P, T
-
-
-@pytest.fixture(autouse=True)
-def _reset_script():
-    SCRIPT.reset()
-    yield
-    SCRIPT.reset()
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return make_config(tmp_path)
 
 
 def report_parts(msg: email.message.EmailMessage):

@@ -20,21 +20,10 @@ from mox_core.queue.scheduler import remaining_schedule
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, make_config, maildir_new, queue_files, running
+from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 INTERVALS = [450, 900, 1800, 3600, 7200, 14400, 28800]
-
-
-@pytest.fixture(autouse=True)
-def _reset_script():
-    SCRIPT.reset()
-    yield
-    SCRIPT.reset()
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return make_config(tmp_path)
 
 
 async def add(q: Queue, *rcpts: str, mail_from: str = "alice@example.org", account: str | None = "alice",

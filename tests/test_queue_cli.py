@@ -17,7 +17,8 @@ from mox_core.ctl import CtlError, CtlServer, CtlUnavailable, call, socket_path
 from mox_core.errors import MoxError
 from mox_core.queue import FakeClock, Queue
 from tests.conftest import ROOT
-from tests.plugins.queue_helpers import MSG, make_config, maildir_new, running
+from tests.plugins.queue_helpers import MSG, maildir_new, running
+from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 WRAPPER = """\
@@ -31,18 +32,6 @@ moxlog.configure(json=False)  # as mox_core.cli.main does: logs on stderr
 register(cli)
 cli.main(args=sys.argv[1:], obj=make_host(), prog_name="mox")
 """
-
-
-@pytest.fixture(autouse=True)
-def _reset_script():
-    SCRIPT.reset()
-    yield
-    SCRIPT.reset()
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return make_config(tmp_path)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mox_core.config import Config, ConfigHolder
 from mox_core.plugins import PluginHost
 from mox_core.queue import FakeClock, Queue
@@ -77,3 +79,21 @@ def queue_files(config: Config) -> list[str]:
     root = config.data_dir / "queue" / "msg"
     return sorted(os.path.relpath(os.path.join(d, f), root)
                   for d, _, fs in os.walk(root) for f in fs)
+
+
+# Fixtures shared by the queue tests; a test module takes them with
+# ``from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401``.
+
+
+@pytest.fixture(autouse=True)
+def reset_script():
+    """The scripted transport starts and ends every test with no script."""
+    queue_scripted.SCRIPT.reset()
+    yield
+    queue_scripted.SCRIPT.reset()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """A queue config in ``tmp_path`` with the scripted transport (see :func:`make_config`)."""
+    return make_config(tmp_path)
