@@ -1,7 +1,7 @@
 """Profile the acceptance path of ``mox serve`` with py-spy (1 and 20 connections, 2 KB).
 
 Starts the same peers as accept.py, runs smtp-source against mox's SMTP listener (Maildir
-delivery) while ``py-spy record --idle --threads --format raw`` samples the server, and
+delivery) while ``py-spy record --idle --threads --subprocesses --format raw`` samples the server, and
 prints, per thread group, the functions with the most samples (self and inclusive). With
 ``--idle`` every thread is sampled at every tick, so a share is a share of wall time; idle
 frames (``EpollSelector.select`` in the event loop, queue waits in worker threads) show how
@@ -41,7 +41,7 @@ def py_spy() -> str:
 def profile_case(bench: Bench, target: str, sessions: int, seconds: float, rate: int, out: Path) -> dict:
     raw = RAW_DIR / f"pyspy-{target}-{sessions}conn-2KB.txt"  # raw profiles stay out of the tree
     spy = subprocess.Popen([py_spy(), "record", "--pid", str(bench.mox.pid), "--duration", str(int(seconds)),
-                            "--rate", str(rate), "--idle", "--threads", "--format", "raw", "-o", str(raw)],
+                            "--rate", str(rate), "--idle", "--threads", "--subprocesses", "--format", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # py-spy attaches
     results: list = []

@@ -39,10 +39,15 @@ def parse(path: str) -> dict[str, collections.Counter]:
             continue
         frames = stack.split(";")
         # py-spy --threads: the root is "thread (TID): NAME"; label threads by name without digits
+        # py-spy --subprocesses: "process PID:\"COMMAND\"" comes first; SMTP workers get their own label
+        proc = ""
+        if frames and frames[0].startswith("process "):
+            proc = "worker " if "smtp-worker" in frames[0] else ""
+            frames = frames[1:]
         label = "?"
         if frames and frames[0].startswith("thread ("):
             name = frames[0].split(":", 1)[1].strip() if ":" in frames[0] else frames[0]
-            label = {"MainThread": "MainThread (event loop)"}.get(name, re.sub(r"[-_]?\d+$", "", name))
+            label = proc + {"MainThread": "MainThread (event loop)"}.get(name, re.sub(r"[-_]?\d+$", "", name))
         py = [f for f in frames if not f.startswith(("process ", "thread "))]
         if not py:
             continue

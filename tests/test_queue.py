@@ -516,6 +516,29 @@ async def test_transport_destination_concurrency_runs_several_deliveries_to_one_
         assert await q.list_messages() == [] and queue_files(q.config) == []
 
 
+async def test_messages_queued_before_start_leave_in_parallel_to_one_domain(tmp_path):
+    """A domain with nothing in flight is first picked one message at a time (its transport is
+    not known before the route is resolved); once its first attempt knows the limit, the
+    other queued messages start at once instead of one after the other."""
+    cfg = make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    try:
+        for i in range(5):
+            await add(q, f"u{i}@one.example")
+    finally:
+        await q.close()
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await _until(lambda: SCRIPT.active == 3)
+        await asyncio.sleep(0.05)
+        assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert sorted(SCRIPT.recipients_delivered()) == [f"u{i}@one.example" for i in range(5)]
+        assert SCRIPT.max_active == 3
+
+
 async def test_attempt_through_a_one_per_domain_transport_waits_for_the_domain(tmp_path):
     """A message routed through a transport allowing one delivery per domain does not start
     while others run to its domain; it is not counted as an attempt, and runs alone later."""

@@ -342,6 +342,10 @@ class Scheduler:
             return
         running.append(limit)
         self._allowed[domain] = limit
+        if self._per_domain.get(domain, 0) < limit:
+            # the domain was picked at the limit known before its route was resolved (1 for
+            # a domain with nothing in flight): look again now that it may take more
+            self.kick()
         try:
             intervals, max_attempts = retry_policy(cfg, res)
             plans = [(m.id, start + intervals[min(m.attempts, len(intervals) - 1)], max_attempts)
