@@ -120,7 +120,7 @@ def run_mox(mox: MoxBench, n: int, domains: int, timeout: float, pyspy: Path | N
             exe = str(Path(sys.executable).with_name("py-spy"))
             spy = subprocess.Popen([exe, "record", "--pid", str(mox.pid), "--rate", "100", "--idle",
                                     "--threads", "--format", "raw", "-o", str(pyspy)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=open(f"{pyspy}.stderr", "wb"))
             time.sleep(1.0)
         cpu0 = cpu_seconds(mox.pid)
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None)
-    ap.add_argument("--pyspy", type=Path, default=None, help="profile mox's last measurement into this file")
+    ap.add_argument("--pyspy", type=Path, default=None, help="profile the last mox measurement of the last round into this file")
     ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR",
                     help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR as NAME-*; "
                          "DIR alone: run the measured mox with PYTHONPATH=DIR")
@@ -177,7 +177,7 @@ def main() -> None:
                     res = run_postfix(pf, a.messages, a.timeout)
                 else:
                     name, _, layout = t.partition("-")
-                    last = rnd == a.rounds - 1 and t == "mox-20-domains"
+                    last = rnd == a.rounds - 1 and t == [x for x in targets if x != "postfix"][-1]
                     res = run_mox(moxes[name], a.messages, 20 if layout == "20-domains" else 1, a.timeout,
                                   a.pyspy if last else None)
                 results.setdefault(t, []).append(res["rate"])

@@ -213,6 +213,55 @@ async def test_concurrent_adds_are_group_committed(cfg):
         await q.close()
 
 
+async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are(cfg):
+    """Before/after an attempt, rows change without an fsync (a crash repeats a delivery, as
+    with Postfix); an add is fsynced (synchronous=FULL at its COMMIT); before a message file is
+    unlinked, the write-ahead log holding its row's deletion is fsynced."""
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    statements: list[str] = []
+    wal_syncs: list[list[str]] = []  # the queue files present at each log fsync
+    sync_wal = q.store._sync_wal
+
+    def recording_sync_wal():
+        wal_syncs.append(queue_files(cfg))
+        sync_wal()
+
+    q.store._sync_wal = recording_sync_wal
+
+    async def commit_level(coro):
+        """The synchronous level in force at the COMMIT of ``coro``'s transaction."""
+        statements.clear()
+        await coro
+        level, levels = "FULL", []
+        for sql in statements:
+            if sql.startswith("PRAGMA synchronous="):
+                level = sql.split("=")[1]
+            elif sql == "COMMIT":
+                levels.append(level)
+        assert q.store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        [out] = levels
+        return out
+
+    try:
+        q.store.db.set_trace_callback(statements.append)
+        [small] = await add(q, "a@d1.example")
+        assert await commit_level(add(q, "c@d3.example")) == "FULL"
+        assert await commit_level(q.store.start_attempt([(small, 2000.0, 8)], 1000.0, {})) == "NORMAL"
+        assert await commit_level(q.store.finish_attempt([], [(small, {"text": "451 later"})])) == "NORMAL"
+        assert await commit_level(q.store.finish_attempt([small], [])) == "NORMAL"
+        assert wal_syncs == []  # its data went with its row
+        q.store.inline_max = 0
+        [large] = await add(q, "b@d2.example")
+        [file] = queue_files(cfg)
+        assert await commit_level(q.store.start_attempt([(large, 2000.0, 8)], 1000.0, {})) == "NORMAL"
+        assert await commit_level(q.store.finish_attempt([large], [])) == "NORMAL"
+        assert wal_syncs == [[file]] and queue_files(cfg) == []  # log fsynced, then the file went
+    finally:
+        q.store.db.set_trace_callback(None)
+        await q.close()
+
+
 async def test_attempt_bookkeeping_of_concurrent_deliveries_is_group_committed(cfg):
     """start/finish_attempt calls queued while the queue-db thread is busy share one
     transaction, and no caller is resumed before that COMMIT returned."""

@@ -27,7 +27,8 @@ busy reads a handful of rows whatever the number of queued messages.
 All SQLite work runs in one thread per process (one connection), and concurrent ``add()``
 calls queue up behind a running commit and are then written and committed together (group
 commit: one directory fsync and one commit per batch). The scheduler's bookkeeping before and
-after each attempt is group-committed the same way. Several processes may add to the same
+after each attempt is group-committed the same way, without an fsync of its own (a crash may
+repeat a delivery, never lose a message: see ``_flush_attempts``). Several processes may add to the same
 queue (an "add-only" store, opened with ``lock=False``): row ids come from blocks each store
 reserves in ``sqlite_sequence``, and rate limits are checked and counted under SQLite's write
 lock, so the limits hold across processes. ``on_commit`` (called in the writer thread after
@@ -611,8 +612,15 @@ class QueueStore:
     # commits of its own (start, finish), one after another in the single queue-db thread,
     # which was then the bottleneck of outbound delivery. Operations are queued; the thread
     # runs every operation queued meanwhile in one transaction (a savepoint each, so that one
-    # failing operation fails alone) and resumes each caller only after that COMMIT returned:
-    # what a caller was told is on disk, as before.
+    # failing operation fails alone) and resumes each caller only after that COMMIT returned.
+    #
+    # These commits are not fsynced (``synchronous=NORMAL`` for that one COMMIT), as Postfix
+    # neither fsyncs the deletion of a delivered queue file nor the time stamp of a deferred
+    # one: losing bookkeeping in a crash can only repeat work (the message is tried again, a
+    # delivery may be repeated), never lose a message, and the next fsynced commit (any add)
+    # makes every earlier one durable, since the WAL is written in order. DSNs are stored
+    # durably before the rows change (Scheduler._record). Before message files are unlinked
+    # after such a commit, the log is fsynced (``_sync_wal``), so that no row outlives its file.
 
     async def _attempt_op(self, fn: Any, *args: Any) -> tuple[Any, set[tuple[int, str]]]:
         loop = asyncio.get_running_loop()
@@ -633,6 +641,7 @@ class QueueStore:
         try:
             if db is None:
                 raise RuntimeError("queue store is not open")
+            db.execute("PRAGMA synchronous=NORMAL")  # for this COMMIT only (see above)
             db.execute("BEGIN IMMEDIATE")
             try:
                 for fn, args, _, _ in ops:
@@ -648,6 +657,8 @@ class QueueStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
         except BaseException as exc:
             log.error("queue_attempt_commit_failed", error=str(exc), operations=len(ops))
             outcomes = [(False, exc)] * len(ops)
@@ -658,11 +669,22 @@ class QueueStore:
                 if ok:
                     files |= res[1]
             try:
+                if any(not f.startswith(INLINE_PREFIX) for _, f in files):
+                    self._sync_wal()  # the deletions are on disk before any file goes
                 self._remove_unreferenced(files)
             except Exception:  # a file left behind is an orphan, removed at startup
                 log.exception("queue_unlink_failed")
         for (_, _, loop, fut), (ok, res) in zip(ops, outcomes, strict=True):
             loop.call_soon_threadsafe(_settle, fut, ok, res)
+
+    def _sync_wal(self) -> None:
+        """Make commits made with ``synchronous=NORMAL`` durable: what SQLite's FULL does at
+        COMMIT, an fsync of the write-ahead log (written in order, so it covers them all)."""
+        fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _start_rows(
         self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
