@@ -110,7 +110,8 @@ def run_postfix(pf: PostfixBench, n: int, timeout: float) -> dict:
     return {"messages": n, "elapsed": t1 - t0, "rate": n / (t1 - t0)}
 
 
-def run_mox(mox: MoxBench, n: int, domains: int, timeout: float, pyspy: Path | None = None) -> dict:
+def run_mox(mox: MoxBench, n: int, domains: int, timeout: float, pyspy: Path | None = None,
+            pyspy_idle: bool = True) -> dict:
     asyncio.run(_add_held(mox.config_path, n, domains))
     mox.start()
     spy = None
@@ -118,7 +119,7 @@ def run_mox(mox: MoxBench, n: int, domains: int, timeout: float, pyspy: Path | N
         assert mox.queue_count() == n
         if pyspy:  # profile the delivery phase (py-spy --idle: shares are of wall time)
             exe = str(Path(sys.executable).with_name("py-spy"))
-            spy = subprocess.Popen([exe, "record", "--pid", str(mox.pid), "--rate", "100", "--idle",
+            spy = subprocess.Popen([exe, "record", "--pid", str(mox.pid), "--rate", "100", *(["--idle"] if pyspy_idle else []),
                                     "--threads", "--format", "raw", "-o", str(pyspy)],
                                    stdout=subprocess.DEVNULL, stderr=open(f"{pyspy}.stderr", "wb"))
             time.sleep(1.0)
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None)
+    ap.add_argument("--pyspy-busy", dest="pyspy_idle", action="store_false",
+                    help="sample only threads that run (shares of CPU, not of wall time)")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile the last mox measurement of the last round into this file")
     ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR",
                     help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR as NAME-*; "
@@ -179,7 +182,7 @@ def main() -> None:
                     name, _, layout = t.partition("-")
                     last = rnd == a.rounds - 1 and t == [x for x in targets if x != "postfix"][-1]
                     res = run_mox(moxes[name], a.messages, 20 if layout == "20-domains" else 1, a.timeout,
-                                  a.pyspy if last else None)
+                                  a.pyspy if last else None, a.pyspy_idle)
                 results.setdefault(t, []).append(res["rate"])
                 if "cpu_ms_per_msg" in res:
                     cpu.setdefault(t, []).append(res["cpu_ms_per_msg"])

@@ -260,6 +260,7 @@ def test_prepare_data_dot_stuffing_and_terminator():
 @pytest.mark.parametrize("data", [
     b"x\r.\r\nMAIL FROM:<ceo@bank.test>\r\n",  # reliability B.1 #8
     b"a\n.\nb\r\n", b"a\n.\r\nb\r\n", b"a\r\n.\nb\r\n", b"a\rb\r\n", b"a\r\n.\r\r\nb\r\n", b"lf only\n",
+    b"a\nb\rc\r\n", b"a\n\rb\r\n",  # as many CRs as LFs, but not all in pairs
 ])
 def test_prepare_data_refuses_bare_cr_or_lf(data):
     with pytest.raises(ValueError, match="bare"):
