@@ -41,7 +41,7 @@ def py_spy() -> str:
 def profile_case(bench: Bench, target: str, sessions: int, seconds: float, rate: int, out: Path) -> dict:
     raw = RAW_DIR / f"pyspy-{target}-{sessions}conn-2KB.txt"  # raw profiles stay out of the tree
     spy = subprocess.Popen([py_spy(), "record", "--pid", str(bench.mox.pid), "--duration", str(int(seconds)),
-                            "--rate", str(rate), "--idle", "--threads", "--subprocesses", "--format", "raw", "-o", str(raw)],
+                            "--rate", str(rate), "--idle", "--threads", "--subprocesses", "--nonblocking", "--format", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # py-spy attaches
     results: list = []

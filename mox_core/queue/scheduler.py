@@ -351,13 +351,13 @@ class Scheduler:
             plans = [(m.id, start + intervals[min(m.attempts, len(intervals) - 1)], max_attempts)
                      for m in group]
             pending = {"start": start, "text": "delivering...", "transport": res.name, "pending": True}
-            rows = await self.store.start_attempt(plans, start, pending)
+            rows, data = await self.store.start_attempt_and_read(plans, start, pending)
             if not rows:
                 return
             before = rows[0].attempts - 1
             log.info("delivery_attempt", msg_ids=[m.id for m in rows], domain=rows[0].recipient_domain,
                      transport=res.name, source=res.source, attempt=before + 1)
-            data, results = await self._call_transport(cfg, res, rows, before)
+            data, results = await self._call_transport(cfg, res, rows, before, data)
             await self._record(cfg, res, rows, results, data, start, intervals)
         finally:
             running.remove(limit)
@@ -365,14 +365,15 @@ class Scheduler:
                 self._running.pop(domain, None)
 
     async def _call_transport(
-        self, cfg: Config, res: Resolution, rows: list[QueuedMessage], before: int
+        self, cfg: Config, res: Resolution, rows: list[QueuedMessage], before: int, data: bytes | None,
     ) -> tuple[bytes, list[RecipientResult]]:
         def all_temporary(text: str) -> list[RecipientResult]:
             return [RecipientResult(m.recipient, DeliveryStatus.TEMPORARY, text=text) for m in rows]
 
         first = rows[0]
         try:
-            data = await self.store.read_message(first.file)
+            if data is None:
+                data = await self.store.read_message(first.file)
         except OSError as exc:
             log.error("queue_message_file_unreadable", msg_id=first.id, error=str(exc))
             return b"", all_temporary(f"reading queued message: {exc.strerror or exc}")

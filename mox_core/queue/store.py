@@ -39,6 +39,7 @@ scheduler. Orphan cleanup (``lock=True``) must run before other processes start 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.policy
 import errno
 import fcntl
@@ -601,6 +602,15 @@ class QueueStore:
         out, _ = await self._attempt_op(self._start_rows, plans, now, result)
         return out
 
+    async def start_attempt_and_read(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> tuple[list[QueuedMessage], bytes | None]:
+        """:meth:`start_attempt`, plus the first row's message data when it is stored in the
+        index, read in the same trip to the database thread (``None``: a message file, or no
+        row; read it with :meth:`read_message`)."""
+        out, _ = await self._attempt_op(self._start_rows_and_read, plans, now, result)
+        return out
+
     async def finish_attempt(
         self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]
     ) -> None:
@@ -700,6 +710,16 @@ class QueueStore:
             if row is not None:
                 out.append(QueuedMessage.from_row(row))
         return out, set()
+
+    def _start_rows_and_read(
+        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
+    ) -> tuple[tuple[list[QueuedMessage], bytes | None], set[tuple[int, str]]]:
+        rows, files = self._start_rows(plans, now, result)
+        data = None
+        if rows and rows[0].file.startswith(INLINE_PREFIX):
+            with contextlib.suppress(FileNotFoundError):  # read_message reports it
+                data = self._read_inline(rows[0].base_id)
+        return (rows, data), files
 
     def _finish_rows(
         self, remove: Sequence[int], update: Sequence[tuple[int, dict[str, Any]]]
