@@ -558,6 +558,39 @@ async def test_one_inflight_delivery_per_domain(cfg):
         assert len(SCRIPT.calls) == 3
 
 
+async def test_adding_to_a_domain_at_its_limit_costs_no_scheduler_pass(cfg):
+    """A message for a domain whose deliveries are all in flight waits for one of them to end
+    (which wakes the scheduler): its add does not make the scheduler look in the database."""
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        passes = 0
+        pick = q.store.pick_and_next_due
+
+        async def counting_pick(*args, **kw):
+            nonlocal passes
+            passes += 1
+            return await pick(*args, **kw)
+
+        q.store.pick_and_next_due = counting_pick
+        await add(q, "a@remote.example")
+        for _ in range(200):
+            if SCRIPT.active == 1:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        before = passes
+        await add(q, "b@remote.example")  # remote.example takes one delivery at a time
+        await asyncio.sleep(0.05)
+        assert passes == before
+        await add(q, "c@other.example")
+        await asyncio.sleep(0.05)
+        assert passes > before and SCRIPT.active == 2
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert sorted(SCRIPT.recipients_delivered()) == ["a@remote.example", "b@remote.example",
+                                                         "c@other.example"]
+
+
 async def _until(pred) -> None:
     for _ in range(300):
         if pred():

@@ -22,7 +22,7 @@ from mox_core.config import Config, ConfigHolder
 from mox_core.errors import MoxError
 from mox_core.kinds import DeliveryStatus, RecipientResult
 from mox_core.queue.scheduler import Clock, FakeClock, RealClock, Scheduler
-from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore
+from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
 
 __all__ = [
@@ -175,8 +175,8 @@ class Queue:
             return ids
         log.info("queue_added", ids=ids, account=account, mail_from=mail_from,
                  recipients=len(recipients), size=len(data), local=len(local_deliveries))
-        if self.scheduler is not None:
-            self.scheduler.kick()
+        if self.scheduler is not None and not hold:
+            self.scheduler.kick_for(recipient_domain(r) for r in recipients)
         return ids
 
     # -- admin ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -206,6 +206,14 @@ class Scheduler:
         """Look for due work now (after add, kick, unhold, or a finished delivery)."""
         self._wake_gen += 1
         self._wake.set()
+
+    def kick_for(self, domains: Iterable[str]) -> None:
+        """:meth:`kick` after new messages to ``domains``, unless every one of them is at its
+        limit of deliveries in flight: the end of one of those wakes the scheduler anyway (a
+        burst of submissions to one busy domain then costs no pass each)."""
+        busy = self.busy_domains
+        if not busy or any(d not in busy for d in domains):
+            self.kick()
 
     async def settle(self, timeout: float = 30.0) -> None:
         """Wait until a full pass after this call found nothing due and nothing in flight."""
