@@ -501,14 +501,12 @@ class MoxBench:
                 resource.setrlimit(resource.RLIMIT_NOFILE, lim)
 
         self.log = open(self.dir / "mox.log", "ab")
-        # cwd: "python -m" puts the working directory first on sys.path, so started from the
-        # repository root a --variant's PYTHONPATH copy of mox_core would be shadowed by the
-        # checkout's (every variant measured the same code).
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "mox_core", "--config", str(self.config_path), "serve"],
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre, cwd=self.dir,
-            # cwd: "-m" puts the working directory first on sys.path; from the repository root
-            # that would shadow the PYTHONPATH of a variant (a patched copy of mox_core).
+            # cwd: "python -m" puts the working directory first on sys.path, so started from
+            # the repository root a --variant's PYTHONPATH copy of mox_core would be shadowed
+            # by the checkout's (every variant measured the same code).
             env={**os.environ, **self.default_env, **(env or {})})
         wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=self.proc)
         wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=self.proc)

@@ -48,25 +48,6 @@ from mox_core.testpeers.sink import SmtpSink
 TARGETS = ["postfix", "mox-1-domain", "mox-20-domains"]
 
 
-class VariantMox(MoxBench):
-    """``mox serve`` from another code tree: ``PYTHONPATH`` set, and the current directory
-    away from the checkout (``-m`` puts the current directory first on ``sys.path``)."""
-
-    def start(self, nofile: int | None = None, env: dict | None = None) -> MoxBench:
-        import os
-
-        from common import wait_banner
-
-        self.log = open(self.dir / "mox.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
-            env={**os.environ, **self.default_env, **(env or {})})
-        wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=self.proc)
-        wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=self.proc)
-        return self
-
-
 async def _add_held(config_path: Path, n: int, domains: int) -> None:
     from mox_core import logging as mox_logging
     from mox_core.config import load_config
@@ -147,8 +128,9 @@ def main() -> None:
     ap.add_argument("--pyspy-busy", dest="pyspy_idle", action="store_false",
                     help="sample only threads that run (shares of CPU, not of wall time)")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile the last mox measurement of the last round into this file")
-    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR",
-                    help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR as NAME-*; "
+    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR[,workers=N]",
+                    help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR (empty: the project "
+                         "as installed) as NAME-*, with smtp_workers = N if given; "
                          "DIR alone: run the measured mox with PYTHONPATH=DIR")
     a = ap.parse_args()
     targets = a.targets.split(",")
@@ -164,9 +146,13 @@ def main() -> None:
     if replace:
         mox.default_env = {"PYTHONPATH": replace[-1]}
     moxes = {"mox": mox}
-    for name, d in named.items():
-        moxes[name] = VariantMox(base / f"{name}-out", dns.nameserver, relay_port=sink.port)
-        moxes[name].default_env = {"PYTHONPATH": str(Path(d).resolve())}
+    for name, spec in named.items():
+        d, *opts = spec.split(",")
+        opt = dict(o.split("=", 1) for o in opts)
+        moxes[name] = MoxBench(base / f"{name}-out", dns.nameserver, relay_port=sink.port,
+                               smtp_workers=int(opt["workers"]) if "workers" in opt else None)
+        if d:
+            moxes[name].default_env = {"PYTHONPATH": str(Path(d).resolve())}
     results: dict = {}
     cpu: dict = {}
     try:

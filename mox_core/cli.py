@@ -95,12 +95,15 @@ def serve(state: State) -> None:
 
 @cli.command("smtp-worker", hidden=True)
 @click.option("--index", type=int, required=True)
+@click.option("--count", type=int, required=True, help="number of workers (for the delivery share)")
 @click.option("--parent", type=int, required=True)
 @click.option("--channel", type=int, required=True)
 @click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:IP")
 @click.pass_obj
-def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tuple[str, ...]) -> None:
-    """Serve incoming SMTP on sockets from mox serve (started by mox serve, not by hand)."""
+def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
+                sockets: tuple[str, ...]) -> None:
+    """Serve incoming SMTP on sockets from mox serve, and deliver queued messages to a share
+    of the recipient domains (started by mox serve, not by hand)."""
     from mox_core.server import run_loop
     from mox_core.smtpserver.workers import serve_worker
 
@@ -110,7 +113,7 @@ def smtp_worker(state: State, index: int, parent: int, channel: int, sockets: tu
     for spec in sockets:
         fd, name, ip = spec.split(":", 2)
         by_key[(name, ip)] = int(fd)
-    run_loop(serve_worker(cfg, index, parent, channel, by_key))
+    run_loop(serve_worker(cfg, index, count, parent, channel, by_key))
 
 
 @cli.command("setaccountpassword")

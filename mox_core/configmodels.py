@@ -138,7 +138,8 @@ class Postmaster(Model):
 
 
 class Queue(Model):
-    concurrency: int = Field(10, ge=1, description="Deliveries in progress at once.")
+    concurrency: int = Field(10, ge=1, description="Deliveries in progress at once, per delivering process "
+                             "(the main process, or each of the smtp_workers).")
     retry_intervals: list[float] = Field(
         default_factory=lambda: [450.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0],
         description="Seconds to wait after attempt 1, 2, ...; the last repeats.",
@@ -169,8 +170,10 @@ class StaticConfig(Model):
     )
     smtp_workers: int = Field(
         0, ge=0, le=64,
-        description="Processes serving the incoming SMTP (port 25) listeners, sharing each port; "
-        "0: one per CPU (at most 8); 1: the main process serves them itself.",
+        description="Processes serving the incoming SMTP (port 25) listeners, sharing each port, "
+        "and delivering the queue, each to its share of the recipient domains ([queue] "
+        "concurrency applies to each); 0: one per CPU (at most 8); 1: the main process "
+        "does both itself.",
     )
     dns: DNS = Field(default_factory=DNS, description="DNS resolver used for SPF, DKIM and MX.")
     postmaster: Postmaster = Field(description="Where mail for postmaster goes.")

@@ -70,17 +70,24 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     store = MaildirStore()
     credentials = AccountCredentials(holder)
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
-    await queue.start()
-    ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
-    await ctl.start()
-    # Incoming SMTP in worker processes (smtpserver/workers.py) when there is more than one
-    # CPU; their sockets are bound here, first, so a busy port stops the start right away.
+    # Incoming SMTP and outgoing deliveries in worker processes (smtpserver/workers.py) when
+    # there is more than one CPU; their sockets are bound here, first, so a busy port stops
+    # the start right away.
     workers = None
     endpoints = smtp_endpoints(holder)
     count = worker_count(config.static.smtp_workers)
     if endpoints and count > 1:
         workers = SMTPWorkers(config.path, endpoints, count)
         workers.bind()
+    if workers:
+        # the queue's lock and orphan cleanup here, before the workers open it; each worker
+        # delivers to its share of the recipient domains and is woken for them
+        await queue.open(lock=True)
+        queue.wake = workers.wake
+    else:
+        await queue.start()
+    ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
+    await ctl.start()
     try:
         listeners = await start_listeners(
             holder, store=store, credentials=credentials, resolver=resolver,

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore
+from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore, partition_of
 from mox_core.queue.scheduler import remaining_schedule
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
@@ -259,6 +259,34 @@ async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are
         assert wal_syncs == [[file]] and queue_files(cfg) == []  # log fsynced, then the file went
     finally:
         q.store.db.set_trace_callback(None)
+        await q.close()
+
+
+async def test_partitioned_stores_see_disjoint_shares_of_the_domains(cfg):
+    """Two processes delivering from one queue (mox serve's workers) each pick, and wait for,
+    only the domains of their partition; together they see every domain."""
+    clock = FakeClock()
+    q = Queue(cfg, clock=clock)
+    await q.open()
+    parts = [Queue(cfg, clock=clock, partition=(i, 2)) for i in range(2)]
+    try:
+        for p in parts:
+            await p.open(lock=False)
+        domains = {f"d{i}.example" for i in range(8)}
+        for d in sorted(domains):
+            await add(q, f"u@{d}")
+        now = clock.now()
+        seen = []
+        for i, p in enumerate(parts):
+            got = {b[0].recipient_domain for b in await p.store.pick(now, set(), 100)}
+            assert got and all(partition_of(d, 2) == i for d in got)
+            assert await p.store.next_due(got) is None  # nothing due outside its share
+            assert await p.store.next_due(set()) is not None
+            seen.append(got)
+        assert seen[0] | seen[1] == domains and not seen[0] & seen[1]
+    finally:
+        for p in parts:
+            await p.close()
         await q.close()
 
 

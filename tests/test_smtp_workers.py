@@ -12,11 +12,13 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
+from mox_core.queue import partition_of
 from mox_core.smtpserver.workers import worker_count
 from mox_core.testpeers import wait_for
 
@@ -173,6 +175,52 @@ def test_one_worker_means_the_main_process_serves_smtp(mox_server_factory):
     assert len(server.wait_for_messages("alice", 1)) == 1
     assert worker_pids(server) == []
     assert "worker" not in log_events(server, "message_accepted")[0]
+
+
+OUTBOUND_STATIC = """
+[testing]
+allow_private_targets = true
+"""
+
+
+def submit(server, to: str, subject: str) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(server.host, server.submission_port, timeout=30) as c:
+        c.starttls(context=ctx)
+        c.login("alice@example.org", "pw")
+        c.sendmail("alice@example.org", [to],
+                   f"From: alice@example.org\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nhi\r\n")
+
+
+def test_workers_deliver_the_queue_each_domain_in_one_worker(mox_server_factory, dns_server,
+                                                             smtp_sink_factory):
+    """Submission stays in the main process; the queue's deliveries run in the workers, each
+    recipient domain always in the same one (its limit of deliveries in flight holds), woken
+    by the main process when a message for one of its domains is queued."""
+    sink = smtp_sink_factory()
+    domains = ["a.example", "b.example", "c.example", "d.example"]
+    assert {partition_of(d, 2) for d in domains} == {0, 1}
+    for d in domains:
+        dns_server.add(d, "MX", f"10 mx.{d}.")
+        dns_server.add(f"mx.{d}", "A", sink.host)
+    server = mox_server_factory(DOMAINS, static_extra=OUTBOUND_STATIC, nameserver=dns_server.nameserver,
+                                passwords={"alice": "pw"}, static_top="smtp_workers = 2\n")
+    ready_workers(server)
+    for round_ in range(2):
+        for d in domains:
+            submit(server, f"bob@{d}", f"round {round_}")
+    got = sink.wait_for_messages(8, timeout=30)
+    assert sorted(m.rcpt_to[0] for m in got) == sorted(f"bob@{d}" for d in domains for _ in range(2))
+    delivered = wait_for(lambda: len(log_events(server, "delivery_delivered")) == 8
+                         and log_events(server, "delivery_delivered"), timeout=10, what="log lines")
+    attempts = log_events(server, "delivery_attempt")
+    assert len(attempts) == 8
+    assert {(a["domain"], a.get("worker")) for a in attempts} == {(d, partition_of(d, 2)) for d in domains}
+    assert all("worker" in e for e in delivered)
+    started = log_events(server, "queue_started")
+    assert sorted(e.get("partition") for e in started) == ["1/2", "2/2"]
+    assert all(e["concurrency"] == 10 for e in started)  # [queue] concurrency, per worker
 
 
 def test_worker_count_auto_is_one_per_usable_cpu():

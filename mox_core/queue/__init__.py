@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -22,7 +22,7 @@ from mox_core.config import Config, ConfigHolder
 from mox_core.errors import MoxError
 from mox_core.kinds import DeliveryStatus, RecipientResult
 from mox_core.queue.scheduler import Clock, FakeClock, RealClock, Scheduler
-from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, recipient_domain
+from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, partition_of, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "RealClock",
     "Scheduler",
     "StorageError",
+    "partition_of",
 ]
 
 log = structlog.get_logger(component="queue")
@@ -61,6 +62,13 @@ class Queue:
         messages, with the new row ids (quick and thread-safe, e.g. a write to a pipe): how a
         process that only adds (:meth:`open_add_only`) wakes the scheduler of the process
         that delivers. Within one process :meth:`add` wakes the scheduler itself.
+    :param partition: ``(index, count)``: this queue's scheduler delivers only to the
+        recipient domains of that share (:func:`partition_of`), for one of ``count``
+        processes delivering from the same queue (``mox serve`` with ``smtp_workers``).
+
+    ``wake``: when set, the scheduler that must look at new or changed messages runs in
+    other processes (the workers of ``mox serve``), and this is called instead of the local
+    scheduler's kick, with the recipient domains concerned (``None``: any domain).
     """
 
     def __init__(
@@ -72,13 +80,15 @@ class Queue:
         resolver: Any = None,
         concurrency: int | None = None,
         on_commit: Callable[[list[int]], None] | None = None,
+        partition: tuple[int, int] | None = None,
     ) -> None:
         self._config: Callable[[], Config] = (
             config.get if isinstance(config, ConfigHolder) else (lambda: config)
         )
         cfg = self._config()
         self.clock: Clock = clock or RealClock()
-        self.store = QueueStore(cfg.data_dir, on_commit=on_commit)
+        self.store = QueueStore(cfg.data_dir, on_commit=on_commit, partition=partition)
+        self.wake: Callable[[Iterable[str] | None], None] | None = None
         self._own_maildir = maildir_store is None
         self.maildir_store = maildir_store
         self._resolver = resolver
@@ -114,13 +124,16 @@ class Queue:
         await self.store.open(lock=False, cleanup=False)
         self._opened = True
 
-    async def start(self) -> None:
-        """Open (with the lock and orphan cleanup) and start delivering."""
-        await self.open(lock=True)
+    async def start(self, *, lock: bool = True) -> None:
+        """Open and start delivering. ``lock=True``: the only process delivering from this
+        queue, or the one that runs before the others start (lock and orphan cleanup)."""
+        await self.open(lock=lock)
         assert self.scheduler is not None
         self.scheduler.start()
+        part = self.store.partition
         log.info("queue_started", concurrency=self.scheduler.concurrency,
-                 messages=await self.store.count())
+                 messages=await self.store.count(),
+                 **({"partition": f"{part[0] + 1}/{part[1]}"} if part else {}))
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop the scheduler (``grace`` seconds for running deliveries) and close the store."""
@@ -138,6 +151,15 @@ class Queue:
         if self.scheduler is None:
             raise RuntimeError("queue is not open")
         return self.scheduler
+
+    def _wake(self, domains: Iterable[str] | None = None) -> None:
+        """Have the scheduler that delivers to ``domains`` (``None``: any) look again."""
+        if self.wake is not None:
+            self.wake(None if domains is None else list(domains))
+        elif domains is None:
+            self._sched().kick()
+        else:
+            self._sched().kick_for(domains)
 
     # -- submission -------------------------------------------------------------------------
 
@@ -176,7 +198,7 @@ class Queue:
         log.info("queue_added", ids=ids, account=account, mail_from=mail_from,
                  recipients=len(recipients), size=len(data), local=len(local_deliveries))
         if self.scheduler is not None and not hold:
-            self.scheduler.kick_for(recipient_domain(r) for r in recipients)
+            self._wake(recipient_domain(r) for r in recipients)
         return ids
 
     # -- admin ------------------------------------------------------------------------------
@@ -193,7 +215,7 @@ class Queue:
                 raise QueueError(f"unknown transport {transport!r} (configured: {known})")
             values["transport"] = transport or None
         n = len(await self.store.update(flt, values))
-        self._sched().kick()
+        self._wake()
         log.info("queue_kicked", count=n, transport=transport)
         return n
 
@@ -203,7 +225,7 @@ class Queue:
             return 0
         flt = dataclasses.replace(flt, hold=not hold)
         n = len(await self.store.update(flt, {"hold": int(hold)}))
-        self._sched().kick()
+        self._wake()
         log.info("queue_hold_changed", count=n, hold=hold)
         return n
 

@@ -48,6 +48,7 @@ import os
 import re
 import sqlite3
 import threading
+import zlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +65,7 @@ from mox_core.routing import address_domain
 from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
 from mox_core.store.maildir import fsync_dir, mkdir_durable, unlink_quiet, write_file
 
-__all__ = ["Filter", "QueueLocked", "QueueStore", "QueuedMessage", "recipient_domain"]
+__all__ = ["Filter", "QueueLocked", "QueueStore", "QueuedMessage", "partition_of", "recipient_domain"]
 
 log = structlog.get_logger(component="queue.store")
 
@@ -84,6 +85,13 @@ class QueueLocked(MoxError):
 
 
 recipient_domain = address_domain
+
+
+def partition_of(domain: str, count: int) -> int:
+    """Which of ``count`` delivering processes owns ``domain`` (stable across processes and
+    restarts, unlike ``hash()``): all deliveries to a domain stay in one process, so its
+    limit of deliveries in flight holds."""
+    return zlib.crc32(domain.encode("utf-8", "surrogateescape")) % count
 
 
 @dataclass
@@ -120,8 +128,12 @@ class QueueStore:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *,
-                 on_commit: Callable[[list[int]], None] | None = None) -> None:
+                 on_commit: Callable[[list[int]], None] | None = None,
+                 partition: tuple[int, int] | None = None) -> None:
         self.dir = Path(data_dir) / "queue"
+        # (index, count): picking and next_due see only the domains of this partition
+        # (partition_of); None: every domain
+        self.partition = partition
         self.msg_dir = self.dir / "msg"
         self.tmp_dir = self.dir / "tmp"
         self.db_path = self.dir / "index.db"
@@ -157,6 +169,7 @@ class QueueStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=10000")
+        db.create_function("mox_partition", 2, partition_of, deterministic=True)
         db.executescript(SCHEMA)
         self._db = db
         self._limiters_ready = {}
@@ -521,10 +534,11 @@ class QueueStore:
                    exclude: frozenset[int] | set[int] = frozenset()) -> list[list[QueuedMessage]]:
         db = self.db
         room = room or {}
+        part, args = self._partition_sql()
         domains = [
             d for (d,) in db.execute(
-                "SELECT domain FROM domain_due WHERE next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-                (now, limit + len(busy) + len(room)),
+                f"SELECT domain FROM domain_due WHERE next_attempt <= ? AND {part} ORDER BY next_attempt LIMIT ?",
+                (now, *args, limit + len(busy) + len(room)),
             ) if d not in busy
         ]
         out: list[list[QueuedMessage]] = []
@@ -581,10 +595,18 @@ class QueueStore:
         """Earliest ``next_attempt`` of a non-held row whose domain is not busy."""
         return await self._run(self._next_due_sync, busy)
 
+    def _partition_sql(self) -> tuple[str, tuple[int, ...]]:
+        """The condition on ``domain_due.domain`` for this store's partition, and its args."""
+        if self.partition is None:
+            return "1", ()
+        index, count = self.partition
+        return "mox_partition(domain, ?) = ?", (count, index)
+
     def _next_due_sync(self, busy: set[str]) -> float | None:
+        part, args = self._partition_sql()
         for d, t in self.db.execute(
-            "SELECT domain, next_attempt FROM domain_due ORDER BY next_attempt LIMIT ?",
-            (len(busy) + 1,),
+            f"SELECT domain, next_attempt FROM domain_due WHERE {part} ORDER BY next_attempt LIMIT ?",
+            (*args, len(busy) + 1),
         ):
             if d not in busy:
                 return float(t)

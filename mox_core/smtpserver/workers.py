@@ -1,15 +1,23 @@
-"""Worker processes for incoming SMTP (port 25): use every CPU, as Postfix's smtpd processes do.
+"""Worker processes for incoming SMTP (port 25) and outgoing deliveries: use every CPU, as
+Postfix's smtpd and smtp processes do.
 
-One Python process runs on one core (the GIL), and accepting mail costs CPU per message
-(parsing, SPF, headers; bench/RESULTS.md). So ``mox serve`` runs the incoming SMTP listeners
-in ``smtp_workers`` processes (default: one per CPU). The main process binds, for every SMTP
-address, one listening socket per worker sharing the port (``SO_REUSEPORT``: the kernel spreads
-connections over them), starts the workers with their sockets, and keeps serving everything
-else itself: submission (AUTH, rate limits, the queue), the queue scheduler, the ctl socket.
+One Python process runs on one core (the GIL), and accepting and delivering mail costs CPU
+per message (parsing, SPF, headers, the SMTP client; bench/RESULTS.md). So ``mox serve`` runs
+the incoming SMTP listeners and the queue's deliveries in ``smtp_workers`` processes (default:
+one per CPU). The main process binds, for every SMTP address, one listening socket per worker
+sharing the port (``SO_REUSEPORT``: the kernel spreads connections over them), opens the queue
+first (its lock and orphan cleanup), starts the workers with their sockets, and keeps serving
+the rest itself: submission (AUTH, rate limits, adding to the queue) and the ctl socket.
 
 Incoming SMTP needs nothing shared but files: a worker resolves recipients from the config
 files (each process reloads domains.toml itself), checks SPF/DKIM and delivers into Maildir,
 which is safe for several writers by design (unique file names with the process id; rename).
+
+Deliveries: worker ``i`` of ``n`` runs a queue scheduler for the recipient domains with
+``partition_of(domain, n) == i``, so every delivery to one domain runs in one process and
+per-domain limits hold as in a single process; ``[queue] concurrency`` applies to each worker. The workers share the queue's SQLite database (its locking serialises their
+commits). When the main process queues a message, or an admin command changes messages, it
+writes ``kick`` on the pipe of each worker concerned.
 
 A worker that dies is started again after a second, with the same sockets: connections that
 waited in its backlog are then served. Workers die with the main process (``PR_SET_PDEATHSIG``
@@ -27,12 +35,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from mox_core.errors import MoxError
+from mox_core.queue.store import partition_of
 from mox_core.smtpserver.listen import bind_shared
 
 log = structlog.get_logger(component="smtpserver")
@@ -100,7 +110,8 @@ class SMTPWorkers:
             fds.append(fd)
             spec.append(f"{fd}:{name}:{ip}")
         cmd = [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "smtp-worker",
-               "--index", str(index), "--parent", str(os.getpid()), "--channel", str(theirs.fileno()),
+               "--index", str(index), "--count", str(self.count),
+               "--parent", str(os.getpid()), "--channel", str(theirs.fileno()),
                *[a for s in spec for a in ("--socket", s)]]
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
@@ -141,6 +152,15 @@ class SMTPWorkers:
                 await self._spawn(index)
             except (MoxError, OSError) as exc:
                 log.error("smtp_worker_restart_failed", worker=index, error=str(exc))
+
+    def wake(self, domains: list[str] | None) -> None:
+        """Have the workers delivering to ``domains`` (``None``: all workers) look at the
+        queue again (``Queue.wake``). A worker being restarted looks at it when it starts."""
+        targets = range(self.count) if domains is None else {partition_of(d, self.count) for d in domains}
+        for i in targets:
+            ch = self._channels[i]
+            if ch is not None and not ch.is_closing():
+                ch.write(b"kick\n")
 
     @property
     def pids(self) -> list[int]:
@@ -184,20 +204,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _wait_eof(channel: socket.socket, stop: asyncio.Event) -> None:
+async def _read_channel(channel: socket.socket, stop: asyncio.Event, kick: Callable[[], None]) -> None:
+    """Lines from the main process ("kick": new or changed messages for this worker's
+    domains) until the pipe ends, which means the main process is gone or stopping."""
     reader, writer = await asyncio.open_connection(sock=channel)
-    with contextlib.suppress(OSError):
-        while await reader.read(4096):
-            pass
+    with contextlib.suppress(OSError, ValueError):
+        while line := await reader.readline():
+            if line == b"kick\n":
+                kick()
     stop.set()
     writer.close()
 
 
-async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
+async def serve_worker(config: Any, index: int, count: int, parent: int, channel_fd: int,
                        sockets: dict[tuple[str, str], int]) -> None:
-    """Serve the incoming SMTP listeners on sockets inherited from the main process."""
+    """Serve the incoming SMTP listeners on sockets inherited from the main process, and
+    deliver queued messages to this worker's share of the recipient domains."""
     from mox_core.config import ConfigHolder
-    from mox_core.resolver import install_spf_lookup, make_resolver
+    from mox_core.queue import Queue
+    from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.server import reload_loop
     from mox_core.smtpserver.listen import start_listeners
     from mox_core.store import MaildirStore
@@ -214,10 +239,16 @@ async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
     resolver = make_resolver(config.static.dns)
     install_spf_lookup(resolver)
     store = MaildirStore()
+    # [queue] concurrency applies per worker: divided among them, one domain's deliveries
+    # (all in one worker) had half the slots, and ran 23 % slower through one smarthost
+    queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns),
+                  partition=(index, count))
+    await queue.start(lock=False)
     listeners = await start_listeners(holder, store=store, credentials=None, resolver=resolver,
                                       services=frozenset({"smtp"}), sockets=socks)
     channel.sendall(b"ready\n")
-    watcher = asyncio.create_task(_wait_eof(channel, stop))
+    assert queue.scheduler is not None
+    watcher = asyncio.create_task(_read_channel(channel, stop, queue.scheduler.kick))
     reloader = asyncio.create_task(reload_loop(holder, stop))
     try:
         await stop.wait()
@@ -226,5 +257,6 @@ async def serve_worker(config: Any, index: int, parent: int, channel_fd: int,
         reloader.cancel()
         for lst in listeners:
             lst.server.close()
+        await queue.close(grace=5)  # before the store: DSNs are delivered through it
         await store.aclose()
         log.info("smtp_worker_stopped", pid=os.getpid())
