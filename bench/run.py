@@ -107,8 +107,8 @@ def main() -> None:
         # "one": the same code with smtp_workers = 1 (one process), measured in the same rounds
         "accept": ["accept.py", "--rounds", "1" if q else "5", "--scale", "0.3" if q else "1",
                    "--variant", "one=,workers=1", "--out", str(a.out / "accept.json")],
-        "outbound": ["outbound.py", "--rounds", "1" if q else "3", "--messages", "300" if q else "2000",
-                     "--out", str(a.out / "outbound.json")],
+        "outbound": ["outbound.py", "--rounds", "1" if q else "3", "--messages", "300" if q else "3000",
+                     "--variant", "one=,workers=1", "--out", str(a.out / "outbound.json")],
         "idle": ["idle.py", "--connections", "10000", "--out", str(a.out / "idle.json")],
         "queue": ["queue_scale.py", "--sizes", "1000,10000,100000" if q else "1000,10000,100000,1000000",
                   "--e2e", "--out", str(a.out / "queue.json")],
