@@ -601,10 +601,7 @@ async def test_adding_to_a_domain_at_its_limit_costs_no_scheduler_pass(cfg):
 
         q.store.pick_and_next_due = counting_pick
         await add(q, "a@remote.example")
-        for _ in range(200):
-            if SCRIPT.active == 1:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: SCRIPT.active == 1)
         await asyncio.sleep(0.05)
         before = passes
         await add(q, "b@remote.example")  # remote.example takes one delivery at a time
