@@ -1,4 +1,4 @@
-"""Profile the acceptance path of ``mox serve`` with py-spy (1 and 20 connections, 2 KB).
+"""Profile the acceptance path of ``mox serve`` with py-spy (1 and 20 connections, 2 KB or --size).
 
 Starts the same peers as accept.py, runs smtp-source against mox's SMTP listener (Maildir
 delivery) while ``py-spy record --idle --threads --subprocesses --format raw`` samples the server, and
@@ -38,8 +38,9 @@ def py_spy() -> str:
     return str(exe)
 
 
-def profile_case(bench: Bench, target: str, sessions: int, seconds: float, rate: int, out: Path) -> dict:
-    raw = RAW_DIR / f"pyspy-{target}-{sessions}conn-2KB.txt"  # raw profiles stay out of the tree
+def profile_case(bench: Bench, target: str, sessions: int, seconds: float, rate: int, out: Path,
+                 size: int = 2048) -> dict:
+    raw = RAW_DIR / f"pyspy-{target}-{sessions}conn-{size // 1024}KB.txt"  # raw profiles stay out of the tree
     spy = subprocess.Popen([py_spy(), "record", "--pid", str(bench.mox.pid), "--duration", str(int(seconds)),
                             "--rate", str(rate), "--idle", "--threads", "--subprocesses", "--nonblocking", "--format", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -50,7 +51,7 @@ def profile_case(bench: Bench, target: str, sessions: int, seconds: float, rate:
     def load() -> None:  # keep the server busy for the whole recording, in chunks
         while not stop.is_set():
             results.append(bench.run("mox-maildir" if target == "maildir" else "mox-queue",
-                                     sessions, 2048, 200 if sessions == 1 else 600))
+                                     sessions, size, 200 if sessions == 1 else 600))
 
     th = threading.Thread(target=load)
     th.start()
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--target", default="maildir", choices=["maildir", "queue"])
+    ap.add_argument("--size", type=int, default=2048, help="message size in bytes")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -79,8 +81,10 @@ def main() -> None:
     try:
         bench.run(f"mox-{a.target}" if a.target == "queue" else "mox-maildir", 4, 2048, 100)
         for sessions in (1, 20):
-            log(f"profiling {a.target}, {sessions} conn(s), 2 KB, {a.seconds:.0f} s")
-            reports[f"{sessions} conn, 2 KB"] = profile_case(bench, a.target, sessions, a.seconds, a.rate, a.out)
+            kb = f"{a.size // 1024} KB"
+            log(f"profiling {a.target}, {sessions} conn(s), {kb}, {a.seconds:.0f} s")
+            reports[f"{sessions} conn, {kb}"] = profile_case(bench, a.target, sessions, a.seconds, a.rate,
+                                                             a.out, a.size)
     finally:
         bench.close()
         shutil.rmtree(base, ignore_errors=True)
