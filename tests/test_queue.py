@@ -16,6 +16,7 @@ import time
 import pytest
 
 from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore, partition_of
+from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES
 from mox_core.queue.scheduler import remaining_schedule
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
@@ -288,6 +289,35 @@ async def test_partitioned_stores_see_disjoint_shares_of_the_domains(cfg):
         for p in parts:
             await p.close()
         await q.close()
+
+
+async def test_checkpoints_run_in_their_own_thread_not_in_the_writers(cfg):
+    """The log is copied into the database file by the checkpoint thread's connection, woken
+    by commits; the writer's own checkpoint (which an add would wait for) is only a backstop."""
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    try:
+        store = q.store
+        assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
+        assert store.checkpointer is not None
+        for i in range(20):  # 2 MB: far below the backstop of 16,384 pages
+            await add(q, f"u{i}@d{i}.example", data=MSG + b"x" * 100_000 + b"\r\n")
+        for _ in range(200):
+            if store.checkpointer.count and store.checkpointer.last[1] > 400:
+                break
+            await asyncio.sleep(0.02)
+        busy, frames, copied = store.checkpointer.last
+        assert busy == 0 and frames > 400 and copied == frames  # all of it, by that thread
+    finally:
+        await q.close()
+    assert q.store.checkpointer is None
+    # a process that opens the queue without the lock (mox serve's workers) has none
+    w = Queue(cfg, clock=FakeClock())
+    await w.open(lock=False)
+    try:
+        assert w.store.checkpointer is None
+    finally:
+        await w.close()
 
 
 async def test_start_attempt_and_read_brings_an_indexed_message_along(cfg):
