@@ -100,7 +100,8 @@ def run_mox(mox: MoxBench, n: int, domains: int, timeout: float, pyspy: Path | N
         assert mox.queue_count() == n
         if pyspy:  # profile the delivery phase (py-spy --idle: shares are of wall time)
             exe = str(Path(sys.executable).with_name("py-spy"))
-            spy = subprocess.Popen([exe, "record", "--pid", str(mox.pid), "--rate", "100", *(["--idle"] if pyspy_idle else []),
+            spy = subprocess.Popen([exe, "record", "--pid", str(mox.pid), "--rate", "100", "--subprocesses",
+                                    "--nonblocking", *(["--idle"] if pyspy_idle else []),
                                     "--threads", "--format", "raw", "-o", str(pyspy)],
                                    stdout=subprocess.DEVNULL, stderr=open(f"{pyspy}.stderr", "wb"))
             time.sleep(1.0)
