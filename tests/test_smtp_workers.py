@@ -223,6 +223,29 @@ def test_workers_deliver_the_queue_each_domain_in_one_worker(mox_server_factory,
     assert all(e["concurrency"] == 10 for e in started)  # [queue] concurrency, per worker
 
 
+def test_a_killed_workers_domains_are_delivered_by_its_replacement(mox_server_factory, dns_server,
+                                                                   smtp_sink_factory):
+    """Messages queued for a worker's domains while it is dead wait for the replacement,
+    which looks at the whole queue when it starts."""
+    sink = smtp_sink_factory()
+    for d in ("a.example", "b.example"):
+        dns_server.add(d, "MX", f"10 mx.{d}.")
+        dns_server.add(f"mx.{d}", "A", sink.host)
+    assert partition_of("a.example", 2) == 0 and partition_of("b.example", 2) == 1
+    server = mox_server_factory(DOMAINS, static_extra=OUTBOUND_STATIC, nameserver=dns_server.nameserver,
+                                passwords={"alice": "pw"}, static_top="smtp_workers = 2\n")
+    ready_workers(server)
+    first = {e["worker"]: e["pid"] for e in log_events(server, "smtp_worker_started")}
+    os.kill(first[0], signal.SIGKILL)
+    submit(server, "bob@a.example", "while its worker is dead")
+    submit(server, "carol@b.example", "to the other worker")
+    got = sink.wait_for_messages(2, timeout=30)
+    assert sorted(m.rcpt_to[0] for m in got) == ["bob@a.example", "carol@b.example"]
+    [attempt] = [e for e in log_events(server, "delivery_attempt") if e["domain"] == "a.example"]
+    started = log_events(server, "smtp_worker_started")
+    assert attempt["worker"] == 0 and len(started) == 3 and started[-1]["pid"] != first[0]
+
+
 def test_worker_count_auto_is_one_per_usable_cpu():
     assert worker_count(3) == 3
     assert worker_count(0) == max(1, min(len(os.sched_getaffinity(0)), 8))
