@@ -15,9 +15,10 @@ which is safe for several writers by design (unique file names with the process 
 
 Deliveries: worker ``i`` of ``n`` runs a queue scheduler for the recipient domains with
 ``partition_of(domain, n) == i``, so every delivery to one domain runs in one process and
-per-domain limits hold as in a single process; ``[queue] concurrency`` applies to each worker. The workers share the queue's SQLite database (its locking serialises their
-commits). When the main process queues a message, or an admin command changes messages, it
-writes ``kick`` on the pipe of each worker concerned.
+per-domain limits hold as in a single process; ``[queue] concurrency`` applies to each
+worker. The workers share the queue's SQLite database (its locking serialises their commits).
+When the main process queues a message, or an admin command changes messages, it writes
+``kick`` on the pipe of each worker concerned; a worker that starts looks at the whole queue.
 
 A worker that dies is started again after a second, with the same sockets: connections that
 waited in its backlog are then served. Workers die with the main process (``PR_SET_PDEATHSIG``
