@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore, partition_of
-from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES
+from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.queue.scheduler import remaining_schedule
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
@@ -299,6 +299,7 @@ async def test_checkpoints_run_in_their_own_thread_not_in_the_writers(cfg):
     try:
         store = q.store
         assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
+        assert store.db.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
         assert store.checkpointer is not None
         for i in range(20):  # 2 MB: far below the backstop of 16,384 pages
             await add(q, f"u{i}@d{i}.example", data=MSG + b"x" * 100_000 + b"\r\n")

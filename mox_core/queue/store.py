@@ -80,6 +80,9 @@ FILE_WRITERS = 4
 # default of 1,000 pages: one stall per 40 messages of 100 KB). A thread with its own
 # connection does it instead (CheckpointThread); the writers' own is kept as a backstop.
 WAL_AUTOCHECKPOINT_PAGES = 16384
+# After a burst, the log file is cut back to this size when it is next reset (it is reused
+# from its start, not shrunk, otherwise).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 CHECKPOINT_INTERVAL = 0.25  # seconds at least between two checkpoints of the thread
 # Messages up to this size are stored in the index (msg_data) instead of a file: one WAL
 # commit makes them durable, instead of a file fsync, a directory fsync and the commit.
@@ -152,6 +155,7 @@ class CheckpointThread:
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             while True:
                 self._wake.wait()
                 if self._closing.is_set():
@@ -220,6 +224,7 @@ class QueueStore:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=10000")
         db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.create_function("mox_partition", 2, partition_of, deterministic=True)
         db.executescript(SCHEMA)
         self._db = db
