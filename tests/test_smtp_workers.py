@@ -246,6 +246,26 @@ def test_a_killed_workers_domains_are_delivered_by_its_replacement(mox_server_fa
     assert attempt["worker"] == 0 and len(started) == 3 and started[-1]["pid"] != first[0]
 
 
+def test_queue_kick_reaches_the_worker_that_delivers(mox_server_factory, dns_server, smtp_sink_factory):
+    """`mox queue kick` goes to the main process (ctl socket); it wakes the workers, and the
+    message deferred for an hour goes out now."""
+    sink = smtp_sink_factory(reject_4xx="RCPT", soft_reply="451 4.7.1 greylisted, try later")
+    dns_server.add("a.example", "MX", "10 mx.a.example.")
+    dns_server.add("mx.a.example", "A", sink.host)
+    server = mox_server_factory(DOMAINS, static_extra=OUTBOUND_STATIC + "\n[queue]\nretry_intervals = [3600.0]\n",
+                                nameserver=dns_server.nameserver, passwords={"alice": "pw"},
+                                static_top="smtp_workers = 2\n")
+    ready_workers(server)
+    submit(server, "bob@a.example", "deferred")
+    wait_for(lambda: log_events(server, "delivery_deferred"), timeout=20, what="first attempt deferred")
+    sink.stop()
+    good = smtp_sink_factory(host=sink.host, port=sink.port)
+    server.mox("queue", "kick")
+    [msg] = good.wait_for_messages(1, timeout=20)
+    assert msg.message["Subject"] == "deferred"
+    assert [e["worker"] for e in log_events(server, "delivery_delivered")] == [partition_of("a.example", 2)]
+
+
 def test_worker_count_auto_is_one_per_usable_cpu():
     assert worker_count(3) == 3
     assert worker_count(0) == max(1, min(len(os.sched_getaffinity(0)), 8))
