@@ -98,8 +98,8 @@ class MiniSMTP:
                  rcpt_reply: Callable[[str, int], str] | None = None, final_reply: str = "250 2.0.0 queued",
                  tls_context: ssl.SSLContext | None = None, inject_after_starttls: bytes = b"",
                  auth: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]] | None = None,
-                 hang_after_data: bool = False, close_after: int | None = None,
-                 close_reply: str = "") -> None:
+                 hang_after_data: bool = False, stop_reading_at_data: bool = False,
+                 close_after: int | None = None, close_reply: str = "") -> None:
         self.extensions = extensions
         self.tls_extensions = tls_extensions
         self.greeting = greeting
@@ -111,6 +111,7 @@ class MiniSMTP:
         self.inject = inject_after_starttls
         self.auth = auth
         self.hang_after_data = hang_after_data
+        self.stop_reading_at_data = stop_reading_at_data  # after the 354: a stuck peer
         # after this many transactions on one connection, hang up right after the final reply
         # (with close_reply, e.g. a 421, sent in the same write): a server's idle timeout
         self.close_after = close_after
@@ -192,6 +193,9 @@ class MiniSMTP:
                     continue
                 send("354 go ahead")
                 await writer.drain()
+                if self.stop_reading_at_data:
+                    await self._stop.wait()
+                    return
                 data = b""
                 while not (data.endswith(b"\r\n.\r\n") or data == b".\r\n"):
                     chunk = await reader.readline()
@@ -552,6 +556,16 @@ async def test_greeting_5xx_and_timeouts_and_lost_connection(mini_factory):
     client = await session(slow, timeouts=Timeouts(data=0.3))
     with pytest.raises(SMTPClientError, match="timeout") as exc:
         await client.deliver("a@example.org", ["b@x.test"], MSG)
+    await client.close()
+    assert not exc.value.permanent
+
+    # a peer that stops reading: the message fills the socket buffers, and the write of the
+    # rest times out instead of waiting for ever
+    stuck = await mini_factory(stop_reading_at_data=True)
+    client = await session(stuck, timeouts=Timeouts(data=0.5))
+    big = b"From: a@example.org\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+    with pytest.raises(SMTPClientError, match="timeout writing message data") as exc:
+        await client.deliver("a@example.org", ["b@x.test"], big)
     await client.close()
     assert not exc.value.permanent
 

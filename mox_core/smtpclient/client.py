@@ -306,8 +306,10 @@ class SMTPClient:
     async def _write(self, data: bytes, timeout: float, command: str) -> None:
         try:
             self._writer.write(data)
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
+            if self._writer.transport.get_write_buffer_size():
+                # not all taken by the kernel at once: wait (bounded) until it is
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
         except TimeoutError:
             self._broken = True
             raise self._error(False, f"timeout writing {command}", command=command) from None
