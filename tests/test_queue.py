@@ -321,22 +321,22 @@ async def test_checkpoints_run_in_their_own_thread_not_in_the_writers(cfg):
         await w.close()
 
 
-async def test_start_attempt_and_read_brings_an_indexed_message_along(cfg):
+async def test_start_attempt_brings_an_indexed_message_along(cfg):
     """The data of a message stored in the index comes back with the started rows (one trip
     to the database thread); a message file is left to read_message."""
     q = Queue(cfg, clock=FakeClock())
     await q.open()
     try:
         [small] = await add(q, "a@d1.example")
-        rows, data = await q.store.start_attempt_and_read([(small, 2000.0, 8)], 1000.0, {})
+        rows, data = await q.store.start_attempt([(small, 2000.0, 8)], 1000.0, {})
         assert [(r.id, r.attempts) for r in rows] == [(small, 1)] and data == MSG
         q.store.inline_max = 0
         [large] = await add(q, "b@d2.example")
-        rows, data = await q.store.start_attempt_and_read([(large, 2000.0, 8)], 1000.0, {})
+        rows, data = await q.store.start_attempt([(large, 2000.0, 8)], 1000.0, {})
         assert [r.id for r in rows] == [large] and data is None
         assert await q.store.read_message(rows[0].file) == MSG
         await q.store.update(Filter(ids=(small,)), {"hold": 1})
-        assert await q.store.start_attempt_and_read([(small, 3000.0, 8)], 1000.0, {}) == ([], None)
+        assert await q.store.start_attempt([(small, 3000.0, 8)], 1000.0, {}) == ([], None)
     finally:
         await q.close()
 
@@ -368,7 +368,7 @@ async def test_attempt_bookkeeping_of_concurrent_deliveries_is_group_committed(c
         return out
 
     async def start(mid):
-        rows = await q.store.start_attempt([(mid, 2000.0, 8)], 1000.0, {"text": "delivering..."})
+        rows, _ = await q.store.start_attempt([(mid, 2000.0, 8)], 1000.0, {"text": "delivering..."})
         events.append(f"returned {mid}")
         return rows
 

@@ -359,7 +359,7 @@ class Scheduler:
             plans = [(m.id, start + intervals[min(m.attempts, len(intervals) - 1)], max_attempts)
                      for m in group]
             pending = {"start": start, "text": "delivering...", "transport": res.name, "pending": True}
-            rows, data = await self.store.start_attempt_and_read(plans, start, pending)
+            rows, data = await self.store.start_attempt(plans, start, pending)
             if not rows:
                 return
             before = rows[0].attempts - 1

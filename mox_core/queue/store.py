@@ -677,22 +677,16 @@ class QueueStore:
 
     async def start_attempt(
         self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
-    ) -> list[QueuedMessage]:
+    ) -> tuple[list[QueuedMessage], bytes | None]:
         """Before an attempt, in one transaction per row set: attempts+1, last_attempt=now,
         next_attempt from ``plans`` (id, next_attempt, max_attempts) and a "delivering..."
-        result. Returns the rows still queued and not held, as updated, once committed.
+        result. Returns the rows still queued and not held, as updated, once committed, and
+        the first row's message data when it is stored in the index, read in the same trip to
+        the database thread (``None``: a message file, or no row; read it with
+        :meth:`read_message`).
 
         Concurrent calls (and :meth:`finish_attempt` calls) share one transaction: see
         :meth:`_flush_attempts`."""
-        out, _ = await self._attempt_op(self._start_rows, plans, now, result)
-        return out
-
-    async def start_attempt_and_read(
-        self, plans: Sequence[tuple[int, float, int]], now: float, result: dict[str, Any]
-    ) -> tuple[list[QueuedMessage], bytes | None]:
-        """:meth:`start_attempt`, plus the first row's message data when it is stored in the
-        index, read in the same trip to the database thread (``None``: a message file, or no
-        row; read it with :meth:`read_message`)."""
         out, _ = await self._attempt_op(self._start_rows_and_read, plans, now, result)
         return out
 
