@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from common import (ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, PostfixBench, bench_dns, cpu_seconds, log,
-                    median, rotate, smtp_source, smtpload)
+                    median, rotate, smtp_source, smtpload, variant_mox)
 from mox_core.testpeers import make_private_dir
 
 # label, sessions, body bytes, messages per measurement at --scale 1 (about 1.5-4 s each)
@@ -70,16 +70,9 @@ class Bench:
         self.moxes["mox"] = MoxBench(base / "mox", self.dns.nameserver, log_level=log_level)
         self.moxes["mox"].start()
         for name, spec in (variants or {}).items():
-            # "DIR[,log=LEVEL][,workers=N][,loop=asyncio]" (DIR empty: the project as installed)
-            path, *opts = spec.split(",")
-            opt = dict(o.split("=", 1) for o in opts)
-            env = {"PYTHONPATH": path} if path else {}
-            if "loop" in opt:  # loop=asyncio: the standard event loop instead of uvloop
-                env["MOX_EVENT_LOOP"] = opt["loop"]
-            self.moxes[name] = MoxBench(base / f"mox-{name}", self.dns.nameserver,
-                                        log_level=opt.get("log", log_level),
-                                        smtp_workers=int(opt["workers"]) if "workers" in opt else None)
-            self.moxes[name].start(env=env)
+            self.moxes[name] = variant_mox(base / f"mox-{name}", self.dns.nameserver, spec,
+                                           log_level=log_level)
+            self.moxes[name].start()
 
     @property
     def mox(self) -> MoxBench:

@@ -555,6 +555,22 @@ class MoxBench:
         return resp["result"]
 
 
+def variant_mox(directory: Path, nameserver: str, spec: str, *, log_level: str = "info",
+                relay_port: int | None = None) -> MoxBench:
+    """A ``mox serve`` for ``--variant NAME=SPEC``, SPEC being
+    ``DIR[,log=LEVEL][,workers=N][,loop=asyncio]``: PYTHONPATH=DIR (empty: the project as
+    installed), its log level, ``smtp_workers = N``, the standard event loop instead of uvloop."""
+    path, *opts = spec.split(",")
+    opt = dict(o.split("=", 1) for o in opts)
+    mox = MoxBench(directory, nameserver, relay_port=relay_port, log_level=opt.get("log", log_level),
+                   smtp_workers=int(opt["workers"]) if "workers" in opt else None)
+    if path:
+        mox.default_env["PYTHONPATH"] = str(Path(path).resolve())
+    if "loop" in opt:
+        mox.default_env["MOX_EVENT_LOOP"] = opt["loop"]
+    return mox
+
+
 def make_message(length: int, frm: str = ACCOUNT_ADDR, to: str = REMOTE_RCPT, n: int = 0) -> bytes:
     """A message like smtpload's: five header lines, then length bytes of 78-'X' lines."""
     head = (f"From: <{frm}>\r\nTo: <{to}>\r\nDate: Thu, 26 Nov 2026 11:19:44 +0000\r\n"

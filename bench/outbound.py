@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from common import (ACCOUNT_ADDR, MoxBench, PostfixBench, bench_dns, cpu_seconds, log, make_message, median,
-                    rotate, smtp_source)
+                    rotate, smtp_source, variant_mox)
 from mox_core.testpeers import make_private_dir
 from mox_core.testpeers.sink import SmtpSink
 
@@ -129,9 +129,9 @@ def main() -> None:
     ap.add_argument("--pyspy-busy", dest="pyspy_idle", action="store_false",
                     help="sample only threads that run (shares of CPU, not of wall time)")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile the last mox measurement of the last round into this file")
-    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR[,workers=N]",
-                    help="NAME=DIR: also measure mox serve with PYTHONPATH=DIR (empty: the project "
-                         "as installed) as NAME-*, with smtp_workers = N if given; "
+    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR[,log=LEVEL][,workers=N][,loop=asyncio]",
+                    help="NAME=SPEC: also measure mox serve with PYTHONPATH=DIR (empty: the project "
+                         "as installed) and the options (common.variant_mox) as NAME-*; "
                          "DIR alone: run the measured mox with PYTHONPATH=DIR")
     a = ap.parse_args()
     targets = a.targets.split(",")
@@ -148,12 +148,7 @@ def main() -> None:
         mox.default_env = {"PYTHONPATH": replace[-1]}
     moxes = {"mox": mox}
     for name, spec in named.items():
-        d, *opts = spec.split(",")
-        opt = dict(o.split("=", 1) for o in opts)
-        moxes[name] = MoxBench(base / f"{name}-out", dns.nameserver, relay_port=sink.port,
-                               smtp_workers=int(opt["workers"]) if "workers" in opt else None)
-        if d:
-            moxes[name].default_env = {"PYTHONPATH": str(Path(d).resolve())}
+        moxes[name] = variant_mox(base / f"{name}-out", dns.nameserver, spec, relay_port=sink.port)
     results: dict = {}
     cpu: dict = {}
     try:
