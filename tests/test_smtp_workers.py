@@ -7,6 +7,7 @@ backlog are still served; the workers die with the main process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,11 +16,12 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from mox_core.queue import partition_of
-from mox_core.smtpserver.workers import worker_count
+from mox_core.smtpserver.workers import SMTPWorkers, _read_channel, worker_count
 from mox_core.testpeers import wait_for
 
 DOMAINS = """
@@ -264,6 +266,51 @@ def test_queue_kick_reaches_the_worker_that_delivers(mox_server_factory, dns_ser
     [msg] = good.wait_for_messages(1, timeout=20)
     assert msg.message["Subject"] == "deferred"
     assert [e["worker"] for e in log_events(server, "delivery_delivered")] == [partition_of("a.example", 2)]
+
+
+def test_kicks_name_their_domains_to_the_worker_that_delivers_them():
+    """After a submission the main process tells the worker which of its domains got mail, so
+    a worker whose deliveries to them are all at their limit skips its pass (kick_for)."""
+    workers = SMTPWorkers(Path("mox.toml"), [], 2)
+    lines: dict[int, list[bytes]] = {0: [], 1: []}
+
+    class Channel:  # the main process's end of a worker's pipe
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, data: bytes) -> None:
+            lines[self.index].append(data)
+
+    workers._channels = [Channel(0), Channel(1)]
+    zero = [d for d in ("a.example", "b.example", "c.example", "d.example") if partition_of(d, 2) == 0]
+    one = [d for d in ("a.example", "b.example", "c.example", "d.example") if partition_of(d, 2) == 1]
+    workers.wake([zero[0], one[0], zero[1]])
+    workers.wake(None)  # an admin change: every worker looks at everything
+    assert lines == {0: [f"kick {zero[0]} {zero[1]}\n".encode(), b"kick\n"],
+                     1: [f"kick {one[0]}\n".encode(), b"kick\n"]}
+
+
+async def test_worker_turns_kick_lines_into_scheduler_calls():
+    calls: list[list[str] | None] = []
+
+    class Scheduler:
+        def kick(self) -> None:
+            calls.append(None)
+
+        def kick_for(self, domains: list[str]) -> None:
+            calls.append(list(domains))
+
+    ours, theirs = socket.socketpair()
+    stop = asyncio.Event()
+    task = asyncio.create_task(_read_channel(theirs, stop, Scheduler()))
+    ours.sendall("kick a.example bücher.example\nkick\nsomething new\n".encode())
+    ours.close()  # the main process is gone: the worker stops
+    await asyncio.wait_for(stop.wait(), 5)
+    await task
+    assert calls == [["a.example", "bücher.example"], None]
 
 
 def test_worker_count_auto_is_one_per_usable_cpu():

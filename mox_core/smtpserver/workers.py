@@ -17,8 +17,10 @@ Deliveries: worker ``i`` of ``n`` runs a queue scheduler for the recipient domai
 ``partition_of(domain, n) == i``, so every delivery to one domain runs in one process and
 per-domain limits hold as in a single process; ``[queue] concurrency`` applies to each
 worker. The workers share the queue's SQLite database (its locking serialises their commits).
-When the main process queues a message, or an admin command changes messages, it writes
-``kick`` on the pipe of each worker concerned; a worker that starts looks at the whole queue.
+When the main process queues a message it writes ``kick DOMAIN ...`` on the pipe of each
+worker concerned (a worker whose deliveries to those domains are all at their limit skips its
+pass, as one process does), after an admin command ``kick`` to every worker; a worker that
+starts looks at the whole queue.
 
 A worker that dies is started again after a second, with the same sockets: connections that
 waited in its backlog are then served. Workers die with the main process (``PR_SET_PDEATHSIG``
@@ -36,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +158,20 @@ class SMTPWorkers:
     def wake(self, domains: list[str] | None) -> None:
         """Have the workers delivering to ``domains`` (``None``: all workers) look at the
         queue again (``Queue.wake``). A worker being restarted looks at it when it starts."""
-        targets = range(self.count) if domains is None else {partition_of(d, self.count) for d in domains}
-        for i in targets:
+        if domains is None:
+            lines = dict.fromkeys(range(self.count), b"kick\n")
+        else:
+            # "kick DOMAIN ...": a worker whose deliveries to all of them are at their limit
+            # skips its pass (Scheduler.kick_for), as one process does; one busy domain then
+            # costs a worker no database trip per submission
+            mine: dict[int, list[str]] = {}
+            for d in domains:
+                mine.setdefault(partition_of(d, self.count), []).append(d)
+            lines = {i: ("kick " + " ".join(ds) + "\n").encode() for i, ds in mine.items()}
+        for i, line in lines.items():
             ch = self._channels[i]
             if ch is not None and not ch.is_closing():
-                ch.write(b"kick\n")
+                ch.write(line)
 
     @property
     def pids(self) -> list[int]:
@@ -205,14 +215,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _read_channel(channel: socket.socket, stop: asyncio.Event, kick: Callable[[], None]) -> None:
-    """Lines from the main process ("kick": new or changed messages for this worker's
-    domains) until the pipe ends, which means the main process is gone or stopping."""
+async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: Any) -> None:
+    """Lines from the main process until the pipe ends, which means the main process is gone
+    or stopping: "kick" (messages changed, any domain) or "kick DOMAIN ..." (new messages
+    for these domains of this worker's)."""
     reader, writer = await asyncio.open_connection(sock=channel)
     with contextlib.suppress(OSError, ValueError):
         while line := await reader.readline():
             if line == b"kick\n":
-                kick()
+                scheduler.kick()
+            elif line.startswith(b"kick "):
+                scheduler.kick_for(line[5:].decode("utf-8", "replace").split())
     stop.set()
     writer.close()
 
@@ -249,7 +262,7 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
                                       services=frozenset({"smtp"}), sockets=socks)
     channel.sendall(b"ready\n")
     assert queue.scheduler is not None
-    watcher = asyncio.create_task(_read_channel(channel, stop, queue.scheduler.kick))
+    watcher = asyncio.create_task(_read_channel(channel, stop, queue.scheduler))
     reloader = asyncio.create_task(reload_loop(holder, stop))
     try:
         await stop.wait()
