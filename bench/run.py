@@ -4,7 +4,7 @@ Each part is its own script (see README.md) and writes JSON into --out (default
 bench/results/); this only runs them one after the other (never two at once: the machine has
 2 cores) and formats the figures.
 
-    .venv/bin/python bench/run.py [--quick] [--parts machine,accept,outbound,idle,queue,profile]
+    .venv/bin/python bench/run.py [--quick] [--parts machine,accept,phases,outbound,idle,queue,profile]
 
 ``--quick`` (about 5 minutes) is for checking that everything works: 1 round, fewer
 messages, queue sizes up to 100,000. The full run takes about 15 minutes.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ["machine", "accept", "outbound", "idle", "queue", "profile"]
+PARTS = ["machine", "accept", "phases", "outbound", "idle", "queue", "profile"]
 
 
 def run_part(name: str, args: list[str], out: Path) -> None:
@@ -53,6 +53,10 @@ def summary(out: Path) -> str:
     if a:
         from accept import table
         lines += ["## Acceptance", "", table(a), ""]
+    ph = load("phases")
+    if ph:
+        from phases import tables
+        lines += ["## One session, step by step", "", tables(ph)]
     o = load("outbound")
     if o:
         lines += ["## Outbound (smtp transport to smtp-sink)", "",
@@ -107,6 +111,8 @@ def main() -> None:
         # "one": the same code with smtp_workers = 1 (one process), measured in the same rounds
         "accept": ["accept.py", "--rounds", "1" if q else "5", "--scale", "0.3" if q else "1",
                    "--variant", "one=,workers=1", "--out", str(a.out / "accept.json")],
+        "phases": ["phases.py", "--rounds", "1" if q else "6", "--sessions", "30" if q else "100",
+                   "--out", str(a.out / "phases.json")],
         "outbound": ["outbound.py", "--rounds", "1" if q else "3", "--messages", "300" if q else "3000",
                      "--variant", "one=,workers=1", "--out", str(a.out / "outbound.json")],
         "idle": ["idle.py", "--connections", "10000", "--out", str(a.out / "idle.json")],
