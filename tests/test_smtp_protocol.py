@@ -385,6 +385,27 @@ async def test_read_data_at_every_split_point() -> None:
                 assert await reader.readexactly(len(tail)) == tail, (wire, cut)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_size_limit_counts_stuffed_dots_only_past_the_limit(chunk: int) -> None:
+    """The collector counts stuffed dots once the received bytes pass the limit (from then on
+    piece by piece): a message within the limit after unstuffing is never cut short, one far
+    over it stops being stored (memory stays bounded)."""
+    body = b".2345678\r\n" * 300 + b"plain\r\n" * 100  # 3,700 bytes; 300 stuffed dots
+    wire = stuff(body)  # with the terminator
+    assert len(wire) == len(body) + 300 + 3
+    for limit, too_big in ((len(body), False), (len(body) - 1, None), (len(body) // 3, True)):
+        collector = protocol._DataCollector(limit)
+        for i in range(0, len(wire), chunk):
+            collector.add(wire[i:i + chunk])
+        if too_big is not None:
+            assert collector.too_big is too_big, limit
+        if collector.too_big:
+            assert collector.pieces == []
+        else:
+            assert b"".join(collector.pieces) == wire
+            assert collector.dots in (0, 301)  # counted exactly, if at all (the terminator's too)
+
+
 def test_message_size_limit(server: ServerThread) -> None:
     rec = Recorder()
     c = Raw(server.start(rec, max_message_size=10_000))

@@ -62,6 +62,7 @@ import structlog
 from mox_core.errors import MoxError
 from mox_core.queue.records import COLUMNS, SCHEMA, Filter, QueuedMessage
 from mox_core.routing import address_domain
+from mox_core.smtp.lines import only_crlf
 from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
 from mox_core.store.maildir import fsync_dir, mkdir_durable, unlink_quiet, write_file
 
@@ -993,7 +994,7 @@ def _header_summary(data: bytes) -> tuple[str, str]:
 def _header_summary_quick(head: bytes) -> tuple[str, str] | None:
     """The common case without the email parser: one-line ``Message-ID: <x>`` and plain
     ASCII ``Subject``, at most one of each, CRLF lines. None: let the parser decide."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
+    if not only_crlf(head):
         return None
     mid = subject = None
     last = b""

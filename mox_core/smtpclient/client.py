@@ -29,6 +29,7 @@ import structlog
 
 from mox_core import logging as moxlog
 from mox_core.kinds import DeliveryStatus, RecipientResult
+from mox_core.smtp.lines import only_crlf
 from mox_core.smtpclient import sasl
 
 __all__ = [
@@ -219,8 +220,7 @@ def prepare_data(data: bytes) -> bytes:
     the next hop and so end the data early (SMTP smuggling, reliability B.1 #8); fixing them
     silently would change a signed message, so callers normalise line endings before queueing.
     """
-    crlf = data.count(b"\r\n")  # every CR and every LF in a CRLF pair: 4 us for 2 KB, the regex 60
-    m = None if data.count(b"\r") == crlf == data.count(b"\n") else _BARE_CR_LF.search(data)
+    m = None if only_crlf(data) else _BARE_CR_LF.search(data)  # the regex: 60 us per 2 KB
     if m:
         what = "carriage return" if data[m.start():m.start() + 1] == b"\r" else "newline"
         raise ValueError(f"message contains bare {what} at offset {m.start()}, refusing to send")
@@ -228,7 +228,9 @@ def prepare_data(data: bytes) -> bytes:
         data += b"\r\n"
     if data.startswith(b"."):
         data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    if data.rfind(b"\r\n.") >= 0:  # (rfind: twice as fast as replace's search when there is none)
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return data + b".\r\n"
 
 
 def _needs_smtputf8(address: str) -> bool:

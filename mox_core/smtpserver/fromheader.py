@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from mox_core.smtp.lines import only_crlf
+
 __all__ = ["lean_from_address"]
 
 # The common From header: one dot-atom address, bare or in <>, with at most a display name of
@@ -26,7 +28,7 @@ _FIELD = re.compile(rb"[!-9;-~]+:")
 def lean_from_address(head: bytes) -> str | None:
     """The address of the one From header of ``head`` (CRLF header lines) in the common
     forms; None when the email parser must decide (anything unusual, or any problem)."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
+    if not only_crlf(head):
         return None
     value: bytes | None = None
     in_from = False

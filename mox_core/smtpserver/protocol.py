@@ -63,6 +63,7 @@ from mox_core.sasl.server import (
     new_mechanism,
 )
 from mox_core.smtp import codes
+from mox_core.smtp.lines import only_crlf
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MoxSMTP"]
 
@@ -145,17 +146,19 @@ def _running_loop() -> asyncio.AbstractEventLoop:
 class _DataCollector:
     """Collects raw DATA pieces; stops storing once the message is certainly too big.
 
-    ``dots`` counts CRLF "." in CRLF + data, so ``size - dots - 2`` never exceeds the final
-    unstuffed size (each counted dot is one received byte, the terminator adds 3 bytes and one
-    dot): crossing the limit with it means the message is too big, and storing can stop.
+    The unstuffed message is ``size - dots - 3`` bytes, ``dots`` counting CRLF "." in CRLF +
+    data (the terminator's dot among them). Below the limit in received bytes nothing needs
+    counting; past it, the dots are counted (from then on piece by piece), and when even
+    ``size - dots - 2`` exceeds the limit the message is too big and storing stops.
     """
 
-    __slots__ = ("limit", "pieces", "size", "dots", "tail", "too_big")
+    __slots__ = ("counting", "dots", "limit", "pieces", "size", "tail", "too_big")
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit or 0
         self.pieces: list[bytes] = []
         self.size = 0
+        self.counting = False  # dots counted so far (only once size passed the limit)
         self.dots = 0
         self.tail = b"\r\n"  # last two bytes of CRLF + data
         self.too_big = False
@@ -163,11 +166,16 @@ class _DataCollector:
     def add(self, piece: bytes) -> None:
         self.size += len(piece)
         if not self.too_big:
-            self.dots += piece.count(b"\r\n.") + (self.tail + piece[:2]).count(b"\r\n.")
+            if self.counting:
+                self.dots += piece.count(b"\r\n.") + (self.tail + piece[:2]).count(b"\r\n.")
             self.pieces.append(piece)
-            if self.limit and self.size - self.dots - 2 > self.limit:
-                self.too_big = True
-                self.pieces = []
+            if self.limit and self.size - 2 > self.limit:
+                if not self.counting:
+                    self.counting = True
+                    self.dots = (b"\r\n" + b"".join(self.pieces)).count(b"\r\n.")
+                if self.size - self.dots - 2 > self.limit:
+                    self.too_big = True
+                    self.pieces = []
         self.tail = (self.tail + piece[-2:])[-2:]
 
 
@@ -673,13 +681,12 @@ class MoxSMTP(SMTP):
             raw = b"".join(pieces)
         else:
             raw = b"".join(pieces)[:-3]
-        crlf = raw.count(b"\r\n")
-        if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        if not only_crlf(raw):
             return codes.BAD_LINE_ENDING_IN_DATA
         if b"\x00" in raw:
             return codes.NUL_IN_DATA
         content = raw
-        if collector.dots > 1:  # one of them is the terminator's
+        if content.rfind(b"\r\n.") >= 0:  # a stuffed line (rfind: twice as fast as find here)
             content = content.replace(b"\r\n.", b"\r\n")
         if content[:1] == b".":
             content = content[1:]
