@@ -291,6 +291,11 @@ def test_kicks_name_their_domains_to_the_worker_that_delivers_them():
     workers.wake(None)  # an admin change: every worker looks at everything
     assert lines == {0: [f"kick {zero[0]} {zero[1]}\n".encode(), b"kick\n"],
                      1: [f"kick {one[0]}\n".encode(), b"kick\n"]}
+    # 1,000 recipient domains in one submission: no line the worker could not read
+    lines[0].clear(), lines[1].clear()
+    many = [f"{'d' * 60}{i}.example" for i in range(1000)]
+    workers.wake(many)
+    assert lines == {0: [b"kick\n"], 1: [b"kick\n"]}
 
 
 async def test_worker_turns_kick_lines_into_scheduler_calls():
@@ -307,10 +312,13 @@ async def test_worker_turns_kick_lines_into_scheduler_calls():
     stop = asyncio.Event()
     task = asyncio.create_task(_read_channel(theirs, stop, Scheduler()))
     ours.sendall("kick a.example bücher.example\nkick\nsomething new\n".encode())
+    ours.sendall(b"kick " + b"x" * 100_000 + b"\nkick b.example\n")  # too long: a plain kick
+    await asyncio.sleep(0.2)
+    assert not stop.is_set()
     ours.close()  # the main process is gone: the worker stops
     await asyncio.wait_for(stop.wait(), 5)
     await task
-    assert calls == [["a.example", "bücher.example"], None]
+    assert calls == [["a.example", "bücher.example"], None, None, ["b.example"]]
 
 
 def test_worker_count_auto_is_one_per_usable_cpu():

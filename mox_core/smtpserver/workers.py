@@ -50,6 +50,7 @@ from mox_core.smtpserver.listen import bind_shared
 log = structlog.get_logger(component="smtpserver")
 
 MAX_AUTO_WORKERS = 8
+MAX_KICK_LINE = 4096
 RESTART_DELAY = 1.0
 READY_TIMEOUT = 60.0
 
@@ -168,6 +169,9 @@ class SMTPWorkers:
             for d in domains:
                 mine.setdefault(partition_of(d, self.count), []).append(d)
             lines = {i: ("kick " + " ".join(ds) + "\n").encode() for i, ds in mine.items()}
+            # a submission to very many domains: a plain kick (the worker's pipe reader
+            # takes lines of up to 64 KB; one domain name alone can be 253 bytes)
+            lines = {i: line if len(line) <= MAX_KICK_LINE else b"kick\n" for i, line in lines.items()}
         for i, line in lines.items():
             ch = self._channels[i]
             if ch is not None and not ch.is_closing():
@@ -220,8 +224,15 @@ async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: 
     or stopping: "kick" (messages changed, any domain) or "kick DOMAIN ..." (new messages
     for these domains of this worker's)."""
     reader, writer = await asyncio.open_connection(sock=channel)
-    with contextlib.suppress(OSError, ValueError):
-        while line := await reader.readline():
+    with contextlib.suppress(OSError):
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit (never sent): look at all
+                scheduler.kick()
+                continue
+            if not line:
+                break
             if line == b"kick\n":
                 scheduler.kick()
             elif line.startswith(b"kick "):
