@@ -7,7 +7,7 @@ bench/results/); this only runs them one after the other (never two at once: the
     .venv/bin/python bench/run.py [--quick] [--parts machine,accept,phases,outbound,idle,queue,profile]
 
 ``--quick`` (about 5 minutes) is for checking that everything works: 1 round, fewer
-messages, queue sizes up to 100,000. The full run takes about 15 minutes.
+messages, queue sizes up to 100,000. The full run takes 10-15 minutes.
 """
 
 from __future__ import annotations
