@@ -4,9 +4,9 @@ The server creates one :class:`Queue`, ``await queue.start()`` (opens the store,
 orphans, starts the scheduler), gives it to the submission listener (``queue.add``) and to the
 ctl socket (:meth:`Queue.ctl_handlers`), and ``await queue.close()`` at shutdown. Admin
 commands (``mox queue ...``) call the same methods, through the ctl socket when the server
-runs, or on an offline :class:`Queue` (never started) when it does not. A process that only
-accepts submissions next to the one that delivers (listeners in worker processes sharing the
-queue's SQLite file) uses :meth:`Queue.open_add_only` and ``on_commit`` to tell the other.
+runs, or on an offline :class:`Queue` (never started) when it does not. With ``smtp_workers``
+each worker opens the same queue with ``lock=False`` and delivers its share of the domains
+(``partition``); the main process wakes it through ``wake``.
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ class Queue:
     :param maildir_store: the server's durable Maildir store, for DSNs; one is created (and
         closed by :meth:`close`) when not given.
     :param clock: time source; :class:`FakeClock` in tests.
-    :param on_commit: called in the queue's writer thread after every commit that queued
-        messages, with the new row ids (quick and thread-safe, e.g. a write to a pipe): how a
-        process that only adds (:meth:`open_add_only`) wakes the scheduler of the process
-        that delivers. Within one process :meth:`add` wakes the scheduler itself.
     :param partition: ``(index, count)``: this queue's scheduler delivers only to the
         recipient domains of that share (:func:`partition_of`), for one of ``count``
         processes delivering from the same queue (``mox serve`` with ``smtp_workers``).
@@ -79,7 +75,6 @@ class Queue:
         clock: Clock | None = None,
         resolver: Any = None,
         concurrency: int | None = None,
-        on_commit: Callable[[list[int]], None] | None = None,
         partition: tuple[int, int] | None = None,
     ) -> None:
         self._config: Callable[[], Config] = (
@@ -87,7 +82,7 @@ class Queue:
         )
         cfg = self._config()
         self.clock: Clock = clock or RealClock()
-        self.store = QueueStore(cfg.data_dir, on_commit=on_commit, partition=partition)
+        self.store = QueueStore(cfg.data_dir, partition=partition)
         self.wake: Callable[[Iterable[str] | None], None] | None = None
         self._own_maildir = maildir_store is None
         self.maildir_store = maildir_store
@@ -113,15 +108,6 @@ class Queue:
             self.store, self._config, maildir_store=self.maildir_store, clock=self.clock,
             resolver=self._resolver, concurrency=self._concurrency,
         )
-        self._opened = True
-
-    async def open_add_only(self) -> None:
-        """Open the store to add messages only, in a process that does not deliver (while
-        another process runs :meth:`start` on the same data directory): no lock, no
-        orphan cleanup, no scheduler."""
-        if self._opened:
-            return
-        await self.store.open(lock=False, cleanup=False)
         self._opened = True
 
     async def start(self, *, lock: bool = True) -> None:

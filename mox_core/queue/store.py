@@ -28,12 +28,11 @@ All SQLite work runs in one thread per process (one connection), and concurrent 
 calls queue up behind a running commit and are then written and committed together (group
 commit: one directory fsync and one commit per batch). The scheduler's bookkeeping before and
 after each attempt is group-committed the same way, without an fsync of its own (a crash may
-repeat a delivery, never lose a message: see ``_flush_attempts``). Several processes may add to the same
-queue (an "add-only" store, opened with ``lock=False``): row ids come from blocks each store
+repeat a delivery, never lose a message: see ``_flush_attempts``). Several processes may add
+to the same queue (stores opened with ``lock=False``): row ids come from blocks each store
 reserves in ``sqlite_sequence``, and rate limits are checked and counted under SQLite's write
-lock, so the limits hold across processes. ``on_commit`` (called in the writer thread after
-each commit that added rows, with their ids) lets such a process tell the one that runs the
-scheduler. Orphan cleanup (``lock=True``) must run before other processes start adding.
+lock, so the limits hold across processes.
+Orphan cleanup (``lock=True``) must run before other processes start adding.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -182,7 +181,6 @@ class QueueStore:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *,
-                 on_commit: Callable[[list[int]], None] | None = None,
                  partition: tuple[int, int] | None = None) -> None:
         self.dir = Path(data_dir) / "queue"
         # (index, count): picking and next_due see only the domains of this partition
@@ -206,7 +204,6 @@ class QueueStore:
         self._attempt_ops: list[tuple[Any, tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._attempts_scheduled = False
         self.attempt_commits = 0  # transactions of start/finish_attempt, for tests of group commit
-        self.on_commit: Callable[[list[int]], None] | None = on_commit
         self._id_next = self._id_end = 0  # reserved row ids, see _reserve_ids
         self._limiters_ready: dict[int, object] = {}
 
@@ -516,13 +513,6 @@ class QueueStore:
         self.commits += 1
         for it in accepted:
             it.committed = True
-        if self.on_commit is not None:
-            ids = [i for it in accepted for i in it.ids]
-            if ids:
-                try:
-                    self.on_commit(ids)
-                except Exception:
-                    log.exception("queue_on_commit_failed")
         return None
 
     def _fail_all(self, items: list[_Add], exc: BaseException) -> None:
