@@ -31,8 +31,8 @@ after each attempt is group-committed the same way, without an fsync of its own 
 repeat a delivery, never lose a message: see ``_flush_attempts``). Several processes may add
 to the same queue (stores opened with ``lock=False``): row ids come from blocks each store
 reserves in ``sqlite_sequence``, and rate limits are checked and counted under SQLite's write
-lock, so the limits hold across processes.
-Orphan cleanup (``lock=True``) must run before other processes start adding.
+lock, so the limits hold across processes. Orphan cleanup (``lock=True``) must run before
+other processes start adding.
 """
 
 from __future__ import annotations

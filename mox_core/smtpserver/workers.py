@@ -168,10 +168,12 @@ class SMTPWorkers:
             mine: dict[int, list[str]] = {}
             for d in domains:
                 mine.setdefault(partition_of(d, self.count), []).append(d)
-            lines = {i: ("kick " + " ".join(ds) + "\n").encode() for i, ds in mine.items()}
-            # a submission to very many domains: a plain kick (the worker's pipe reader
-            # takes lines of up to 64 KB; one domain name alone can be 253 bytes)
-            lines = {i: line if len(line) <= MAX_KICK_LINE else b"kick\n" for i, line in lines.items()}
+            lines = {}
+            for i, ds in mine.items():
+                line = ("kick " + " ".join(ds) + "\n").encode()
+                # a submission to very many domains: a plain kick (the worker's pipe reader
+                # takes lines of up to 64 KB; one domain name alone can be 253 bytes)
+                lines[i] = line if len(line) <= MAX_KICK_LINE else b"kick\n"
         for i, line in lines.items():
             ch = self._channels[i]
             if ch is not None and not ch.is_closing():
