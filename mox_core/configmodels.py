@@ -175,13 +175,6 @@ class StaticConfig(Model):
         "concurrency applies to each); 0: one per CPU (at most 8); 1: the main process "
         "does both itself.",
     )
-    delivery_journal: bool = Field(
-        True,
-        description="Answer 250 to incoming mail for local accounts once it is in a journal "
-        "(one flush; data_dir/journal), and write it into the Maildirs right after, as Postfix "
-        "delivers from its queue; false: 250 only once the message is in its Maildir's new/ "
-        "(a file creation and two flushes on the way to each 250).",
-    )
     dns: DNS = Field(default_factory=DNS, description="DNS resolver used for SPF, DKIM and MX.")
     postmaster: Postmaster = Field(description="Where mail for postmaster goes.")
     listeners: dict[str, Listener] = Field(

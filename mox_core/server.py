@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import structlog
@@ -40,32 +40,6 @@ def clean_maildir_tmp(data_dir) -> int:
     return removed
 
 
-async def open_local_store(config: Config, name: str, *, others: Sequence[str] | None = None) -> Any:
-    """The store incoming mail for local accounts is delivered through: a journal in
-    ``data_dir/journal/<name>`` (see :mod:`mox_core.store.journal`), or the Maildirs directly
-    when ``delivery_journal`` is off. ``others``: the journal names of the other processes
-    that run now; the main process passes them to take over the journals of processes that
-    no longer exist (fewer SMTP workers than before)."""
-    from mox_core.store import MaildirStore
-    from mox_core.store.journal import JournaledStore
-
-    top = config.data_dir / "journal"
-    adopt = []
-    if others is not None and top.is_dir():
-        keep = {name, *others}
-        adopt = [str(p) for p in sorted(top.iterdir()) if p.is_dir() and p.name not in keep]
-    if not config.static.delivery_journal:
-        if adopt or (top / name).is_dir():
-            # left from a run with the journal on: written out now, then the plain store
-            journal = JournaledStore(top / name)
-            await asyncio.to_thread(journal.open, adopt)
-            await journal.aclose()
-        return MaildirStore()
-    store = JournaledStore(top / name)
-    await asyncio.to_thread(store.open, adopt)
-    return store
-
-
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 started: asyncio.Event | None = None) -> None:
     from mox_core.accountdb import AccountCredentials
@@ -76,6 +50,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     from mox_core.sasl.server import AuthFailureLimiter
     from mox_core.smtpserver.listen import smtp_endpoints, start_listeners
     from mox_core.smtpserver.workers import SMTPWorkers, worker_count
+    from mox_core.store import MaildirStore
 
     stop = stop or asyncio.Event()
     holder = ConfigHolder(config)
@@ -92,16 +67,15 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         log.info("maildir_tmp_cleaned", files=removed)
     resolver = make_resolver(config.static.dns)
     install_spf_lookup(resolver)
-    count = worker_count(config.static.smtp_workers)
-    endpoints = smtp_endpoints(holder)
-    others = [f"worker-{i}" for i in range(count)] if endpoints and count > 1 else []
-    store = await open_local_store(config, "main", others=others)
+    store = MaildirStore()
     credentials = AccountCredentials(holder)
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
     # Incoming SMTP and outgoing deliveries in worker processes (smtpserver/workers.py) when
     # there is more than one CPU; their sockets are bound here, first, so a busy port stops
     # the start right away.
     workers = None
+    endpoints = smtp_endpoints(holder)
+    count = worker_count(config.static.smtp_workers)
     if endpoints and count > 1:
         workers = SMTPWorkers(config.path, endpoints, count)
         workers.bind()

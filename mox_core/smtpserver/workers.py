@@ -250,8 +250,9 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
     from mox_core.config import ConfigHolder
     from mox_core.queue import Queue
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
-    from mox_core.server import open_local_store, reload_loop
+    from mox_core.server import reload_loop
     from mox_core.smtpserver.listen import start_listeners
+    from mox_core.store import MaildirStore
 
     _die_with_parent(parent)
     structlog.contextvars.bind_contextvars(worker=index)
@@ -264,7 +265,7 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
     holder = ConfigHolder(config)
     resolver = make_resolver(config.static.dns)
     install_spf_lookup(resolver)
-    store = await open_local_store(config, f"worker-{index}")
+    store = MaildirStore()
     # [queue] concurrency applies per worker: divided among them, one domain's deliveries
     # (all in one worker) had half the slots, and ran 23 % slower through one smarthost
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns),

@@ -58,17 +58,13 @@ class Delivery:
 
     ``prefix`` holds per-recipient header lines (``Delivered-To:``, ``Return-Path:``) and is
     written with ``writev`` in front of ``message``, so per-recipient headers never cost a copy
-    of a large body. Both must end in CRLF as the message is stored as received. ``name`` is
-    the file name to use in ``tmp/`` and ``new/``, chosen in advance by the delivery journal
-    (so that its replay after a crash writes the same file, not a second copy); None: a new
-    :func:`unique_name`.
+    of a large body. Both must end in CRLF as the message is stored as received.
     """
 
     root: str | os.PathLike[str]
     message: bytes
     prefix: bytes = b""
     mailbox: str = INBOX
-    name: str | None = None
 
     def __post_init__(self) -> None:
         # Refuse a bad folder name here, in the caller, not as a failed batch in the writer.
@@ -183,7 +179,7 @@ def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
     sources: list[tuple[Delivery, int | None, str]] = []  # written files a link may reuse
     for d in unit.deliveries:
         md = maildirs.get(d.root, d.mailbox)
-        name = d.name or unique_name(d.size)
+        name = unique_name(d.size)
         f = _File(os.path.join(md.tmp, name), os.path.join(md.new, name), md.new)
         src = next((path for sd, dev, path in sources if dev == md.dev and _same_content(sd, d)), None)
         if src is not None:
@@ -303,20 +299,14 @@ _STOP = object()
 
 
 class _Job:
-    """One ``deliver()`` call in flight: its unit, and the future to resolve in its loop;
-    or, from :meth:`MaildirStore.submit`, a callback to call in the writer thread."""
+    """One ``deliver()`` call in flight: its unit, and the future to resolve in its loop."""
 
-    __slots__ = ("callback", "fut", "loop", "unit")
+    __slots__ = ("fut", "loop", "unit")
 
-    def __init__(self, unit: _Unit, loop: asyncio.AbstractEventLoop | None,
-                 fut: asyncio.Future[list[Path]] | None, callback: Any = None) -> None:
+    def __init__(self, unit: _Unit, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[list[Path]]) -> None:
         self.unit = unit
         self.loop = loop
         self.fut = fut
-        self.callback = callback
-
-    def cancelled(self) -> bool:
-        return self.fut is not None and self.fut.cancelled()
 
 
 def _resolve_in_loop(pairs: list[tuple[asyncio.Future[list[Path]], list[Path] | StorageError]]) -> None:
@@ -389,15 +379,6 @@ class MaildirStore:
             self._queue.put(_Job(_Unit(deliveries), loop, fut))
         return await fut
 
-    def submit(self, deliveries: Sequence[Delivery], callback: Any) -> None:
-        """Like :meth:`deliver`, from any thread: ``callback(result)`` is called in a writer
-        thread with the paths in ``new/`` once all are durable, or the :class:`StorageError`
-        (then none was delivered). Raises :class:`StorageError` once the store is closed."""
-        with self._state_lock:
-            if self._closed:
-                raise StorageError.local_error(step="closed", detail="store is shut down")
-            self._queue.put(_Job(_Unit(deliveries), None, None, callback))
-
     def close(self) -> None:
         """Stop accepting work, finish everything queued, and join the writers (blocking)."""
         with self._state_lock:
@@ -431,7 +412,7 @@ class MaildirStore:
                     stop = True
                     break
                 job: _Job = item
-                if not job.cancelled():  # racy read, but it only errs towards writing
+                if not job.fut.cancelled():  # racy read, but it only errs towards writing
                     self._write(job)
                     if job.unit.error is None:
                         written.append(job)
@@ -473,7 +454,7 @@ class MaildirStore:
     def _commit(self, batch: list[_Job]) -> None:
         live: list[_Job] = []
         for job in batch:
-            if job.cancelled():
+            if job.fut.cancelled():
                 job.unit.discard(set())  # never acknowledged: do not make it visible
             else:
                 live.append(job)
@@ -498,17 +479,9 @@ class MaildirStore:
             result = job.unit.result()
             if isinstance(result, StorageError):
                 local.failed += 1
-            if job.callback is not None:
-                continue
             per_loop.setdefault(job.loop, []).append((job.fut, result))
         with self._lock:
             self.stats.add(local)
-        for job in jobs:
-            if job.callback is not None:
-                try:
-                    job.callback(job.unit.result())
-                except Exception:  # the caller's bug must not stop this writer thread
-                    log.exception("maildir_callback_failed")
         for loop, pairs in per_loop.items():
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_resolve_in_loop, pairs)

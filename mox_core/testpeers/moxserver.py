@@ -153,20 +153,7 @@ class MoxServer:
         root = self.data_dir / "accounts" / account / "Maildir"
         return root / f".{mailbox}" if mailbox else root
 
-    def journal_settled(self, timeout: float = 10.0) -> None:
-        """Wait until every message in the delivery journal is in its Maildir: a message
-        accepted (250) shows in new/ a few milliseconds later (mox_core.store.journal)."""
-        from mox_core.store.journal import undone_records
-
-        deadline = time.monotonic() + timeout
-        while undone_records(self.data_dir / "journal"):
-            if time.monotonic() > deadline:
-                raise TimeoutError("delivery journal not written out")
-            time.sleep(0.01)
-
     def messages(self, account: str, mailbox: str = "") -> list[bytes]:
-        """The files in the mailbox's new/, once the delivery journal is written out."""
-        self.journal_settled()
         new = self.maildir(account, mailbox) / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
 
