@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -83,6 +83,9 @@ class CacheOnly:
 
     def __init__(self) -> None:
         self.missed = False
+        # (name, qtype, answer) of every lookup answered from the cache: the evaluation's
+        # result holds for as long as each of these is still the cache's answer
+        self.used: list[tuple[str, str, Any]] = []
 
     def __enter__(self) -> CacheOnly:
         CacheOnly._local.active = self
@@ -125,6 +128,7 @@ def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:
             if answers is None:
                 cache_only.missed = True
                 return out
+            cache_only.used.append((name, qtype, answers))
         else:
             try:
                 answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),

@@ -66,3 +66,50 @@ async def test_spf_without_cache_still_evaluates(dns_server, spf_resolver):
     result = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
     assert result.spf == "fail"
     assert b"spf=fail smtp.mailfrom=sender.example" in result.header("mx.example", "127.0.0.1")
+
+
+def _count_evaluations(monkeypatch) -> list[int]:
+    """Count pyspf evaluations (``spf.query`` objects made) from now on."""
+    calls = [0]
+
+    class CountingQuery(authres.spf.query):
+        def __init__(self, *args, **kwargs):
+            calls[0] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(authres.spf, "query", CountingQuery)
+    return calls
+
+
+async def test_spf_result_remembered_while_its_records_stay_cached(dns_server, spf_resolver, monkeypatch):
+    dns_server.add("sender.example", "TXT", "v=spf1 include:spf.provider.example -all", ttl=300)
+    dns_server.add("spf.provider.example", "TXT", "v=spf1 ip4:127.0.0.0/8 -all", ttl=300)
+    first = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert first.spf == "pass"  # real lookups, in a thread: now both records are cached
+    calls = _count_evaluations(monkeypatch)
+    cached = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert cached.spf == "pass" and calls[0] == 1  # evaluated from the cache, and remembered
+    calls[0] = 0
+    again = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert (again.spf, again.spf_domain) == ("pass", "sender.example")
+    assert calls[0] == 0  # answered from the remembered result, not evaluated
+    # another client IP or sender is another evaluation
+    other = await authres.check(MESSAGE, "127.0.0.9", "client.example", "b@sender.example", spf_resolver)
+    assert other.spf == "pass" and calls[0] == 1
+
+
+async def test_spf_result_evaluated_again_when_a_record_it_used_changes(dns_server, spf_resolver, monkeypatch):
+    dns_server.add("sender.example", "TXT", "v=spf1 include:spf.provider.example -all", ttl=300)
+    dns_server.add("spf.provider.example", "TXT", "v=spf1 ip4:127.0.0.0/8 -all", ttl=300)
+    first = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert first.spf == "pass"
+    # The included record changes and the cache holds the new answer (the old one expired):
+    # the remembered result must not outlive the answer it was computed from.
+    dns_server.set("spf.provider.example", "TXT", ["v=spf1 ip4:192.0.2.0/24 -all"], ttl=300)
+    spf_resolver.cache.flush()
+    for name in ("sender.example", "spf.provider.example"):
+        spf_resolver.resolve(name, "TXT")
+    calls = _count_evaluations(monkeypatch)
+    second = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert second.spf == "fail"
+    assert calls[0] >= 1
