@@ -112,6 +112,12 @@ class BoundLogger(structlog.BoundLoggerBase):
         return self._log("info", event, kw)
 
 
+# Tracebacks as JSON (structlog's dict_tracebacks) without the frames' local variables, which
+# structlog shows by default: a password being checked must not end up in the log.
+_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
 def configure(*, json: bool, stream: Any = None) -> None:
     """JSON lines (for ``serve``) or readable console output (other commands), on stderr."""
     processors: list[Any] = [
@@ -120,10 +126,7 @@ def configure(*, json: bool, stream: Any = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        processors += [
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ]
+        processors += [_tracebacks, structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
