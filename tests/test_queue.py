@@ -312,31 +312,13 @@ async def test_checkpoints_run_in_their_own_thread_not_in_the_writers(cfg):
     finally:
         await q.close()
     assert q.store.checkpointer is None
-
-
-async def test_process_without_the_lock_checkpoints_after_its_own_commits(cfg):
-    """mox serve's workers open the queue without the lock and commit the deliveries'
-    bookkeeping: their commits must lead to checkpoints too, or the log grows to the
-    backstop while only workers write (as during outbound runs)."""
-    main = Queue(cfg, clock=FakeClock())
-    await main.open()
+    # a process that opens the queue without the lock (mox serve's workers) has none
     w = Queue(cfg, clock=FakeClock())
     await w.open(lock=False)
     try:
-        assert w.store.checkpointer is not None
-        before = main.store.checkpointer.count
-        for i in range(20):
-            await add(w, f"u{i}@d{i}.example", data=MSG + b"x" * 100_000 + b"\r\n")
-        for _ in range(200):
-            if w.store.checkpointer.count and w.store.checkpointer.last[1] > 400:
-                break
-            await asyncio.sleep(0.02)
-        busy, frames, copied = w.store.checkpointer.last
-        assert busy == 0 and frames > 400 and copied == frames
-        assert main.store.checkpointer.count == before  # nothing woke the main process's
+        assert w.store.checkpointer is None
     finally:
         await w.close()
-        await main.close()
 
 
 async def test_start_attempt_brings_an_indexed_message_along(cfg):

@@ -229,12 +229,8 @@ class QueueStore:
         self._limiters_ready = {}
         if lock and cleanup:
             self._remove_orphans()
-        # Every process that commits checkpoints after its own commits: mox serve's workers
-        # commit all the bookkeeping of the deliveries, and with the main process's thread
-        # alone (woken only by its own commits) the log grew to the writers' backstop during
-        # outbound runs, every read searching it (deliveries 0.93 -> 0.84 ms of CPU each,
-        # bench/RESULTS.md). Concurrent passive checkpoints are safe: one waits or skips.
-        self.checkpointer = CheckpointThread(self.db_path)
+        if lock:  # one checkpointer for all the processes using this queue
+            self.checkpointer = CheckpointThread(self.db_path)
 
     def _take_lock(self) -> None:
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
