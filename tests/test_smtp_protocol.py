@@ -27,6 +27,7 @@ import pytest
 from aiosmtpd.smtp import SMTP as StockSMTP
 from scramp import ScramClient
 
+from mox_core import afterreply
 from mox_core.passwords import StoredCredentials, make_credentials
 from mox_core.sasl.server import AuthFailureLimiter
 from mox_core.smtp import codes
@@ -556,6 +557,75 @@ def test_handler_exception_gives_451_and_resets_transaction(server: ServerThread
     start_transaction(c)
     assert c.cmd(b"x\r\n.\r\n") == codes.INTERNAL_ERROR
     assert c.cmd("MAIL FROM:<a@ext.test>") == "250 OK"
+
+
+class LeavesWorkForAfterTheReply(Recorder):
+    """Leaves work for after its 250 (afterreply.later, as the log line of an accepted message)
+    that waits, at most 5 s, until the client says it has the reply."""
+
+    def __init__(self, client_has_reply: threading.Event) -> None:
+        super().__init__()
+        self.client_has_reply = client_has_reply
+        self.ran: list[bool] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        status = await super().handle_DATA(server, session, envelope)
+        afterreply.later(lambda: self.ran.append(self.client_has_reply.wait(5)))
+        return status
+
+
+def test_work_left_for_after_the_reply_runs_once_the_client_has_it(server: ServerThread) -> None:
+    got_250 = threading.Event()
+    rec = LeavesWorkForAfterTheReply(got_250)
+    c = Raw(server.start(rec))
+    start_transaction(c)
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert c.reply() == "250 2.0.0 delivered"
+    got_250.set()
+    assert c.cmd("QUIT") == "221 Bye"
+    assert rec.ran == [True]  # [False]: it ran before the 250 was written, the client waited
+
+
+def test_work_left_by_a_session_that_ends_without_a_reply_still_runs(server: ServerThread) -> None:
+    ran = threading.Event()
+
+    class LeavesWorkThenLosesTheClient(Recorder):
+        async def handle_DATA(self, server_: Any, session: Any, envelope: Any) -> str:
+            await super().handle_DATA(server_, session, envelope)
+            afterreply.later(ran.set)
+            raise ConnectionResetError("client gone")  # the session ends without a reply
+
+    rec = LeavesWorkThenLosesTheClient()
+    c = Raw(server.start(rec))
+    start_transaction(c)
+    c.send(b"x\r\n.\r\n")
+    assert c.closed()
+    assert len(rec.messages) == 1
+    assert ran.wait(5)
+
+
+async def test_later_defers_only_in_the_task_that_collects() -> None:
+    calls: list[str] = []
+    afterreply.later(calls.append, "no session: now")
+    assert calls == ["no session: now"]
+
+    async def session() -> None:
+        pending = afterreply.collect()
+        afterreply.later(calls.append, "first")
+        afterreply.later(lambda: 1 / 0)
+        afterreply.later(calls.append, "third")
+
+        async def started_by_the_session() -> None:
+            # inherits the context variable, but sends no reply: must not leave work behind
+            afterreply.later(calls.append, "child: now")
+
+        await asyncio.create_task(started_by_the_session())
+        assert calls == ["no session: now", "child: now"]
+        afterreply.run(pending)
+        assert pending == []
+
+    await session()
+    assert calls == ["no session: now", "child: now", "first", "third"]
 
 
 def test_replies_match_stock_aiosmtpd(server: ServerThread) -> None:

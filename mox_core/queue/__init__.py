@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from mox_core import afterreply
 from mox_core.config import Config, ConfigHolder
 from mox_core.errors import MoxError
 from mox_core.kinds import DeliveryStatus, RecipientResult
@@ -181,10 +182,11 @@ class Queue:
         )
         if not ids:
             return ids
-        log.info("queue_added", ids=ids, account=account, mail_from=mail_from,
-                 recipients=len(recipients), size=len(data), local=len(local_deliveries))
+        # after the reply to the submission, when there is one (afterreply.py)
+        afterreply.later(log.info, "queue_added", ids=ids, account=account, mail_from=mail_from,
+                         recipients=len(recipients), size=len(data), local=len(local_deliveries))
         if self.scheduler is not None and not hold:
-            self._wake(recipient_domain(r) for r in recipients)
+            afterreply.later(self._wake, [recipient_domain(r) for r in recipients])
         return ids
 
     # -- admin ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from mox_core import authres, dkimsign
+from mox_core import afterreply, authres, dkimsign
 from mox_core.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.config import ConfigHolder
 from mox_core.ratelimit import RateLimitCheck, RateLimited
@@ -223,8 +223,8 @@ class Handler:
         except StorageError as exc:
             log.error("delivery_storage_error", error=str(exc), code=exc.code)
             return exc.reply
-        log.info("message_accepted", service=self.service, msgid=msgid, size=len(data),
-                 local=len(local), remote=len(remote), mail_from=envelope.mail_from)
+        afterreply.later(log.info, "message_accepted", service=self.service, msgid=msgid, size=len(data),
+                         local=len(local), remote=len(remote), mail_from=envelope.mail_from)
         return f"250 2.0.0 message queued as {msgid}"
 
     async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,

@@ -51,7 +51,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from mox_core import errors
+from mox_core import afterreply, errors
 from mox_core import logging as mox_logging
 from mox_core.sasl.server import (
     DEFAULT_AUTH_LIMITER,
@@ -278,6 +278,7 @@ class MoxSMTP(SMTP):
         self._ehlo_hook_ver = _ehlo_hook_version(self._handle_hooks.get("EHLO"))
         self._smtp_methods = _smtp_functions(type(self))
         self._trace = False
+        self._after_reply = afterreply.Pending(None)  # afterreply.later() of this session
 
     # ---- timeouts --------------------------------------------------------------------------
 
@@ -317,6 +318,8 @@ class MoxSMTP(SMTP):
         if self._trace:
             log.trace("smtp_reply", line=status)
         self._writer.write(status + b"\r\n")
+        if self._after_reply:  # the reply is in the socket: the client is reading it now
+            afterreply.run(self._after_reply)
         await self._writer.drain()
 
     def _close(self) -> None:
@@ -330,6 +333,13 @@ class MoxSMTP(SMTP):
     # ---- command loop ----------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
+        self._after_reply = afterreply.collect()
+        try:
+            await self._command_loop()
+        finally:
+            afterreply.run(self._after_reply)  # what a session ending without a reply left
+
+    async def _command_loop(self) -> None:
         self._trace = mox_logging.enabled("trace", "smtpserver")
         await self.push(f"220 {self.hostname} {self.__ident__}")
         reader = self._reader
@@ -748,7 +758,7 @@ class MoxSMTP(SMTP):
             session.authenticated = True
             session.auth_data = step.username
             self.auth_limiter.succeeded(ip)
-            log.info("auth_success", peer=ip, mechanism=name, username=step.username)
+            afterreply.later(log.info, "auth_success", peer=ip, mechanism=name, username=step.username)
             await self.push(codes.AUTH_SUCCESS)
             return
         self._auth_failures += 1
