@@ -2,6 +2,8 @@
 
 Targets, all on 127.0.0.1, all started by this script:
 
+* ``smtp-sink``    Postfix's smtp-sink: answers every command and keeps nothing, the ceiling
+                   of what the client and the loopback can do (the issue's first row).
 * ``postfix``      Postfix (stock settings), from mynetworks, delivered to discard(8) after
                    its queue; cleanup fsyncs the queue file before the 250.
 * ``mox-maildir``  ``mox serve``, SMTP listener, local recipient: durable delivery into the
@@ -37,6 +39,7 @@ from pathlib import Path
 from common import (ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, PostfixBench, bench_dns, cpu_seconds, log,
                     median, rotate, smtp_source, smtpload, variant_mox)
 from mox_core.testpeers import make_private_dir
+from mox_core.testpeers.sink import SmtpSink
 
 # label, sessions, body bytes, messages per measurement at --scale 1 (about 1.5-4 s each)
 CASES = [
@@ -45,8 +48,8 @@ CASES = [
     ("20 conns, 2 KB", 20, 2 * 1024, 1500),
     ("20 conns, 100 KB", 20, 100 * 1024, 600),
 ]
-TARGETS = ["postfix", "mox-maildir", "postfix-auth", "mox-queue"]
-PAIRS = [("mox-maildir", "postfix"), ("mox-queue", "postfix-auth")]
+TARGETS = ["smtp-sink", "postfix", "mox-maildir", "postfix-auth", "mox-queue"]
+PAIRS = [("mox-maildir", "postfix"), ("mox-queue", "postfix-auth"), ("smtp-sink", "postfix")]
 
 
 class Bench:
@@ -59,7 +62,9 @@ class Bench:
         self.dns = bench_dns(stall_domains=["dest.test"])
         self.moxes: dict[str, MoxBench] = {}
         self.pf = PostfixBench("accept", base=base)
+        self.sink = SmtpSink(dump=False, backlog=256)
         try:  # a target that fails to start must not leave the others running
+            self.sink.start()
             self.pf.start()
             self._start_moxes(base, log_level, variants)
         except BaseException:
@@ -79,7 +84,7 @@ class Bench:
         return self.moxes["mox"]
 
     def close(self) -> None:
-        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.dns.stop):
+        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.sink.stop, self.dns.stop):
             try:
                 f()
             except Exception as exc:  # keep stopping the others
@@ -99,6 +104,8 @@ class Bench:
         inst, _, kind = target.rpartition("-")
         if target == "postfix":
             res = smtp_source(self.pf.port, sessions=sessions, messages=messages, length=length)
+        elif target == "smtp-sink":
+            res = smtp_source(self.sink.port, sessions=sessions, messages=messages, length=length)
         elif target == "postfix-auth":
             res = smtpload(self.pf.sasl_port, sessions=sessions, messages=messages, length=length,
                            sender=ACCOUNT_ADDR, rcpt=REMOTE_RCPT, auth=("bench", PASSWORD))
@@ -215,8 +222,8 @@ def summarise(results: dict) -> dict:
 def table(s: dict) -> str:
     lines = [f"median of {s['rounds']} interleaved rounds (msgs/s; ratio = mox / Postfix; "
              "CPU = mox server CPU time per message, all threads)", "",
-             "| case | Postfix | mox Maildir | ratio | CPU ms/msg | Postfix AUTH | mox queue | ratio | CPU ms/msg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | smtp-sink (keeps nothing) | Postfix | mox Maildir | ratio | CPU ms/msg | Postfix AUTH | mox queue | ratio | CPU ms/msg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     cpu = s.get("cpu_ms_per_msg", {})
     for label, row in s["cases"].items():
         def g(k: str) -> str:
@@ -229,15 +236,15 @@ def table(s: dict) -> str:
             v = cpu.get(label, {}).get(k)
             return f"{v:.2f}" if v is not None else "-"
 
-        lines.append(f"| {label} | {g('postfix')} | {g('mox-maildir')} | {r('mox-maildir/postfix')} | "
+        lines.append(f"| {label} | {g('smtp-sink')} | {g('postfix')} | {g('mox-maildir')} | {r('mox-maildir/postfix')} | "
                      f"{c('mox-maildir')} | {g('postfix-auth')} | {g('mox-queue')} | "
                      f"{r('mox-queue/postfix-auth')} | {c('mox-queue')} |")
-    main_keys = {"mox-maildir/postfix", "mox-queue/postfix-auth"}
+    main_keys = {"mox-maildir/postfix", "mox-queue/postfix-auth", "smtp-sink/postfix"}
     for label, row in s["cases"].items():
         extra = [f"{k} {v:.2f}x" for k, v in row.items()
                  if "/" in k and not k.endswith("per round") and k not in main_keys]
         extra += [f"{k} {v['median']:.0f}/s" for k, v in row.items()
-                  if "/" not in k and k not in ("postfix", "postfix-auth", "mox-maildir", "mox-queue")]
+                  if "/" not in k and k not in ("smtp-sink", "postfix", "postfix-auth", "mox-maildir", "mox-queue")]
         if extra:
             lines.append(f"- {label}: " + ", ".join(extra))
     lat = s["latency"]
