@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mox_core.queue import partition_of
-from mox_core.smtpserver.workers import SMTPWorkers, _read_channel, worker_count
+from mox_core.smtpserver.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count
 from mox_core.testpeers import wait_for
 
 DOMAINS = """
@@ -268,11 +268,9 @@ def test_queue_kick_reaches_the_worker_that_delivers(mox_server_factory, dns_ser
     assert [e["worker"] for e in log_events(server, "delivery_delivered")] == [partition_of("a.example", 2)]
 
 
-def test_kicks_name_their_domains_to_the_worker_that_delivers_them():
-    """After a submission the main process tells the worker which of its domains got mail, so
-    a worker whose deliveries to them are all at their limit skips its pass (kick_for)."""
+def workers_writing_to(lines: dict[int, list[bytes]]) -> tuple[SMTPWorkers, list[str], list[str]]:
+    """Two workers whose pipes write into ``lines``; domains of worker 0 and of worker 1."""
     workers = SMTPWorkers(Path("mox.toml"), [], 2)
-    lines: dict[int, list[bytes]] = {0: [], 1: []}
 
     class Channel:  # the main process's end of a worker's pipe
         def __init__(self, index: int) -> None:
@@ -285,17 +283,51 @@ def test_kicks_name_their_domains_to_the_worker_that_delivers_them():
             lines[self.index].append(data)
 
     workers._channels = [Channel(0), Channel(1)]
-    zero = [d for d in ("a.example", "b.example", "c.example", "d.example") if partition_of(d, 2) == 0]
-    one = [d for d in ("a.example", "b.example", "c.example", "d.example") if partition_of(d, 2) == 1]
+    names = ("a.example", "b.example", "c.example", "d.example")
+    return (workers, [d for d in names if partition_of(d, 2) == 0],
+            [d for d in names if partition_of(d, 2) == 1])
+
+
+async def test_kicks_name_their_domains_to_the_worker_that_delivers_them():
+    """After a submission the main process tells the worker which of its domains got mail, so
+    a worker whose deliveries to them are all at their limit skips its pass (kick_for)."""
+    lines: dict[int, list[bytes]] = {0: [], 1: []}
+    workers, zero, one = workers_writing_to(lines)
     workers.wake([zero[0], one[0], zero[1]])
     workers.wake(None)  # an admin change: every worker looks at everything
     assert lines == {0: [f"kick {zero[0]} {zero[1]}\n".encode(), b"kick\n"],
                      1: [f"kick {one[0]}\n".encode(), b"kick\n"]}
     # 1,000 recipient domains in one submission: no line the worker could not read
     lines[0].clear(), lines[1].clear()
+    await asyncio.sleep(KICK_INTERVAL * 2)
     many = [f"{'d' * 60}{i}.example" for i in range(1000)]
     workers.wake(many)
     assert lines == {0: [b"kick\n"], 1: [b"kick\n"]}
+
+
+async def test_kicks_for_a_burst_of_submissions_go_together():
+    """A worker is kicked for new messages at most every KICK_INTERVAL: the first message
+    after a quiet spell at once, the domains of those after it in one line at the end of the
+    interval; an admin kick goes to every worker at once and takes what was waiting."""
+    lines: dict[int, list[bytes]] = {0: [], 1: []}
+    workers, zero, one = workers_writing_to(lines)
+    workers.wake([zero[0]])
+    workers.wake([zero[1]])
+    workers.wake([zero[0]])
+    workers.wake([one[0]])  # the other worker's first: at once
+    assert lines == {0: [f"kick {zero[0]}\n".encode()], 1: [f"kick {one[0]}\n".encode()]}
+    await asyncio.sleep(KICK_INTERVAL * 3)
+    assert lines == {0: [f"kick {zero[0]}\n".encode(), f"kick {zero[1]} {zero[0]}\n".encode()],
+                     1: [f"kick {one[0]}\n".encode()]}
+
+    lines[0].clear(), lines[1].clear()
+    await asyncio.sleep(KICK_INTERVAL * 2)
+    workers.wake([zero[1]])
+    workers.wake([zero[0]])  # waits for the interval ...
+    workers.wake(None)  # ... and goes with the admin kick
+    await asyncio.sleep(KICK_INTERVAL * 3)
+    assert lines == {0: [f"kick {zero[1]}\n".encode(), b"kick\n"], 1: [b"kick\n"]}
+    assert workers._kick_timer == [None, None]
 
 
 async def test_worker_turns_kick_lines_into_scheduler_calls():
