@@ -21,6 +21,7 @@ import structlog
 
 log = structlog.get_logger(component="smtpserver")
 
+
 class Pending(list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]):
     """The calls collected by one session's task (only that task adds to it: a task it
     started inherits the context variable, and must not leave work for a reply it never

@@ -171,8 +171,8 @@ class SMTPWorkers:
         "kick DOMAIN ...": a worker whose deliveries to all of them are at their limit skips
         its pass (Scheduler.kick_for), as one process does. A worker is kicked for new
         messages at most every KICK_INTERVAL seconds, with every domain queued since: waking
-        another process for each submission cost the main process 10-25 % of its submissions
-        per second (bench/RESULTS.md), and a delivery starting up to 20 ms later costs nothing.
+        another process for each submission cost 10-30 % of the submissions per second at one
+        connection (bench/RESULTS.md), and a delivery starting up to 20 ms later costs nothing.
         """
         if domains is None:  # an admin command: every worker, now
             for i in range(self.count):
