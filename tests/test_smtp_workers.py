@@ -219,6 +219,11 @@ def test_workers_deliver_the_queue_each_domain_in_one_worker(mox_server_factory,
     attempts = log_events(server, "delivery_attempt")
     assert len(attempts) == 8
     assert {(a["domain"], a.get("worker")) for a in attempts} == {(d, partition_of(d, 2)) for d in domains}
+    # one line per accepted submission, with the queue ids the deliveries then name
+    accepted = log_events(server, "message_accepted")
+    assert [(e["service"], e["account"], len(e["queue_ids"])) for e in accepted] == [("submission", "alice", 1)] * 8
+    assert sorted(i for e in accepted for i in e["queue_ids"]) == sorted(i for a in attempts for i in a["msg_ids"])
+    assert log_events(server, "queue_added") == []
     assert all("worker" in e for e in delivered)
     started = log_events(server, "queue_started")
     assert sorted(e.get("partition") for e in started) == ["1/2", "2/2"]

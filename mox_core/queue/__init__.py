@@ -162,6 +162,7 @@ class Queue:
         hold: bool = False,
         transport: str | None = None,
         rate_limit: Any = None,
+        logged: bool = False,
     ) -> list[int]:
         """Queue ``data`` (CRLF, trace headers included) from ``mail_from`` to ``recipients``.
 
@@ -174,6 +175,9 @@ class Queue:
         in the transaction that queues the message; a refusal raises
         :class:`mox_core.ratelimit.RateLimited` with nothing kept. ``recipients`` may be
         empty if ``local_deliveries`` is not: the rate limits still apply.
+
+        ``logged``: the caller logs the new ids itself (the SMTP server's ``message_accepted``
+        line), so no ``queue_added`` line: one line per accepted submission.
         """
         ids = await self.store.add(
             account=account, mail_from=mail_from, recipients=recipients, data=data,
@@ -182,9 +186,9 @@ class Queue:
         )
         if not ids:
             return ids
-        # after the reply to the submission, when there is one (afterreply.py)
-        afterreply.later(log.info, "queue_added", ids=ids, account=account, mail_from=mail_from,
-                         recipients=len(recipients), size=len(data), local=len(local_deliveries))
+        if not logged:
+            log.info("queue_added", ids=ids, account=account, mail_from=mail_from,
+                     recipients=len(recipients), size=len(data), local=len(local_deliveries))
         if self.scheduler is not None and not hold:
             afterreply.later(self._wake, [recipient_domain(r) for r in recipients])
         return ids

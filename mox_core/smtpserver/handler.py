@@ -217,34 +217,41 @@ class Handler:
             rate = self.ratelimits.prepare(
                 account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
         try:
-            await self._store(envelope, account, from_domain, received, data, remote, deliveries, rate)
+            queue_ids = await self._store(envelope, account, from_domain, received, data, remote,
+                                          deliveries, rate)
         except RateLimited as exc:
             return exc.reply
         except StorageError as exc:
             log.error("delivery_storage_error", error=str(exc), code=exc.code)
             return exc.reply
+        # one line per accepted message, written after the 250 (afterreply.py); for the queue
+        # it is also the line of the add, with the ids `mox queue list` shows
+        queued = {"account": account, "queue_ids": queue_ids} if queue_ids else {}
         afterreply.later(log.info, "message_accepted", service=self.service, msgid=msgid, size=len(data),
-                         local=len(local), remote=len(remote), mail_from=envelope.mail_from)
+                         local=len(local), remote=len(remote), mail_from=envelope.mail_from, **queued)
         return f"250 2.0.0 message queued as {msgid}"
 
     async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
                      data: bytes, remote: list[Recipient], deliveries: list[Delivery],
-                     rate: RateLimitCheck | None = None) -> None:
-        """Make the message durable: queue (with local copies) or local delivery only. The
-        queue checks and counts ``rate`` in the transaction that queues the message."""
+                     rate: RateLimitCheck | None = None) -> list[int]:
+        """Make the message durable: queue (with local copies) or local delivery only; the
+        new queue ids. The queue checks and counts ``rate`` in the transaction that queues the
+        message."""
         if remote:
             signature = dkimsign.sign(self.holder.get(), from_domain, data) if from_domain else b""
             smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
-            await self.queue.add(
+            return await self.queue.add(
                 account=account, mail_from=_sender(envelope),
                 recipients=[r.address for r in remote], data=signature + received + data,
-                local_deliveries=deliveries, smtputf8=smtputf8, rate_limit=rate,
+                local_deliveries=deliveries, smtputf8=smtputf8, rate_limit=rate, logged=True,
             )
-        elif deliveries and rate is not None and self.queue is not None:
-            await self.queue.add(account=account, mail_from=_sender(envelope), recipients=[],
-                                 data=data, local_deliveries=deliveries, rate_limit=rate)
-        elif deliveries:
+        if deliveries and rate is not None and self.queue is not None:
+            return await self.queue.add(account=account, mail_from=_sender(envelope), recipients=[],
+                                        data=data, local_deliveries=deliveries, rate_limit=rate,
+                                        logged=True)
+        if deliveries:
             await self.store.deliver(deliveries)
+        return []
 
     # -- helpers --------------------------------------------------------------------------
 
