@@ -54,6 +54,7 @@ async def _add_held(config_path: Path, n: int, domains: int) -> None:
     from mox_core.plugins import PluginHost
     from mox_core.queue import Queue
 
+    mox_logging.configure(json=False)  # mox's level filter; structlog's default prints all
     mox_logging.set_levels("warn")
 
     cfg = load_config(config_path, PluginHost.load())
