@@ -421,7 +421,7 @@ class MoxBench:
 
     def __init__(self, directory: Path, nameserver: str, *, relay_port: int | None = None,
                  log_level: str = "info", queue_concurrency: int | None = None,
-                 smtp_workers: int | None = None):
+                 smtp_workers: int | None = None, dkim: str | None = None):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
@@ -477,6 +477,14 @@ class MoxBench:
                 no_starttls = true
                 """)
             domains += '\n[[routes]]\ntransport = "relay"\n'
+        if dkim:  # submissions from bench.test are DKIM-signed, as a mail domain's are
+            write_dkim_key(self.dir / "dkim.pem", dkim)
+            domains += textwrap.dedent("""
+                [domains."bench.test".dkim]
+                sign = ["bench"]
+                [domains."bench.test".dkim.selectors.bench]
+                private_key_file = "dkim.pem"
+                """)
         (self.dir / "mox.toml").write_text(static)
         (self.dir / "domains.toml").write_text(domains)
         self.mox("setaccountpassword", "bench", input=PASSWORD + "\n")
@@ -555,15 +563,27 @@ class MoxBench:
         return resp["result"]
 
 
+def write_dkim_key(path: Path, kind: str) -> None:
+    """A DKIM private key (PEM): ``rsa`` (2048 bits, what ``mox dkim gen`` makes) or ``ed25519``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = {"rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+           "ed25519": ed25519.Ed25519PrivateKey.generate}[kind]()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
 def variant_mox(directory: Path, nameserver: str, spec: str, *, log_level: str = "info",
                 relay_port: int | None = None) -> MoxBench:
     """A ``mox serve`` for ``--variant NAME=SPEC``, SPEC being
-    ``DIR[,log=LEVEL][,workers=N][,loop=asyncio]``: PYTHONPATH=DIR (empty: the project as
-    installed), its log level, ``smtp_workers = N``, the standard event loop instead of uvloop."""
+    ``DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519]``: PYTHONPATH=DIR (empty:
+    the project as installed), its log level, ``smtp_workers = N``, the standard event loop
+    instead of uvloop, DKIM signing of the submissions with a key of that kind."""
     path, *opts = spec.split(",")
     opt = dict(o.split("=", 1) for o in opts)
     mox = MoxBench(directory, nameserver, relay_port=relay_port, log_level=opt.get("log", log_level),
-                   smtp_workers=int(opt["workers"]) if "workers" in opt else None)
+                   smtp_workers=int(opt["workers"]) if "workers" in opt else None, dkim=opt.get("dkim"))
     if path:
         mox.default_env["PYTHONPATH"] = str(Path(path).resolve())
     if "loop" in opt:
