@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from mox_core.authres import _dkim_dnsfunc
+from mox_core.authres import _dkim_dnsfunc, _Verifier
 from mox_core.dkimsign import canonical_body, canonical_header, dns_record, sign
 from mox_core.config import load_config
 from mox_core.plugins import PluginHost
@@ -174,3 +174,47 @@ def test_canonicalization_examples_of_rfc_6376():
     assert canonical_body(b" C \r\nD \t E\r\n\r\n\r\n", "relaxed") == b" C\r\nD E\r\n"
     assert canonical_body(b" C \r\nD \t E\r\n\r\n\r\n", "simple") == b" C \r\nD \t E\r\n"
     assert canonical_body(b"", "simple") == b"\r\n" and canonical_body(b"", "relaxed") == b""
+
+
+# ---- verification of incoming mail (authres._Verifier): dkimpy's, with the body hashed in C ----
+
+
+def _outcome(verifier: type, message: bytes, dnsfunc) -> str:
+    try:
+        return "pass" if verifier(message).verify(dnsfunc=dnsfunc) else "fail"
+    except dkim.DKIMException as exc:
+        return type(exc).__name__
+
+
+def test_incoming_verification_agrees_with_dkimpy(tmp_path, keys, dns_server):
+    dnsfunc = _dkim_dnsfunc(sync_resolver_for(dns_server))
+    rsa_pem = keys["rsa"].read_bytes()
+    rng = random.Random(6376)
+    words = [b"a", b"b", b" ", b"  ", b"\t", b"\r\n", b".", b"\r\n\r\n"]
+    outcomes = set()
+    for i in range(300):
+        body = b"".join(rng.choice(words) for _ in range(rng.randrange(0, 40))) + b"\r\n"
+        message = b"From: a@example.org\r\nSubject: t " + str(i).encode() + b"\r\n\r\n" + body
+        c = rng.choice([(b"relaxed", b"relaxed"), (b"relaxed", b"simple"), (b"simple", b"simple"),
+                        (b"simple", b"relaxed")])
+        signed = dkim.sign(message, b"rsa", b"example.org", rsa_pem, canonicalize=c,
+                           include_headers=[b"from", b"subject"], length=rng.random() < 0.3)
+        # the same message, or one changed by a forwarder, in the body or a header
+        change = rng.choice([lambda m: m, lambda m: m + b"tail\r\n", lambda m: m.replace(b" ", b"  "),
+                             lambda m: m.replace(b"\r\n\r\n", b"\r\n \r\n", 1), lambda m: m + b"\r\n\r\n",
+                             lambda m: m.replace(b"Subject: t", b"Subject:  t")])
+        received = change(signed + message)
+        ours, theirs = _outcome(_Verifier, received, dnsfunc), _outcome(dkim.DKIM, received, dnsfunc)
+        assert ours == theirs, received
+        outcomes.add(ours)
+    # the cases above reach every outcome: a valid signature, a body that no longer matches
+    assert {"pass", "ValidationError"} <= outcomes, outcomes
+
+
+def test_incoming_verification_of_a_large_message(keys, dns_server):
+    dnsfunc = _dkim_dnsfunc(sync_resolver_for(dns_server))
+    message = b"From: a@example.org\r\nSubject: big\r\n\r\n" + b"word  and\tword \r\n" * 6000
+    signed = dkim.sign(message, b"rsa", b"example.org", keys["rsa"].read_bytes(),
+                       canonicalize=(b"relaxed", b"relaxed"), include_headers=[b"from", b"subject"])
+    assert _Verifier(signed + message).verify(dnsfunc=dnsfunc)
+    assert _outcome(_Verifier, signed + message.replace(b"word", b"ward", 1), dnsfunc) == "ValidationError"
