@@ -3,7 +3,7 @@
 ``[domains."example.org".dkim]`` in domains.toml names selectors with their private key files
 (relative to the config directory) and which of them sign. Keys are RSA (``rsa-sha256``) or
 Ed25519 (``ed25519-sha256``, RFC 8463), PEM; they are read once and cached by path and
-modification time. ``mox dkim gen`` makes an RSA key and prints the DNS record to publish.
+modification time. ``mox dkim gen`` makes a key and prints the DNS record to publish.
 
 Signing runs for every submitted message, so it is written for speed: the signature is made
 by OpenSSL (``cryptography``: 0.4 ms for RSA-2048, where dkimpy's pure-Python RSA takes 6 ms)
@@ -22,12 +22,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Any
+
 import structlog
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 from mox_core.config import Config
 from mox_core.smtp.domain import to_ascii
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+# cryptography is imported when a key is first loaded: it adds 7 MiB to a process, and only
+# the process that serves submissions for a signing domain needs it (bench/RESULTS.md, idle).
 
 log = structlog.get_logger(component="dkim")
 
@@ -40,10 +46,11 @@ _WSP = re.compile(rb"[ \t]+")
 class _Key:
     algorithm: str  # "rsa-sha256" or "ed25519-sha256"
     key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    rsa_args: tuple[Any, ...] = ()  # PKCS #1 v1.5 padding of a SHA-256 digest, for RSA
 
     def sign(self, digest: bytes) -> bytes:
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        if self.rsa_args:
+            return self.key.sign(digest, *self.rsa_args)  # type: ignore[call-arg]
         return self.key.sign(digest)  # RFC 8463 §3: PureEdDSA over the SHA-256 hash
 
 
@@ -59,12 +66,15 @@ def _key(path: Path) -> _Key:
     cache_key = (str(path), st.st_mtime_ns, st.st_size)
     k = _keys.get(cache_key)
     if k is None:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError):
             raise DKIMKeyError(f"{path}: not an unencrypted PEM private key") from None
         if isinstance(key, rsa.RSAPrivateKey):
-            k = _Key("rsa-sha256", key)
+            k = _Key("rsa-sha256", key, (padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())))
         elif isinstance(key, ed25519.Ed25519PrivateKey):
             k = _Key("ed25519-sha256", key)
         else:
@@ -230,20 +240,29 @@ def sign(config: Config, from_domain: str, message: bytes) -> bytes:
     return out
 
 
-def generate_key(path: Path, bits: int = 2048) -> bytes:
-    """Write a new RSA private key (PEM, mode 0600) and return the public key (DER)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+def generate_key(path: Path, bits: int = 2048, algorithm: str = "rsa") -> bytes:
+    """Write a new private key (PEM, mode 0600) and return the public key as DNS publishes
+    it: DER for RSA, the 32 raw bytes for Ed25519 (RFC 8463 §4)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if algorithm == "ed25519":
+        key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def dns_record(selector: str, domain: str, public_der: bytes) -> str:
+def dns_record(selector: str, domain: str, public_key: bytes, algorithm: str = "rsa") -> str:
     """The TXT record in zone-file syntax, split into strings of at most 255 characters."""
-    value = "v=DKIM1; k=rsa; p=" + base64.b64encode(public_der).decode()
+    value = f"v=DKIM1; k={algorithm}; p=" + base64.b64encode(public_key).decode()
     chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
     return f"{selector}._domainkey.{to_ascii(domain)}. TXT " + " ".join(f'"{c}"' for c in chunks)

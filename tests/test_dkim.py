@@ -25,9 +25,10 @@ from tests.conftest import run_mox
 MSG = b"From: admin@example.org\r\nTo: x@example.net\r\nSubject: signed\r\n\r\nbody\r\n"
 
 
-def test_dkim_gen_sign_and_verify(tmp_path, dns_server):
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_dkim_gen_sign_and_verify(tmp_path, dns_server, algorithm):
     key = tmp_path / "sel1.pem"
-    r = run_mox("dkim", "gen", "--selector", "sel1", "--domain", "example.org", str(key))
+    r = run_mox("dkim", "gen", "--selector", "sel1", "--domain", "example.org", "--algorithm", algorithm, str(key))
     assert r.returncode == 0, r.stderr
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     record = r.stdout.splitlines()[0]
@@ -35,6 +36,7 @@ def test_dkim_gen_sign_and_verify(tmp_path, dns_server):
     assert m, record
     strings = re.findall(r'"([^"]*)"', m.group(1))
     assert all(len(s) <= 255 for s in strings)
+    assert strings[0].startswith(f"v=DKIM1; k={algorithm}; p=")
     dns_server.add("sel1._domainkey.example.org", "TXT", strings)
 
     path = write_config(tmp_path / "c", MINIMAL_STATIC, MINIMAL_DOMAINS.replace(
@@ -44,6 +46,7 @@ def test_dkim_gen_sign_and_verify(tmp_path, dns_server):
     cfg = load_config(path, PluginHost.load())
     sig = sign(cfg, "example.org", MSG)
     assert sig.startswith(b"DKIM-Signature: ") and b"d=example.org" in sig and b"s=sel1" in sig
+    assert {"rsa": b"a=rsa-sha256;", "ed25519": b"a=ed25519-sha256;"}[algorithm] in sig
     dnsfunc = _dkim_dnsfunc(sync_resolver_for(dns_server))
     assert dkim.verify(sig + MSG, dnsfunc=dnsfunc)
     assert not dkim.verify(sig + MSG.replace(b"body", b"BODY"), dnsfunc=dnsfunc)
