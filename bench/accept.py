@@ -36,8 +36,8 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, PostfixBench, bench_dns, cpu_seconds, log,
-                    median, rotate, smtp_source, smtpload, variant_mox)
+from common import (ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, PostfixBench, bench_dns, cpu_seconds,
+                    dkim_signed_messages, log, median, rotate, smtp_source, smtpload, variant_mox)
 from mox_core.testpeers import make_private_dir
 from mox_core.testpeers.sink import SmtpSink
 
@@ -57,9 +57,17 @@ class Bench:
     variant ``NAME=DIR`` runs ``mox serve`` with PYTHONPATH=DIR (a patched copy of the
     project, for experiments), as targets ``NAME-maildir`` and ``NAME-queue``."""
 
-    def __init__(self, base: Path, log_level: str = "info", variants: dict[str, str] | None = None):
+    def __init__(self, base: Path, log_level: str = "info", variants: dict[str, str] | None = None,
+                 dkim_signed_incoming: bool = False):
         self.base = base
-        self.dns = bench_dns(stall_domains=["dest.test"])
+        # --dkim-signed-incoming: smtp-source sends DKIM-signed messages (key in the bench DNS)
+        self.message_files: dict[int, Path] = {}
+        records = []
+        if dkim_signed_incoming:
+            base.mkdir(parents=True, exist_ok=True)
+            self.message_files, record = dkim_signed_messages([c[2] for c in CASES] + [2048], base)
+            records.append(record)
+        self.dns = bench_dns(records, stall_domains=["dest.test"])
         self.moxes: dict[str, MoxBench] = {}
         self.pf = PostfixBench("accept", base=base)
         self.sink = SmtpSink(dump=False, backlog=256)
@@ -102,15 +110,17 @@ class Bench:
 
     def _run(self, target: str, sessions: int, length: int, messages: int) -> dict:
         inst, _, kind = target.rpartition("-")
+        file = self.message_files.get(length)
         if target == "postfix":
-            res = smtp_source(self.pf.port, sessions=sessions, messages=messages, length=length)
+            res = smtp_source(self.pf.port, sessions=sessions, messages=messages, length=length, message_file=file)
         elif target == "smtp-sink":
-            res = smtp_source(self.sink.port, sessions=sessions, messages=messages, length=length)
+            res = smtp_source(self.sink.port, sessions=sessions, messages=messages, length=length, message_file=file)
         elif target == "postfix-auth":
             res = smtpload(self.pf.sasl_port, sessions=sessions, messages=messages, length=length,
                            sender=ACCOUNT_ADDR, rcpt=REMOTE_RCPT, auth=("bench", PASSWORD))
         elif kind == "maildir":
-            res = smtp_source(self.moxes[inst].smtp_port, sessions=sessions, messages=messages, length=length)
+            res = smtp_source(self.moxes[inst].smtp_port, sessions=sessions, messages=messages, length=length,
+                              message_file=file)
         elif kind == "queue":
             res = smtpload(self.moxes[inst].submission_port, sessions=sessions, messages=messages,
                            length=length, sender=ACCOUNT_ADDR, rcpt=REMOTE_RCPT, auth=(ACCOUNT_ADDR, PASSWORD))
@@ -148,6 +158,8 @@ def main() -> None:
                     help="also run mox serve with PYTHONPATH=DIR (and/or another log_level) as targets "
                          "NAME-maildir, NAME-queue")
     ap.add_argument("--no-latency", dest="latency", action="store_false")
+    ap.add_argument("--dkim-signed-incoming", action="store_true",
+                    help="smtp-source sends DKIM-signed messages (mox verifies them; Postfix does not)")
     a = ap.parse_args()
     cases = CASES if a.cases == "all" else [CASES[int(i)] for i in a.cases.split(",")]
     variants = dict(v.split("=", 1) for v in a.variant)
@@ -159,7 +171,7 @@ def main() -> None:
         if f"{name}-queue" not in targets and "mox-queue" in targets:
             targets.append(f"{name}-queue")
     base = a.base or make_private_dir("mox-bench-accept-")
-    bench = Bench(base, a.log_level, variants)
+    bench = Bench(base, a.log_level, variants, a.dkim_signed_incoming)
     PAIRS.extend((f"{n}-{k}", b) for n in variants for k, b in (("maildir", "postfix"), ("queue", "postfix-auth"))
                  if f"{n}-{k}" in targets)
     PAIRS.extend((f"{n}-{k}", f"mox-{k}") for n in variants for k in ("maildir", "queue") if f"{n}-{k}" in targets)

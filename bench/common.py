@@ -132,9 +132,13 @@ def smtp_source_path() -> str:
 
 
 def smtp_source(port: int, *, sessions: int, messages: int, length: int, sender: str = SENDER,
-                rcpt: str = LOCAL_RCPT, host: str = "127.0.0.1", timeout: float = 300) -> dict:
-    """Run smtp-source (new connection per message, HELO, one recipient); wall time and rate."""
-    args = [smtp_source_path(), "-s", str(sessions), "-m", str(messages), "-l", str(length),
+                rcpt: str = LOCAL_RCPT, host: str = "127.0.0.1", timeout: float = 300,
+                message_file: Path | None = None) -> dict:
+    """Run smtp-source (new connection per message, HELO, one recipient); wall time and rate.
+    ``message_file``: send that message (LF line endings; smtp-source sends CRLF) instead of
+    smtp-source's own of ``length`` bytes."""
+    payload = ["-F", str(message_file)] if message_file else ["-l", str(length)]
+    args = [smtp_source_path(), "-s", str(sessions), "-m", str(messages), *payload,
             "-f", sender, "-t", rcpt, "-M", "client.bench.test", f"{host}:{port}"]
     t0 = time.perf_counter()
     p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
@@ -561,6 +565,37 @@ class MoxBench:
         if not resp.get("ok"):
             raise RuntimeError(f"ctl {command}: {resp}")
         return resp["result"]
+
+
+DKIM_SELECTOR = "bench"  # of SENDER's domain, for --dkim-signed-incoming
+
+
+def dkim_signed_messages(lengths: list[int], directory: Path) -> tuple[dict[int, Path], tuple[str, str, str]]:
+    """Messages from SENDER with ``length`` bytes of body each, DKIM-signed (RSA-2048, relaxed,
+    by dkimpy as another MTA would sign), as files for smtp-source ``-F``; and the TXT record
+    of the key, for ``bench_dns``."""
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    domain = SENDER.rpartition("@")[2]
+    files = {}
+    for length in lengths:
+        message = make_message(length, frm=SENDER, to=LOCAL_RCPT)
+        signed = dkim.sign(message, DKIM_SELECTOR.encode(), domain.encode(), pem,
+                           canonicalize=(b"relaxed", b"relaxed"),
+                           include_headers=[b"from", b"to", b"subject", b"date", b"message-id"]) + message
+        files[length] = directory / f"signed-{length}.eml"
+        files[length].write_bytes(signed.replace(b"\r\n", b"\n"))
+    record = (f"{DKIM_SELECTOR}._domainkey.{domain}", "TXT", "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
+    return files, record
 
 
 def write_dkim_key(path: Path, kind: str) -> None:

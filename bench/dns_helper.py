@@ -52,8 +52,9 @@ class Responder(asyncio.DatagramProtocol):
             q = dns.message.make_query(name, rdtype, use_edns=False)
             r = dns.message.make_response(q)
             r.flags |= dns.flags.AA
-            if rdtype == "TXT":
-                values = ['"' + v.replace('"', '\\"') + '"' for v in values]
+            if rdtype == "TXT":  # strings of at most 255 characters (a DKIM key needs several)
+                values = [" ".join('"' + v[i:i + 255].replace('"', '\\"') + '"' for i in range(0, len(v), 255))
+                          for v in values]
             r.answer.append(dns.rrset.from_text_list(name, 300, "IN", rdtype, values))
             wire = r.to_wire()
             qend = _qname_end(wire) + 4
