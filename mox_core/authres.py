@@ -60,12 +60,13 @@ def _dkim_dnsfunc(resolver: dns.resolver.Resolver):
 
 
 class _Verifier(dkim.DKIM):
-    """dkimpy's DKIM verification, with the two steps that cost milliseconds per 100 KB done
-    by C scans instead (6.3 -> 0.7 ms for a signed 100 KB message, all of it holding the
-    GIL): splitting the message (dkimpy splits all of it into lines; only the header needs
-    that) and the body hash (``dkimsign.canonical_body``, equal to dkimpy's canonicalization;
-    dkimpy's regular expressions take 4 ms per 100 KB). Everything else, the signature's
-    tags, the key record, the header hash and the signature check, stays dkimpy's.
+    """dkimpy's DKIM verification, with the steps that cost most done in C instead: splitting
+    the message (dkimpy splits all of it into lines; only the header needs that), the body
+    hash (``dkimsign.canonical_body``, equal to dkimpy's canonicalization, whose regular
+    expressions take 4 ms per 100 KB) and the RSA signature check (OpenSSL through
+    ``cryptography``; dkimpy's is Python, 0.3-0.45 ms). A signed message: 2 KB 0.6-0.8 -> 0.27
+    ms, 100 KB 4.3-6.3 -> 0.5 ms, nearly all of it holding the GIL before. The signature's tags, the key
+    record, the choice and hashing of the signed header fields stay dkimpy's.
 
     Only for messages with CRLF line endings throughout, as the SMTP DATA reader passes them.
     """
@@ -79,7 +80,7 @@ class _Verifier(dkim.DKIM):
         self.body = message[end + 4:]
 
     def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):  # type: ignore[no-untyped-def]
-        if b"bh" not in sig or self.tlsrpt:
+        if b"bh" not in sig or self.tlsrpt or self.seqtlsrpt:  # TLSRPT rules: dkimpy's own
             return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
         try:
             policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
@@ -92,11 +93,50 @@ class _Verifier(dkim.DKIM):
             expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
         except (TypeError, binascii.Error) as exc:
             raise dkim.MessageFormatError(str(exc)) from None
-        if dkim.HASH_ALGORITHMS[sig[b"a"]](body).digest() != expected:
+        hasher = dkim.HASH_ALGORITHMS[sig[b"a"]]
+        if hasher(body).digest() != expected:
             raise dkim.ValidationError("body hash mismatch")
-        # the body is checked: dkimpy checks the rest (it skips the body without bh=)
-        return super().verify_sig_process({k: v for k, v in sig.items() if k != b"bh"},
-                                          include_headers, sig_header, dnsfunc)
+        if self.ktag != b"rsa":  # Ed25519: dkimpy (through PyNaCl), without the body again
+            return super().verify_sig_process({k: v for k, v in sig.items() if k != b"bh"},
+                                              include_headers, sig_header, dnsfunc)
+        if b"from" in include_headers:  # as dkimpy: an added From field breaks the signature
+            include_headers.append(b"from")
+        h = hasher()
+        self.signed_headers = dkim.hash_headers(h, policy, policy.canonicalize_headers(self.headers),
+                                                include_headers, sig_header, sig)
+        signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
+        ok = _rsa_verify(self.pk, signature, h.digest(), sig[b"a"])
+        if ok and self.keysize < self.minkey:
+            raise dkim.KeyFormatError(f"public key too small: {self.keysize}")
+        return ok
+
+
+_rsa_keys: dict[tuple[int, int], object] = {}
+
+
+def _rsa_verify(pk: dict, signature: bytes, digest: bytes, algorithm: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 with OpenSSL for the key dkimpy parsed from DNS (``modulus``,
+    ``publicExponent``); public keys kept by their numbers."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+    numbers = (pk["modulus"], pk["publicExponent"])
+    key = _rsa_keys.get(numbers)
+    if key is None:
+        try:
+            key = rsa.RSAPublicNumbers(numbers[1], numbers[0]).public_key()
+        except ValueError as exc:
+            raise dkim.KeyFormatError(f"unusable RSA public key: {exc}") from None
+        if len(_rsa_keys) >= 10_000:
+            _rsa_keys.clear()
+        _rsa_keys[numbers] = key
+    hash_algorithm = hashes.SHA1() if algorithm == b"rsa-sha1" else hashes.SHA256()
+    try:
+        key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hash_algorithm))  # type: ignore[attr-defined]
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _spf_domain(mail_from: str, helo: str) -> str:

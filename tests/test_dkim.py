@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import re
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mox_core.authres import _dkim_dnsfunc, _Verifier
-from mox_core.dkimsign import canonical_body, canonical_header, dns_record, sign
+from mox_core.dkimsign import _Key, _split, canonical_body, canonical_header, dns_record, sign, signature_header
 from mox_core.config import load_config
 from mox_core.plugins import PluginHost
 from mox_core.testconfig import MINIMAL_DOMAINS, MINIMAL_STATIC, write_config
@@ -192,6 +193,9 @@ def _outcome(verifier: type, message: bytes, dnsfunc) -> str:
 def test_incoming_verification_agrees_with_dkimpy(tmp_path, keys, dns_server):
     dnsfunc = _dkim_dnsfunc(sync_resolver_for(dns_server))
     rsa_pem = keys["rsa"].read_bytes()
+    other_pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    ed_key = _Key("ed25519-sha256", serialization.load_pem_private_key(keys["ed"].read_bytes(), None))
     rng = random.Random(6376)
     words = [b"a", b"b", b" ", b"  ", b"\t", b"\r\n", b".", b"\r\n\r\n"]
     outcomes = set()
@@ -200,8 +204,16 @@ def test_incoming_verification_agrees_with_dkimpy(tmp_path, keys, dns_server):
         message = b"From: a@example.org\r\nSubject: t " + str(i).encode() + b"\r\n\r\n" + body
         c = rng.choice([(b"relaxed", b"relaxed"), (b"relaxed", b"simple"), (b"simple", b"simple"),
                         (b"simple", b"relaxed")])
-        signed = dkim.sign(message, b"rsa", b"example.org", rsa_pem, canonicalize=c,
-                           include_headers=[b"from", b"subject"], length=rng.random() < 0.3)
+        signer = rng.choice(["rsa-sha256", "rsa-sha1", "ed25519", "another key"])
+        if signer == "ed25519":
+            fields, raw_body = _split(message)
+            signed = signature_header(fields, hashlib.sha256(canonical_body(raw_body, c[1].decode())).digest(),
+                                      domain="example.org", selector="ed", key=ed_key, headers=["From", "Subject"],
+                                      canonicalization=b"/".join(c).decode(), timestamp=1_700_000_000)
+        else:
+            signed = dkim.sign(message, b"rsa", b"example.org", other_pem if signer == "another key" else rsa_pem,
+                               canonicalize=c, include_headers=[b"from", b"subject"], length=rng.random() < 0.3,
+                               signature_algorithm=b"rsa-sha1" if signer == "rsa-sha1" else b"rsa-sha256")
         # the same message, or one changed by a forwarder, in the body or a header
         change = rng.choice([lambda m: m, lambda m: m + b"tail\r\n", lambda m: m.replace(b" ", b"  "),
                              lambda m: m.replace(b"\r\n\r\n", b"\r\n \r\n", 1), lambda m: m + b"\r\n\r\n",
@@ -210,8 +222,9 @@ def test_incoming_verification_agrees_with_dkimpy(tmp_path, keys, dns_server):
         ours, theirs = _outcome(_Verifier, received, dnsfunc), _outcome(dkim.DKIM, received, dnsfunc)
         assert ours == theirs, received
         outcomes.add(ours)
-    # the cases above reach every outcome: a valid signature, a body that no longer matches
-    assert {"pass", "ValidationError"} <= outcomes, outcomes
+    # the cases above reach every outcome: a valid signature, a body that no longer matches,
+    # a signature that does not verify (another key, a changed header)
+    assert {"pass", "ValidationError", "fail"} <= outcomes, outcomes
 
 
 def test_incoming_verification_of_a_large_message(keys, dns_server):
