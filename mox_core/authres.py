@@ -25,6 +25,7 @@ from mox_core.resolver import CacheOnly, cached_answer
 log = structlog.get_logger(component="authres")
 
 _SIG = re.compile(rb"^dkim-signature:", re.I | re.M)
+VERIFY_IN_LOOP_MAX = 256 * 1024  # larger messages are verified in a thread (hashing their body)
 
 
 @dataclass
@@ -41,6 +42,23 @@ class AuthResults:
             parts.append(f"dkim={result} header.d={d} header.s={s}")
         text = f"Authentication-Results: {hostname};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
         return text.encode("utf-8", "replace")
+
+
+class _NotCached(Exception):
+    """A DKIM key record the resolver's cache does not hold (cache-only verification)."""
+
+
+def _dkim_cached_dnsfunc(resolver: dns.resolver.Resolver):
+    """Key records from the resolver's cache alone; raises :class:`_NotCached` on a miss."""
+    def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
+        answer = cached_answer(resolver, name.decode() if isinstance(name, bytes) else name, "TXT")
+        if answer is None:
+            raise _NotCached(name)
+        for rr in answer.rrset or []:
+            return b"".join(rr.strings)
+        return None
+
+    return get_txt
 
 
 def _dkim_dnsfunc(resolver: dns.resolver.Resolver):
@@ -186,16 +204,24 @@ def _check_sync(data: bytes, ip: str, helo: str, mail_from: str,
     if res is None:
         res = AuthResults()
         _spf(res, ip, helo, mail_from, resolver.lifetime)
+    res.dkim = _dkim_results(data, _dkim_dnsfunc(resolver), resolver.lifetime)
+    return res
+
+
+def _dkim_results(data: bytes, dnsfunc, timeout: float) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+    """(result, d=, s=) of each DKIM-Signature; :class:`_NotCached` from ``dnsfunc`` passes."""
     header_end = data.find(b"\r\n\r\n")
     headers = data[: header_end if header_end >= 0 else len(data)]
     nsig = len(_SIG.findall(headers))
+    results = []
     if nsig:
-        d = _Verifier(data, timeout=resolver.lifetime)
-        dnsfunc = _dkim_dnsfunc(resolver)
+        d = _Verifier(data, timeout=timeout)
         for idx in range(nsig):
             try:
                 ok = d.verify(idx=idx, dnsfunc=dnsfunc)
                 result = "pass" if ok else "fail"
+            except _NotCached:
+                raise
             except dkim.DnsTimeoutError:
                 result = "temperror"
             except dkim.ValidationError:  # e.g. body hash mismatch: the signature does not verify
@@ -205,9 +231,9 @@ def _check_sync(data: bytes, ip: str, helo: str, mail_from: str,
             except Exception:
                 result = "permerror"
             sig = d.signature_fields or {}
-            res.dkim.append((result, (sig.get(b"d") or b"").decode(errors="replace"),
-                             (sig.get(b"s") or b"").decode(errors="replace")))
-    return res
+            results.append((result, (sig.get(b"d") or b"").decode(errors="replace"),
+                            (sig.get(b"s") or b"").decode(errors="replace")))
+    return results
 
 
 def _has_signature(data: bytes) -> bool:
@@ -242,13 +268,20 @@ async def check(data: bytes, ip: str, helo: str, mail_from: str,
     pyspf and dkimpy block on DNS, so they run in a thread. But an SPF evaluation whose
     records are all in the resolver's cache runs right here (:class:`CacheOnly`), saving the
     thread hand-off and the queries, and its result is remembered for as long as those
-    records stay cached (``_SPF_RESULTS``). DKIM verification (RSA, body hash) always runs in
-    the thread.
+    records stay cached (``_SPF_RESULTS``). So does DKIM verification of a message up to
+    VERIFY_IN_LOOP_MAX whose key records are all cached (0.3-0.5 ms, less than a thread
+    hand-off); else it runs in the thread with real lookups.
     """
     if resolver.cache is not None:
         res = AuthResults()
         if _spf_from_cache(res, ip, helo, mail_from, resolver):
             if not _has_signature(data):
                 return res
+            if len(data) <= VERIFY_IN_LOOP_MAX:
+                try:
+                    res.dkim = _dkim_results(data, _dkim_cached_dnsfunc(resolver), resolver.lifetime)
+                    return res
+                except _NotCached:
+                    pass
             return await asyncio.to_thread(_check_sync, data, ip, helo, mail_from, resolver, res)
     return await asyncio.to_thread(_check_sync, data, ip, helo, mail_from, resolver)

@@ -2,7 +2,8 @@
 
 The interesting part is the cache fast path: an SPF evaluation whose records are all in the
 resolver's cache runs without a thread and without a query, and must give exactly the result
-the full evaluation gives; one missing record sends it back to the full evaluation.
+the full evaluation gives; one missing record sends it back to the full evaluation. DKIM
+verification likewise runs in the event loop while the key records are cached.
 """
 
 from __future__ import annotations
@@ -113,3 +114,55 @@ async def test_spf_result_evaluated_again_when_a_record_it_used_changes(dns_serv
     second = await authres.check(MESSAGE, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
     assert second.spf == "fail"
     assert calls[0] >= 1
+
+
+# ---- DKIM: verified in the event loop while the key record is cached --------------------------
+
+
+@pytest.fixture
+def signed(dns_server):
+    """MESSAGE DKIM-signed by sel._domainkey.sender.example (key published, TTL 300 s)."""
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+    dns_server.add("sel._domainkey.sender.example", "TXT",
+                   [record[i:i + 255] for i in range(0, len(record), 255)], ttl=300)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return dkim.sign(MESSAGE, b"sel", b"sender.example", pem, include_headers=[b"from", b"subject"]) + MESSAGE
+
+
+def _count_threads(monkeypatch) -> list[int]:
+    calls = [0]
+    real = authres.asyncio.to_thread
+
+    async def counting(*args, **kwargs):
+        calls[0] += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(authres.asyncio, "to_thread", counting)
+    return calls
+
+
+async def test_dkim_verified_without_a_thread_while_the_key_is_cached(dns_server, spf_resolver, signed, monkeypatch):
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=300)
+    threads = _count_threads(monkeypatch)
+    first = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert first.dkim == [("pass", "sender.example", "sel")]
+    assert threads[0] == 1  # the key was not cached: looked up in a thread
+    second = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    changed = await authres.check(signed.replace(b"hello", b"HELLO"), "127.0.0.1", "client.example",
+                                  "a@sender.example", spf_resolver)
+    assert second.dkim == [("pass", "sender.example", "sel")] and changed.dkim == [("fail", "sender.example", "sel")]
+    assert threads[0] == 1  # both from the cache, in the event loop
+    assert txt_queries(dns_server, "sel._domainkey.sender.example") == 1
+    spf_resolver.cache.flush()  # the key expired: a real lookup again, in a thread
+    third = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert third.dkim == [("pass", "sender.example", "sel")]
+    assert txt_queries(dns_server, "sel._domainkey.sender.example") == 2 and threads[0] == 2
