@@ -1,7 +1,9 @@
 """SPF and DKIM checks of incoming mail, summarised in an Authentication-Results header.
 
 pyspf and dkimpy are synchronous; :func:`check` runs them in a thread, with DNS through the
-resolver from ``[dns]`` in mox.toml. Results follow RFC 8601.
+resolver from ``[dns]`` in mox.toml, unless every record they need is in the resolver's cache:
+then in the event loop, without a thread hand-off. DKIM verification is dkimpy's with its
+costly steps done in C (:class:`_Verifier`). Results follow RFC 8601.
 """
 
 from __future__ import annotations
