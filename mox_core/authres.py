@@ -46,32 +46,24 @@ class AuthResults:
         return text.encode("utf-8", "replace")
 
 
-class _NotCached(Exception):
-    """A DKIM key record the resolver's cache does not hold (cache-only verification)."""
-
-
-def _dkim_cached_dnsfunc(resolver: dns.resolver.Resolver):
-    """Key records from the resolver's cache alone; raises :class:`_NotCached` on a miss."""
-    def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
-        answer = cached_answer(resolver, name.decode() if isinstance(name, bytes) else name, "TXT")
-        if answer is None:
-            raise _NotCached(name)
-        for rr in answer.rrset or []:
-            return b"".join(rr.strings)
-        return None
-
-    return get_txt
-
-
 def _dkim_dnsfunc(resolver: dns.resolver.Resolver):
+    """dkimpy's key lookup through ``resolver``; from its cache alone under :class:`CacheOnly`
+    (a miss sets ``missed``: the caller then throws the verification away)."""
     def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
         qname = name.decode() if isinstance(name, bytes) else name
-        try:
-            answer = resolver.resolve(qname, "TXT", raise_on_no_answer=False, lifetime=timeout)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers):
-            return None
-        except dns.exception.Timeout as exc:
-            raise dkim.DnsTimeoutError(str(exc)) from None
+        cache_only = CacheOnly.current()
+        if cache_only is not None:
+            answer = cached_answer(resolver, qname, "TXT")
+            if answer is None:
+                cache_only.missed = True
+                return None
+        else:
+            try:
+                answer = resolver.resolve(qname, "TXT", raise_on_no_answer=False, lifetime=timeout)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers):
+                return None
+            except dns.exception.Timeout as exc:
+                raise dkim.DnsTimeoutError(str(exc)) from None
         for rr in answer.rrset or []:
             return b"".join(rr.strings)
         return None
@@ -211,7 +203,7 @@ def _check_sync(data: bytes, ip: str, helo: str, mail_from: str,
 
 
 def _dkim_results(data: bytes, dnsfunc, timeout: float) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
-    """(result, d=, s=) of each DKIM-Signature; :class:`_NotCached` from ``dnsfunc`` passes."""
+    """(result, d=, s=) of each DKIM-Signature."""
     header_end = data.find(b"\r\n\r\n")
     headers = data[: header_end if header_end >= 0 else len(data)]
     nsig = len(_SIG.findall(headers))
@@ -222,8 +214,6 @@ def _dkim_results(data: bytes, dnsfunc, timeout: float) -> list[tuple[str, str, 
             try:
                 ok = d.verify(idx=idx, dnsfunc=dnsfunc)
                 result = "pass" if ok else "fail"
-            except _NotCached:
-                raise
             except dkim.DnsTimeoutError:
                 result = "temperror"
             except dkim.ValidationError:  # e.g. body hash mismatch: the signature does not verify
@@ -280,10 +270,10 @@ async def check(data: bytes, ip: str, helo: str, mail_from: str,
             if not _has_signature(data):
                 return res
             if len(data) <= VERIFY_IN_LOOP_MAX:
-                try:
-                    res.dkim = _dkim_results(data, _dkim_cached_dnsfunc(resolver), resolver.lifetime)
+                with CacheOnly() as attempt:
+                    dkim_results = _dkim_results(data, _dkim_dnsfunc(resolver), resolver.lifetime)
+                if not attempt.missed:
+                    res.dkim = dkim_results
                     return res
-                except _NotCached:
-                    pass
             return await asyncio.to_thread(_check_sync, data, ip, helo, mail_from, resolver, res)
     return await asyncio.to_thread(_check_sync, data, ip, helo, mail_from, resolver)

@@ -71,7 +71,8 @@ def make_async_resolver(cfg: DNS) -> dns.asyncresolver.Resolver:
 
 
 class CacheOnly:
-    """While active in a thread, pyspf lookups answer only from the resolver's cache.
+    """While active in a thread, pyspf lookups and DKIM key lookups (``authres``) answer only
+    from the resolver's cache.
 
     A lookup the cache cannot answer returns nothing and sets ``missed``: the caller then
     throws the whole evaluation away and runs it again with real lookups (in a thread). So an
