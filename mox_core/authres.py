@@ -41,7 +41,7 @@ class AuthResults:
         if not self.dkim:
             parts.append("dkim=none")
         for result, d, s in self.dkim:
-            parts.append(f"dkim={result} header.d={d} header.s={s}")
+            parts.append(f"dkim={result} header.d={d} header.s={s}" if d else f"dkim={result}")
         text = f"Authentication-Results: {hostname};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
         return text.encode("utf-8", "replace")
 
@@ -209,7 +209,13 @@ def _dkim_results(data: bytes, dnsfunc, timeout: float) -> list[tuple[str, str, 
     nsig = len(_SIG.findall(headers))
     results = []
     if nsig:
-        d = _Verifier(data, timeout=timeout)
+        try:
+            d = _Verifier(data, timeout=timeout)
+        except dkim.DKIMException as exc:
+            # dkimpy cannot read the header (a line that is no header field): no signature can
+            # be checked, and the message is still accepted (RFC 8601 permerror)
+            log.info("dkim_header_unreadable", error=str(exc))
+            return [("permerror", "", "")]
         for idx in range(nsig):
             try:
                 ok = d.verify(idx=idx, dnsfunc=dnsfunc)

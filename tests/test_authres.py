@@ -166,3 +166,15 @@ async def test_dkim_verified_without_a_thread_while_the_key_is_cached(dns_server
     third = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
     assert third.dkim == [("pass", "sender.example", "sel")]
     assert txt_queries(dns_server, "sel._domainkey.sender.example") == 2 and threads[0] == 2
+
+
+async def test_a_signed_message_with_an_unreadable_header_is_a_dkim_permerror(dns_server, spf_resolver):
+    # dkimpy refuses to parse a header with a line that is no header field; before, that
+    # exception became a 451 for the message, on every retry
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=300)
+    message = (b"DKIM-Signature: v=1; a=rsa-sha256; d=sender.example; s=sel; h=from; bh=AAAA; b=AAAA\r\n"
+               b"From: a@sender.example\r\nthis line has no colon\r\n\r\nbody\r\n")
+    for _ in range(2):  # the key lookup never happens: the thread path, then the event loop's
+        result = await authres.check(message, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+        assert result.spf == "pass" and result.dkim == [("permerror", "", "")]
+    assert b"spf=pass smtp.mailfrom=sender.example;\r\n\tdkim=permerror\r\n" in result.header("mx.example", "127.0.0.1")
