@@ -178,3 +178,28 @@ async def test_a_signed_message_with_an_unreadable_header_is_a_dkim_permerror(dn
         result = await authres.check(message, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
         assert result.spf == "pass" and result.dkim == [("permerror", "", "")]
     assert b"spf=pass smtp.mailfrom=sender.example;\r\n\tdkim=permerror\r\n" in result.header("mx.example", "127.0.0.1")
+
+
+async def test_an_ed25519_signature_verifies(dns_server, spf_resolver):
+    # RFC 8463; dkimpy checks it with PyNaCl, a dependency of mox-core for this
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from mox_core.dkimsign import _Key, _split, canonical_body, signature_header
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    dns_server.add("ed._domainkey.sender.example", "TXT", "v=DKIM1; k=ed25519; p=" + base64.b64encode(public).decode())
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    fields, body = _split(MESSAGE)
+    signed = signature_header(fields, hashlib.sha256(canonical_body(body, "relaxed")).digest(), domain="sender.example",
+                              selector="ed", key=_Key("ed25519-sha256", key), headers=["From", "Subject"],
+                              canonicalization="relaxed/relaxed", timestamp=1_700_000_000) + MESSAGE
+    result = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert result.dkim == [("pass", "sender.example", "ed")]
+    changed = await authres.check(signed.replace(b"hello", b"HELLO"), "127.0.0.1", "client.example",
+                                  "a@sender.example", spf_resolver)
+    assert changed.dkim == [("fail", "sender.example", "ed")]
