@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import functools
 import itertools
 import os
 import re
@@ -243,10 +244,9 @@ class Handler:
         message."""
         if remote:
             signature = b""
-            if from_domain and len(data) > SIGN_IN_THREAD_ABOVE:
-                signature = await asyncio.to_thread(dkimsign.sign, self.holder.get(), from_domain, data)
-            elif from_domain:
-                signature = dkimsign.sign(self.holder.get(), from_domain, data)
+            if from_domain:
+                sign = functools.partial(dkimsign.sign, self.holder.get(), from_domain, data)
+                signature = await asyncio.to_thread(sign) if len(data) > SIGN_IN_THREAD_ABOVE else sign()
             smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
             return await self.queue.add(
                 account=account, mail_from=_sender(envelope),
