@@ -298,6 +298,7 @@ async def test_checkpoints_run_in_their_own_thread_not_in_the_writers(cfg):
     await q.open()
     try:
         store = q.store
+        store.segment_min = store.inline_max  # in the index, not in segments: log to copy
         assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
         assert store.db.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
         assert store.checkpointer is not None

@@ -50,7 +50,7 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -59,7 +59,9 @@ from typing import Any
 import structlog
 
 from mox_core.errors import MoxError
+from mox_core.queue import segments
 from mox_core.queue.records import COLUMNS, SCHEMA, Filter, QueuedMessage
+from mox_core.queue.segments import FREED_PREFIX, SEGMENT_MIN, SEGMENT_PREFIX, Segments
 from mox_core.routing import address_domain
 from mox_core.smtp.lines import only_crlf
 from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
@@ -88,6 +90,14 @@ CHECKPOINT_INTERVAL = 0.25  # seconds at least between two checkpoints of the th
 # commit makes them durable, instead of a file fsync, a directory fsync and the commit.
 INLINE_MAX = 256 * 1024
 INLINE_PREFIX = "db/"  # msg.file of a message stored in msg_data: "db/<base_id>"
+# How often the checkpoint thread looks for segments to compact (segments.compact).
+COMPACT_INTERVAL = 60.0
+
+
+def _is_file(rel: str) -> bool:
+    """Whether ``msg.file`` (or a freed segment) names a file, not data in the index."""
+    return not rel.startswith((INLINE_PREFIX, SEGMENT_PREFIX))
+
 
 class QueueLocked(MoxError):
     """Another process (a running ``mox serve``) holds the queue."""
@@ -126,6 +136,7 @@ class _Add:
     ids: list[int] = field(default_factory=list)
     summary: tuple[str, str] = ("", "")  # Message-ID, Subject
     committed: bool = False
+    placed: Any = None  # segments.Placed, when the data went into a segment
 
 
 class CheckpointThread:
@@ -134,8 +145,10 @@ class CheckpointThread:
     ``CHECKPOINT_INTERVAL`` seconds. A passive checkpoint never blocks a writer: adds go on
     appending to the log meanwhile."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, segments: Segments | None = None) -> None:
         self.db_path = db_path
+        self.segments = segments  # compacted from this thread (segments.compact)
+        self.compacted = 0  # messages moved out of segments, for tests
         self.count = 0  # checkpoints run, for tests
         self.last: tuple[int, int, int] | None = None  # (busy, log frames, checkpointed)
         self._wake = threading.Event()
@@ -156,20 +169,33 @@ class CheckpointThread:
         try:
             db.execute("PRAGMA busy_timeout=10000")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            db.execute("PRAGMA synchronous=FULL")  # a compaction is durable before files go
+            next_compact = time.monotonic() + COMPACT_INTERVAL
             while True:
-                self._wake.wait()
+                woken = self._wake.wait(COMPACT_INTERVAL if self.segments is not None else None)
                 if self._closing.is_set():
                     return
                 self._wake.clear()
-                try:
-                    self.last = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.count += 1
-                except sqlite3.Error as exc:  # the writers' own checkpoint still runs
-                    log.warning("queue_checkpoint_failed", error=str(exc))
+                if woken:
+                    try:
+                        self.last = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        self.count += 1
+                    except sqlite3.Error as exc:  # the writers' own checkpoint still runs
+                        log.warning("queue_checkpoint_failed", error=str(exc))
+                if self.segments is not None and time.monotonic() >= next_compact:
+                    next_compact = time.monotonic() + COMPACT_INTERVAL
+                    self.compact(db)
                 if self._closing.wait(CHECKPOINT_INTERVAL):
                     return
         finally:
             db.close()
+
+    def compact(self, db: sqlite3.Connection) -> None:
+        assert self.segments is not None
+        try:
+            self.compacted += segments.compact(self.segments.dir, db, self.segments.recycle, time.time())
+        except (sqlite3.Error, OSError) as exc:  # tried again at the next interval
+            log.warning("queue_segment_compaction_failed", error=str(exc))
 
 
 class QueueStore:
@@ -188,6 +214,8 @@ class QueueStore:
         self.partition = partition
         self.msg_dir = self.dir / "msg"
         self.tmp_dir = self.dir / "tmp"
+        self.segments = Segments(self.dir / "seg")
+        self.segment_min = SEGMENT_MIN  # larger messages, up to inline_max, go into segments
         self.db_path = self.dir / "index.db"
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -213,7 +241,7 @@ class QueueStore:
         await self._run(self._open_sync, lock, cleanup)
 
     def _open_sync(self, lock: bool, cleanup: bool) -> None:
-        for d in (self.dir.parent, self.dir, self.msg_dir, self.tmp_dir):
+        for d in (self.dir.parent, self.dir, self.msg_dir, self.tmp_dir, self.segments.dir):
             mkdir_durable(str(d))
         if lock:
             self._take_lock()
@@ -225,12 +253,14 @@ class QueueStore:
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.create_function("mox_partition", 2, partition_of, deterministic=True)
         db.executescript(SCHEMA)
+        db.executescript(segments.SCHEMA)
         self._db = db
         self._limiters_ready = {}
         if lock and cleanup:
             self._remove_orphans()
-        if lock:  # one checkpointer for all the processes using this queue
-            self.checkpointer = CheckpointThread(self.db_path)
+            self.segments.cleanup(db)
+        if lock:  # one checkpointer (and compactor) for all the processes using this queue
+            self.checkpointer = CheckpointThread(self.db_path, self.segments)
 
     def _take_lock(self) -> None:
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -263,6 +293,10 @@ class QueueStore:
         self._writers.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        try:
+            self.segments.close(self._db)
+        except (sqlite3.Error, OSError) as exc:  # sealed by the next startup's cleanup
+            log.warning("queue_segment_close_failed", error=str(exc))
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None
@@ -370,6 +404,7 @@ class QueueStore:
         # Outside the SQLite write lock: other processes adding to this queue meanwhile
         # write their files too.
         files = []
+        mid_sized = []
         for it in batch:
             if not it.recipients:
                 continue
@@ -378,9 +413,12 @@ class QueueStore:
             it.summary = _header_summary(it.data)
             if len(it.data) <= self.inline_max:
                 it.rel = f"{INLINE_PREFIX}{it.ids[0]}"  # into msg_data, with its rows
+                if len(it.data) > self.segment_min:
+                    mid_sized.append(it)
                 continue
             it.rel = f"{it.ids[0] >> FILES_PER_DIR_SHIFT}/{it.ids[0]}"
             files.append(it)
+        syncs = self._place_in_segments(mid_sized) if mid_sized else []
         # Written and fsynced in parallel when there are several: the filesystem's journal
         # then commits their metadata together instead of once per file.
         if len(files) > 1:
@@ -429,8 +467,64 @@ class QueueStore:
             if retry is None:
                 break
             live = retry
+        if syncs:
+            self._settle_segment_syncs(syncs, mid_sized)
+        try:
+            self.segments.after_commit(self.db)
+        except (sqlite3.Error, OSError) as exc:  # sealed by the next startup's cleanup
+            log.warning("queue_segment_seal_failed", error=str(exc))
         if self.checkpointer is not None:
             self.checkpointer.wake()
+
+    def _place_in_segments(self, items: list[_Add]) -> list[tuple[Any, Future[None]]]:
+        """Write mid-sized messages into segments before their rows are inserted, and start
+        the segments' fdatasync (in the writer threads, while the rows commit); those that
+        cannot be placed stay in the index (``msg_data``)."""
+        try:
+            placed, written = self.segments.place(self.db, [it.data for it in items])
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("queue_segment_place_failed", error=str(exc))
+            return []
+        for it, p in zip(items, placed, strict=True):
+            if p is not None:
+                it.rel = f"{SEGMENT_PREFIX}{it.ids[0]}"
+                it.placed = p
+        return [(act, self._writers.submit(Segments.sync, act)) for act in written]
+
+    def _settle_segment_syncs(self, syncs: list[tuple[Any, Future[None]]], items: list[_Add]) -> None:
+        """Wait for the segments' fdatasync. When one failed, the committed messages in that
+        segment are copied into the index (from memory) before they are acknowledged; if
+        even that fails they are not acknowledged, and their rows go."""
+        for act, fut in syncs:
+            exc = fut.exception()
+            if exc is None:
+                continue
+            self.segments.failed(act, exc)
+            hit = [it for it in items if it.committed and it.placed is not None
+                   and it.placed.segment == act.id]
+            if hit:
+                self._move_into_index(hit)
+
+    def _move_into_index(self, items: list[_Add]) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for it in items:
+                segments.move_into_index(db, it.ids[0], it.data)
+            db.execute("COMMIT")
+            return
+        except (sqlite3.Error, OSError) as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            err = _sqlite_storage_error(exc)
+            log.error("queue_commit_failed", error=str(exc), code=err.code, messages=len(items))
+        try:  # else the next startup removes them (Segments.cleanup)
+            self._alone(self._delete, [i for it in items for i in it.ids])
+        except (sqlite3.Error, OSError) as exc:
+            log.error("queue_unacknowledged_rows_left", error=str(exc))
+        for it in items:
+            it.error, it.ids, it.committed = err, [], False
+            self._rollback(it)
 
     def _write_tmp(self, it: _Add) -> OSError | None:
         """Write and fsync ``tmp/<id>`` (in a writer pool thread, or this one)."""
@@ -533,6 +627,10 @@ class QueueStore:
     def _insert_rows(self, it: _Add) -> None:
         if it.rel.startswith(INLINE_PREFIX):
             self.db.execute("INSERT INTO msg_data(base_id, data) VALUES (?, ?)", (it.ids[0], it.data))
+        elif it.rel.startswith(SEGMENT_PREFIX):
+            p = it.placed
+            self.db.execute("INSERT INTO msg_seg(base_id, segment, offset, length, crc) VALUES (?,?,?,?,?)",
+                            (it.ids[0], p.segment, p.offset, p.length, p.crc))
         message_id, subject = it.summary
         has_8bit = not it.data.isascii()
         smtputf8 = it.smtputf8 or not it.mail_from.isascii() or any(
@@ -751,7 +849,7 @@ class QueueStore:
                 if ok:
                     files |= res[1]
             try:
-                if any(not f.startswith(INLINE_PREFIX) for _, f in files):
+                if any(_is_file(f) for _, f in files):
                     self._sync_wal()  # the deletions are on disk before any file goes
                 self._remove_unreferenced(files)
             except Exception:  # a file left behind is an orphan, removed at startup
@@ -788,9 +886,9 @@ class QueueStore:
     ) -> tuple[tuple[list[QueuedMessage], bytes | None], set[tuple[int, str]]]:
         rows, files = self._start_rows(plans, now, result)
         data = None
-        if rows and rows[0].file.startswith(INLINE_PREFIX):
+        if rows and not _is_file(rows[0].file):
             with contextlib.suppress(FileNotFoundError):  # read_message reports it
-                data = self._read_inline(rows[0].base_id)
+                data = self._read_stored(rows[0].file, rows[0].base_id)
         return (rows, data), files
 
     def _finish_rows(
@@ -837,13 +935,19 @@ class QueueStore:
             if row is not None:
                 n += 1
                 files.add((row[0], row[1]))
+        if any(f.startswith(SEGMENT_PREFIX) for _, f in files):
+            # segments emptied by this transaction: their files are recycled after it
+            files |= {(sid, f"{FREED_PREFIX}{sid}") for (sid,) in self.db.execute(segments.FREE_SQL).fetchall()}
         return n, files
 
     def _remove_unreferenced(self, files: set[tuple[int, str]]) -> None:
         # All rows of a file share its base_id (indexed), so the check stays cheap.
         # No fsync: a file whose unlink is lost in a crash is an orphan, removed at startup.
         for base_id, f in files:
-            if f.startswith(INLINE_PREFIX):  # its msg_data row goes with its last msg row (trigger)
+            if not _is_file(f):  # its msg_data/msg_seg row goes with its last msg row (trigger)
+                continue
+            if f.startswith(FREED_PREFIX):
+                self.segments.recycle(base_id)
                 continue
             if self.db.execute(
                 "SELECT 1 FROM msg WHERE base_id = ? LIMIT 1", (base_id,)
@@ -852,10 +956,19 @@ class QueueStore:
 
     async def read_message(self, rel: str) -> bytes:
         """The message bytes (read in a worker thread; may be large)."""
-        if rel.startswith(INLINE_PREFIX):
-            return await self._run(self._read_inline, int(rel[len(INLINE_PREFIX):]))
+        if not _is_file(rel):
+            return await self._run(self._read_stored, rel, int(rel.partition("/")[2]))
         path = self.msg_dir / rel
         return await asyncio.to_thread(path.read_bytes)
+
+    def _read_stored(self, rel: str, base_id: int) -> bytes:
+        """Data in the index or a segment. A segment's message may have been moved into the
+        index since its row was read (compaction): then it is read from there."""
+        if rel.startswith(SEGMENT_PREFIX):
+            data = segments.read(self.segments.dir, self.db, base_id)
+            if data is not None:
+                return data
+        return self._read_inline(base_id)
 
     def _read_inline(self, base_id: int) -> bytes:
         row = self.db.execute("SELECT data FROM msg_data WHERE base_id = ?", (base_id,)).fetchone()
