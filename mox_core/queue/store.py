@@ -3,8 +3,10 @@
 Why this shape (mox ``queue/``): a submission with N remote recipients is one stored message
 and N rows sharing ``base_id``, so the body is stored once however many recipients it has,
 and the scheduler can still retry, hold or fail each recipient on its own. A message of up to
-``INLINE_MAX`` bytes is stored in the index itself (table ``msg_data``, ``msg.file`` =
-``db/<base_id>``), larger ones in a file ``queue/msg/<id >> 13>/<id>``.
+``SEGMENT_MIN`` bytes is stored in the index itself (table ``msg_data``, ``msg.file`` =
+``db/<base_id>``), one of up to ``INLINE_MAX`` bytes in a preallocated segment file
+(``queue/seg/``, ``msg.file`` = ``seg/<base_id>``, see :mod:`mox_core.queue.segments`; in the
+index while no segment is ready), larger ones in a file ``queue/msg/<id >> 13>/<id>``.
 
 Durability of :meth:`QueueStore.add` (reliability.md A.5): a large message's file is written
 into ``queue/tmp/``, fsynced, renamed into ``queue/msg/<id >> 13>/<id>`` and that directory
@@ -17,7 +19,9 @@ at any step removes what that submission wrote and raises :class:`StorageError` 
 limiter's refusal: :class:`mox_core.ratelimit.RateLimited`). A crash between a file's rename
 and the commit leaves a message file no row refers to; :meth:`QueueStore.open` removes such
 orphans, so nothing half-written is ever delivered. ``msg_data`` rows go with the last row of
-their message (trigger ``msg_data_ad``, same transaction).
+their message (trigger ``msg_data_ad``, same transaction). A mid-sized message's bytes are
+written into its segment before the transaction and fdatasynced while it commits; ``add()``
+returns after both (:mod:`mox_core.queue.segments` has the crash cases).
 
 Picking due work must not slow down with queue size: ``domain_due`` keeps, per recipient
 domain, the earliest ``next_attempt`` of its non-held rows (maintained by triggers from the
@@ -86,8 +90,8 @@ WAL_AUTOCHECKPOINT_PAGES = 16384
 # from its start, not shrunk, otherwise).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 CHECKPOINT_INTERVAL = 0.25  # seconds at least between two checkpoints of the thread
-# Messages up to this size are stored in the index (msg_data) instead of a file: one WAL
-# commit makes them durable, instead of a file fsync, a directory fsync and the commit.
+# Messages up to this size are stored in the index (msg_data) or, above SEGMENT_MIN, in a
+# segment, instead of a file: no file to create, and no directory fsync.
 INLINE_MAX = 256 * 1024
 INLINE_PREFIX = "db/"  # msg.file of a message stored in msg_data: "db/<base_id>"
 # How often the checkpoint thread looks for segments to compact (segments.compact).
@@ -199,7 +203,8 @@ class CheckpointThread:
 
 
 class QueueStore:
-    """``<data_dir>/queue/``: ``index.db``, ``msg/<id >> 13>/<id>`` message files, ``tmp/``.
+    """``<data_dir>/queue/``: ``index.db``, ``msg/<id >> 13>/<id>`` message files, ``seg/``
+    segments, ``tmp/``.
 
     Create, then ``await open()``. ``lock=True`` (the server) takes an exclusive lock on
     ``queue/lock`` so that a second server, or an offline ``mox queue`` command, cannot work
