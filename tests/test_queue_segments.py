@@ -51,8 +51,28 @@ def seg_dir(q: Queue):
 async def opened(cfg, size: int = SMALL_SEGMENTS, **kw) -> Queue:
     q = Queue(cfg, clock=FakeClock(), **kw)
     q.store.segments.size = size
+    q.store.segment_batch_min = 1  # a lone message too (by default only batches)
     await q.open()
     return q
+
+
+async def test_a_lone_mid_sized_message_stays_in_the_index_and_a_batch_goes_into_a_segment(cfg):
+    """One message alone: one fsync (the commit) is faster than the segment's sync in a
+    second thread beside it; several in one batch share one sync."""
+    q = Queue(cfg, clock=FakeClock())
+    await q.open()
+    try:
+        assert q.store.segment_batch_min == seg.SEGMENT_BATCH_MIN == 2
+        await add(q, "x@d0.example", data=mid(0))
+        await spare_ready(q)
+        [lone] = await add(q, "a@d1.example", data=mid(1))
+        assert (await q.store.get(lone)).file == f"db/{lone}"
+        batch = await asyncio.gather(*(add(q, f"r{i}@d{i}.example", data=mid(i)) for i in range(2, 5)))
+        files = [(await q.store.get(i)).file for [i] in batch]
+        assert files == [f"seg/{i}" for [i] in batch]
+        assert [await q.store.read_message(f) for f in files] == [mid(i) for i in range(2, 5)]
+    finally:
+        await q.close()
 
 
 async def test_a_mid_sized_message_goes_into_a_segment_once_a_spare_is_ready(cfg):
@@ -314,6 +334,7 @@ async def test_old_sealed_segments_have_their_few_messages_moved_into_the_index(
 async def test_segment_messages_are_delivered_and_their_segment_freed(cfg):
     async with running(cfg) as q:
         q.store.segments.size = SMALL_SEGMENTS
+        q.store.segment_batch_min = 1
         await add(q, "x@d0.example", data=mid(0))
         for i in range(1, 7):
             await spare_ready(q)
@@ -349,6 +370,7 @@ async def add_and_ack(q, n):
 async def main():
     q = Queue(cfg)
     q.store.segments.size = 256 * 1024
+    q.store.segment_batch_min = 1
     await q.open()
     n = 0
     while True:

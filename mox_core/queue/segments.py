@@ -57,6 +57,8 @@ FREED_PREFIX = "segment/"  # "segment/<id>": a freed segment whose file is to be
 # Messages larger than this (and up to the index's INLINE_MAX) go into segments. Below it the
 # two are alike on this machine (2 KB: within noise), and the index costs no second fsync.
 SEGMENT_MIN = 16 * 1024
+# ... and only from batches of at least this many such messages (see QueueStore)
+SEGMENT_BATCH_MIN = 2
 SEGMENT_SIZE = 32 * 1024 * 1024
 SPARE_SEGMENTS = 2  # freed segments kept as spares; the thread makes one when none is left
 COMPACT_AFTER = 600.0  # seconds after sealing
@@ -124,6 +126,7 @@ class Segments:
         self._closing = False
         self._retiring: list[_Active] = []  # sealed once the batch writing into them committed
         self._thread: threading.Thread | None = None
+        self._prepared = float("-inf")
 
     # -- spares ------------------------------------------------------------------------------
 
@@ -132,6 +135,14 @@ class Segments:
             return sorted(n for n in os.listdir(self.dir) if n.startswith("spare-"))
         except FileNotFoundError:
             return []
+
+    def prepare(self) -> None:
+        """Have a spare ready for the next batch (messages are coming that could use one);
+        looked at no more than once a second while no segment is active."""
+        now = time.monotonic()
+        if self.active is None and now - self._prepared >= 1.0:
+            self._prepared = now
+            self._want_spare()
 
     def _want_spare(self) -> None:
         if self._thread is None:
