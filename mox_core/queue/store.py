@@ -55,6 +55,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -474,11 +475,14 @@ class QueueStore:
         # 3. One write transaction: per submission check its rate limits, insert its rows,
         # count it; then the local Maildir copies of the accepted ones; one commit.
         live = [it for it in batch if it.error is None]
-        while live:
-            retry = self._transaction(live)
-            if retry is None:
-                break
-            live = retry
+        try:
+            while live:
+                retry = self._transaction(live)
+                if retry is None:
+                    break
+                live = retry
+        finally:  # even after a bug: nothing is acknowledged before its data's sync ended
+            wait_futures([fut for _, fut in syncs])
         if syncs:
             self._settle_segment_syncs(syncs, mid_sized)
         try:
