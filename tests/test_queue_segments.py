@@ -40,6 +40,23 @@ async def spare_ready(q: Queue) -> None:
     pytest.fail("no spare segment was made")
 
 
+async def primed(q: Queue) -> None:
+    """mid(0) into the index (no spare is ready for it), then wait until the first spare is."""
+    await add(q, "x@d0.example", data=mid(0))
+    await spare_ready(q)
+
+
+async def fill(q: Queue, numbers: range) -> list[int]:
+    """After :func:`primed`, mid(n) for each n, each once a spare is ready (so they fill
+    segments in order); their ids."""
+    await primed(q)
+    ids = []
+    for i in numbers:
+        await spare_ready(q)
+        ids += await add(q, f"r{i}@d{i}.example", data=mid(i))
+    return ids
+
+
 def rows_of(q: Queue, sql: str, *args):
     return q.store.db.execute(sql, args).fetchall()
 
@@ -63,8 +80,7 @@ async def test_a_lone_mid_sized_message_stays_in_the_index_and_a_batch_goes_into
     await q.open()
     try:
         assert q.store.segment_batch_min == seg.SEGMENT_BATCH_MIN == 2
-        await add(q, "x@d0.example", data=mid(0))
-        await spare_ready(q)
+        await primed(q)
         [lone] = await add(q, "a@d1.example", data=mid(1))
         assert (await q.store.get(lone)).file == f"db/{lone}"
         batch = await asyncio.gather(*(add(q, f"r{i}@d{i}.example", data=mid(i)) for i in range(2, 5)))
@@ -146,12 +162,7 @@ async def test_a_segment_message_is_acknowledged_only_once_data_and_rows_are_dur
 async def test_a_full_segment_is_sealed_and_freed_with_its_last_message(cfg):
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))  # into the index while the first spare is made
-        await spare_ready(q)
-        ids = []
-        for i in range(1, 5):  # three fit into the first segment, the fourth opens the second
-            await spare_ready(q)
-            ids += await add(q, f"r{i}@d{i}.example", data=mid(i))
+        ids = await fill(q, range(1, 5))  # three fit into the first segment, the fourth opens the second
         segs = rows_of(q, "SELECT id, live, sealed IS NOT NULL FROM segment ORDER BY id")
         assert [(live, sealed) for _, live, sealed in segs] == [(3, 1), (1, 0)]
         first = segs[0][0]
@@ -175,11 +186,7 @@ async def test_a_full_segment_is_sealed_and_freed_with_its_last_message(cfg):
 async def test_a_recycled_spare_is_used_again_without_zeros(cfg):
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))
-        ids = []
-        for i in range(1, 8):
-            await spare_ready(q)
-            ids += await add(q, f"r{i}@d.example", data=mid(i))
+        ids = await fill(q, range(1, 8))
         await q.store.remove(ids)  # frees the two full segments
         assert len(q.store.segments.spares()) == seg.SPARE_SEGMENTS
         made = q.store.segments.made
@@ -198,8 +205,7 @@ async def test_a_failed_segment_write_leaves_the_message_in_the_index(cfg, monke
     committed by then): it is copied into the index before it is acknowledged."""
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))
-        await spare_ready(q)
+        await primed(q)
 
         def broken(*args):
             raise OSError(5, "Input/output error")
@@ -219,8 +225,7 @@ async def test_a_failed_segment_write_leaves_the_message_in_the_index(cfg, monke
 async def test_damaged_segment_data_is_never_delivered(cfg):
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))
-        await spare_ready(q)
+        await primed(q)
         [mid_id] = await add(q, "a@d1.example", data=mid(1))
         m = await q.store.get(mid_id)
         [(sid, offset)] = rows_of(q, "SELECT segment, offset FROM msg_seg")
@@ -238,8 +243,7 @@ async def test_damaged_segment_data_is_never_delivered(cfg):
 async def test_start_attempt_brings_a_segment_message_along(cfg):
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))
-        await spare_ready(q)
+        await primed(q)
         [mid_id] = await add(q, "a@d1.example", data=mid(1))
         rows, data = await q.store.start_attempt([(mid_id, 2000.0, 8)], 1000.0, {})
         assert [r.id for r in rows] == [mid_id] and data == mid(1)
@@ -249,8 +253,7 @@ async def test_start_attempt_brings_a_segment_message_along(cfg):
 
 async def test_restart_seals_segments_and_removes_leftovers(cfg):
     q = await opened(cfg)
-    await add(q, "x@d0.example", data=mid(0))
-    await spare_ready(q)
+    await primed(q)
     [kept] = await add(q, "a@d1.example", data=mid(1))
     [gone] = await add(q, "b@d2.example", data=mid(2))
     # what a crash leaves: a spare being made, a segment file whose row went, an empty
@@ -280,8 +283,7 @@ async def test_startup_removes_unacknowledged_messages_whose_data_did_not_reach_
     """A crash while a batch's sync ran (its rows already committed): in a segment still
     appended to, a message whose bytes do not match its CRC was never acknowledged."""
     q = await opened(cfg)
-    await add(q, "x@d0.example", data=mid(0))
-    await spare_ready(q)
+    await primed(q)
     [good] = await add(q, "a@d1.example", data=mid(1))
     [lost] = await add(q, "b@d2.example", data=mid(2))
     [(sid, offset)] = rows_of(q, "SELECT segment, offset FROM msg_seg WHERE base_id = ?", lost)
@@ -304,11 +306,7 @@ async def test_startup_removes_unacknowledged_messages_whose_data_did_not_reach_
 async def test_old_sealed_segments_have_their_few_messages_moved_into_the_index(cfg):
     q = await opened(cfg)
     try:
-        await add(q, "x@d0.example", data=mid(0))
-        ids = []
-        for i in range(1, 5):
-            await spare_ready(q)
-            ids += await add(q, f"r{i}@d{i}.example", data=mid(i))
+        ids = await fill(q, range(1, 5))
         [(first,)] = rows_of(q, "SELECT id FROM segment WHERE sealed IS NOT NULL")
         before = await q.store.get(ids[1])
         await q.store.remove([ids[0], ids[2]])
