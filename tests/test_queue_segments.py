@@ -346,6 +346,39 @@ async def test_segment_messages_are_delivered_and_their_segment_freed(cfg):
         assert q.store.db.execute("SELECT live, sealed FROM segment").fetchall() == [(0, None)]
 
 
+async def test_two_processes_adding_to_one_queue_append_to_segments_of_their_own(cfg):
+    """mox serve's main process and a worker (a store opened without the lock) both store
+    batches: each takes its own spare and segment; every message reads back in both, and a
+    worker's closing seals its segment."""
+    main = await opened(cfg, size=1 << 20)
+    worker = Queue(cfg, clock=FakeClock())
+    worker.store.segments.size = 1 << 20
+    await worker.open(lock=False)
+    try:
+        await primed(main)
+        stores = [main, worker] * 2
+        got: list[tuple[Queue, int, int]] = []  # store, id, n
+        for first in (1, 5):  # the first round leaves one store without a spare
+            ids = await asyncio.gather(*(add(q, f"r{n}@d{n}.example", data=mid(n))
+                                         for n, q in enumerate(stores, first)))
+            got += [(q, i, n) for (n, q), [i] in zip(enumerate(stores, first), ids)]
+            await spare_ready(main)
+        segments_of = {id(main): set(), id(worker): set()}
+        for q, mid_id, n in got:
+            m = await main.store.get(mid_id)
+            assert await main.store.read_message(m.file) == mid(n)
+            assert await worker.store.read_message(m.file) == mid(n)
+            segments_of[id(q)] |= {r[0] for r in rows_of(main, "SELECT segment FROM msg_seg WHERE base_id = ?", mid_id)}
+        assert segments_of[id(main)] and segments_of[id(worker)]
+        assert not segments_of[id(main)] & segments_of[id(worker)]
+        [wid] = segments_of[id(worker)]
+        assert rows_of(main, "SELECT sealed FROM segment WHERE id = ?", wid) == [(None,)]
+        await worker.close()
+        assert rows_of(main, "SELECT sealed IS NOT NULL FROM segment WHERE id = ?", wid) == [(1,)]
+    finally:
+        await main.close()
+
+
 # --------------------------------------------------------------------------------------------
 # crash safety
 
