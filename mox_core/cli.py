@@ -99,9 +99,10 @@ def serve(state: State) -> None:
 @click.option("--parent", type=int, required=True)
 @click.option("--channel", type=int, required=True)
 @click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:IP")
+@click.option("--cpu", type=int, default=None, help="run only on this CPU")
 @click.pass_obj
 def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
-                sockets: tuple[str, ...]) -> None:
+                sockets: tuple[str, ...], cpu: int | None) -> None:
     """Serve incoming SMTP on sockets from mox serve, and deliver queued messages to a share
     of the recipient domains (started by mox serve, not by hand)."""
     from mox_core.server import run_loop
@@ -113,7 +114,7 @@ def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
     for spec in sockets:
         fd, name, ip = spec.split(":", 2)
         by_key[(name, ip)] = int(fd)
-    run_loop(serve_worker(cfg, index, count, parent, channel, by_key))
+    run_loop(serve_worker(cfg, index, count, parent, channel, by_key, cpu))
 
 
 @cli.command("setaccountpassword")

@@ -175,6 +175,12 @@ class StaticConfig(Model):
         "concurrency applies to each); 0: one per CPU (at most 8); 1: the main process "
         "does both itself.",
     )
+    pin_smtp_workers: bool = Field(
+        True,
+        description="With one smtp_worker per usable CPU, run each worker on the CPU whose "
+        "new connections it is given (and its deliveries with it): no moving between CPUs, "
+        "caches stay warm. false: the kernel places them.",
+    )
     dns: DNS = Field(default_factory=DNS, description="DNS resolver used for SPF, DKIM and MX.")
     postmaster: Postmaster = Field(description="Where mail for postmaster goes.")
     listeners: dict[str, Listener] = Field(

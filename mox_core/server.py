@@ -49,7 +49,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.sasl.server import AuthFailureLimiter
     from mox_core.smtpserver.listen import smtp_endpoints, start_listeners
-    from mox_core.smtpserver.workers import SMTPWorkers, worker_count
+    from mox_core.smtpserver.workers import SMTPWorkers, worker_count, worker_cpus
     from mox_core.store import MaildirStore
 
     stop = stop or asyncio.Event()
@@ -77,7 +77,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     endpoints = smtp_endpoints(holder)
     count = worker_count(config.static.smtp_workers)
     if endpoints and count > 1:
-        workers = SMTPWorkers(config.path, endpoints, count)
+        workers = SMTPWorkers(config.path, endpoints, count,
+                              worker_cpus(count) if config.static.pin_smtp_workers else None)
         workers.bind()
     if workers:
         # the queue's lock and orphan cleanup here, before the workers open it; each worker

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mox_core.queue import partition_of
-from mox_core.smtpserver.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count
+from mox_core.smtpserver.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count, worker_cpus
 from mox_core.testpeers import wait_for
 
 DOMAINS = """
@@ -117,6 +117,37 @@ def test_connections_go_to_the_worker_of_their_cpu(mox2):
     assert worker_pids(mox2) == pids
 
 
+def allowed_cpus(pid: int) -> set[int]:
+    """Every thread's CPU affinity, from /proc (one set if they all agree)."""
+    out = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        out |= os.sched_getaffinity(int(task))
+    return out
+
+
+def test_each_worker_runs_on_the_cpu_whose_connections_it_serves(mox2):
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) == 2, "pinning one worker per CPU needs a machine with 2 CPUs to be tested"
+    ready_workers(mox2)
+    started = {e["worker"]: e for e in log_events(mox2, "smtp_worker_started")}
+    assert {i: started[i]["cpu"] for i in (0, 1)} == {c % 2: c for c in cpus}
+    for i in (0, 1):  # every thread, including those started later (queue, Maildir writers)
+        assert allowed_cpus(started[i]["pid"]) == {started[i]["cpu"]}
+    send_from_cpu(mox2, cpus[1], 3, "pinned")
+    assert {e.get("worker") for e in log_events(mox2, "message_accepted")} == {cpus[1] % 2}
+    assert allowed_cpus(mox2.proc.pid) == set(cpus)  # the main process is not pinned
+
+
+def test_workers_are_not_pinned_when_turned_off_or_not_one_per_cpu(mox_server_factory):
+    server = mox_server_factory(DOMAINS, static_top="smtp_workers = 2\npin_smtp_workers = false\n")
+    pids = ready_workers(server)
+    assert all(allowed_cpus(p) == os.sched_getaffinity(0) for p in pids)
+    assert all("cpu" not in e for e in log_events(server, "smtp_worker_started"))
+    assert worker_cpus(3, {0, 1}) is None  # more workers than CPUs
+    assert worker_cpus(2, {0, 2}) is None  # both CPUs steer to worker 0
+    assert worker_cpus(2, {1, 2}) == [2, 1] and worker_cpus(2, {4, 5}) == [4, 5]
+
+
 def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
     pids = ready_workers(mox2)
     os.kill(pids[0], signal.SIGKILL)
@@ -128,6 +159,11 @@ def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
     assert pids[0] not in new and pids[1] in new
     exited = log_events(mox2, "smtp_worker_exited")
     assert [e["pid"] for e in exited] == [pids[0]]
+    # the replacement runs on its predecessor's CPU, the one its sockets get connections from
+    by_pid = {e["pid"]: e for e in log_events(mox2, "smtp_worker_started")}
+    replacement = [p for p in new if p not in pids]
+    assert by_pid[replacement[0]]["cpu"] == by_pid[pids[0]]["cpu"]
+    assert allowed_cpus(replacement[0]) == {by_pid[pids[0]]["cpu"]}
 
 
 def test_workers_die_with_a_crashed_main_process(mox2):

@@ -129,9 +129,10 @@ async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any,
     return out
 
 
-def bind_shared(name: str, ip: str, port: int, count: int) -> list[socket.socket]:
+def bind_shared(name: str, ip: str, port: int, count: int) -> tuple[list[socket.socket], bool]:
     """``count`` listening sockets on ip:port sharing the port (SO_REUSEPORT), one per worker
-    process; the kernel spreads new connections over them.
+    process; the kernel spreads new connections over them: by the CPU that received them
+    when the second value is true (:func:`steer_by_cpu`), else by a hash.
 
     A plain bind first: with SO_REUSEPORT alone, a port held by another process of the same
     user (a second mox, say) would be silently shared instead of refused.
@@ -157,9 +158,7 @@ def bind_shared(name: str, ip: str, port: int, count: int) -> list[socket.socket
         for sock in out:
             sock.close()
         raise OSError(exc.errno, f"listener {name}: smtp on {ip}:{port}: {exc.strerror}") from None
-    if count > 1:
-        steer_by_cpu(out[0], count)
-    return out
+    return out, count > 1 and steer_by_cpu(out[0], count)
 
 
 # Classic BPF for SO_ATTACH_REUSEPORT_CBPF: A = cpu; A %= n; return A. The result picks the
