@@ -15,7 +15,6 @@ import smtplib
 import socket
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import pytest
