@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None, help="directory for spools (default mkdtemp)")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519]",
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519][,pin=false]",
                     help="also run mox serve with PYTHONPATH=DIR (and/or another log_level) as targets "
                          "NAME-maildir, NAME-queue")
     ap.add_argument("--no-latency", dest="latency", action="store_false")

@@ -425,7 +425,7 @@ class MoxBench:
 
     def __init__(self, directory: Path, nameserver: str, *, relay_port: int | None = None,
                  log_level: str = "info", queue_concurrency: int | None = None,
-                 smtp_workers: int | None = None, dkim: str | None = None):
+                 smtp_workers: int | None = None, dkim: str | None = None, pin: bool = True):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
@@ -459,6 +459,8 @@ class MoxBench:
             """)
         if smtp_workers is not None:
             static = f"smtp_workers = {smtp_workers}\n" + static
+        if not pin:
+            static = "pin_smtp_workers = false\n" + static
         if queue_concurrency:
             static += f"\n[queue]\nconcurrency = {queue_concurrency}\n"
         domains = textwrap.dedent("""\
@@ -612,13 +614,15 @@ def write_dkim_key(path: Path, kind: str) -> None:
 def variant_mox(directory: Path, nameserver: str, spec: str, *, log_level: str = "info",
                 relay_port: int | None = None) -> MoxBench:
     """A ``mox serve`` for ``--variant NAME=SPEC``, SPEC being
-    ``DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519]``: PYTHONPATH=DIR (empty:
-    the project as installed), its log level, ``smtp_workers = N``, the standard event loop
-    instead of uvloop, DKIM signing of the submissions with a key of that kind."""
+    ``DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519][,pin=false]``: PYTHONPATH=DIR
+    (empty: the project as installed), its log level, ``smtp_workers = N``, the standard event
+    loop instead of uvloop, DKIM signing of the submissions with a key of that kind, workers
+    not pinned to CPUs (``pin_smtp_workers = false``)."""
     path, *opts = spec.split(",")
     opt = dict(o.split("=", 1) for o in opts)
     mox = MoxBench(directory, nameserver, relay_port=relay_port, log_level=opt.get("log", log_level),
-                   smtp_workers=int(opt["workers"]) if "workers" in opt else None, dkim=opt.get("dkim"))
+                   smtp_workers=int(opt["workers"]) if "workers" in opt else None, dkim=opt.get("dkim"),
+                   pin=opt.get("pin", "true") != "false")
     if path:
         mox.default_env["PYTHONPATH"] = str(Path(path).resolve())
     if "loop" in opt:

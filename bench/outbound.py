@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--pyspy-busy", dest="pyspy_idle", action="store_false",
                     help="sample only threads that run (shares of CPU, not of wall time)")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile the last mox measurement of the last round into this file")
-    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519]",
+    ap.add_argument("--variant", action="append", default=[], metavar="[NAME=]DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519][,pin=false]",
                     help="NAME=SPEC: also measure mox serve with PYTHONPATH=DIR (empty: the project "
                          "as installed) and the options (common.variant_mox) as NAME-*; "
                          "DIR alone: run the measured mox with PYTHONPATH=DIR")

@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=100, help="sessions per target and round")
     ap.add_argument("--size", type=int, default=2048, help="message size in bytes")
     ap.add_argument("--targets", default="postfix,mox-maildir,postfix-auth,mox-queue")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519]",
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[,log=LEVEL][,workers=N][,loop=asyncio][,dkim=rsa|ed25519][,pin=false]",
                     help="also run mox serve from DIR (see accept.py) as NAME-maildir, NAME-queue")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()

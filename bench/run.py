@@ -123,8 +123,10 @@ def main() -> None:
                           "--out", str(a.out / "accept-signed-incoming.json")],
         "phases": ["phases.py", "--rounds", "1" if q else "6", "--sessions", "30" if q else "100",
                    "--out", str(a.out / "phases.json")],
+        # "unpinned": the workers not pinned to their CPUs (pin_smtp_workers = false)
         "outbound": ["outbound.py", "--rounds", "1" if q else "3", "--messages", "300" if q else "3000",
-                     "--variant", "one=,workers=1", "--out", str(a.out / "outbound.json")],
+                     "--variant", "one=,workers=1", "--variant", "unpinned=,pin=false",
+                     "--out", str(a.out / "outbound.json")],
         "idle": ["idle.py", "--connections", "10000", "--out", str(a.out / "idle.json")],
         "queue": ["queue_scale.py", "--sizes", "1000,10000,100000" if q else "1000,10000,100000,1000000",
                   "--e2e", "--out", str(a.out / "queue.json")],
