@@ -117,7 +117,8 @@ def test_connections_go_to_the_worker_of_their_cpu(mox2):
 
 
 def allowed_cpus(pid: int) -> set[int]:
-    """Every thread's CPU affinity, from /proc (one set if they all agree)."""
+    """The union of the CPU affinities of every thread of ``pid``: one CPU only if every
+    thread is pinned to it."""
     out = set()
     for task in os.listdir(f"/proc/{pid}/task"):
         out |= os.sched_getaffinity(int(task))

@@ -28,8 +28,8 @@ worker count), unless ``pin_smtp_workers = false``: the kernel's work on a conne
 packets, its session and the worker's threads then share that CPU's caches, and a worker's
 deliveries stay on its CPU too. Measured on 2 CPUs against unpinned workers
 (bench/RESULTS.md, 2026-12-03 evening): outbound to one domain 1.20x and to 20 domains
-1.09x, 20 connections into Maildir 1.12x (2 KB) and 1.10-1.23x (100 KB); one connection at a
-time 0.92x at 2 KB, because the benchmark's client runs on the same machine, on the CPU its
+1.09x, 20 connections into Maildir 1.12-1.23x (2 KB) and 1.10-1.23x (100 KB); one connection
+at a time 0.86-0.92x at 2 KB, because the benchmark's client runs on the same machine, on the CPU its
 connections arrive on, which pinning then makes the server's as well (a remote client's
 packets arrive on the CPU of the network card's queue, not on a CPU it runs on).
 
