@@ -98,13 +98,16 @@ def serve(state: State) -> None:
 @click.option("--count", type=int, required=True, help="number of workers (for the delivery share)")
 @click.option("--parent", type=int, required=True)
 @click.option("--channel", type=int, required=True)
-@click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:IP")
+@click.option("--link", type=int, required=True, help="socket to the main process's queue")
+@click.option("--socket", "sockets", multiple=True, metavar="FD:LISTENER:SERVICE:IP")
 @click.option("--cpu", type=int, default=None, help="run only on this CPU")
 @click.pass_obj
-def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
+def smtp_worker(state: State, index: int, count: int, parent: int, channel: int, link: int,
                 sockets: tuple[str, ...], cpu: int | None) -> None:
-    """Serve incoming SMTP on sockets from mox serve, and deliver queued messages to a share
-    of the recipient domains (started by mox serve, not by hand)."""
+    """Serve SMTP and submission on sockets from mox serve, and deliver queued messages to a
+    share of the recipient domains (started by mox serve, not by hand)."""
+    from urllib.parse import unquote
+
     from mox_core.server import run_loop
     from mox_core.smtpserver.workers import serve_worker
 
@@ -112,9 +115,9 @@ def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
     cfg = state.load_config(reapply_cli_level=False)
     by_key = {}
     for spec in sockets:
-        fd, name, ip = spec.split(":", 2)
-        by_key[(name, ip)] = int(fd)
-    run_loop(serve_worker(cfg, index, count, parent, channel, by_key, cpu))
+        fd, name, service, ip = spec.split(":", 3)
+        by_key[(unquote(name), service, ip)] = int(fd)
+    run_loop(serve_worker(cfg, index, count, parent, channel, link, by_key, cpu))
 
 
 @cli.command("setaccountpassword")

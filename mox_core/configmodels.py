@@ -170,10 +170,11 @@ class StaticConfig(Model):
     )
     smtp_workers: int = Field(
         0, ge=0, le=64,
-        description="Processes serving the incoming SMTP (port 25) listeners, sharing each port, "
-        "and delivering the queue, each to its share of the recipient domains ([queue] "
-        "concurrency applies to each); 0: one per CPU (at most 8); 1: the main process "
-        "does both itself.",
+        description="Processes serving the SMTP (port 25), submission and submissions "
+        "listeners, sharing each port, and delivering the queue, each to its share of the "
+        "recipient domains ([queue] concurrency applies to each); the main process queues "
+        "their submissions. 0: one per CPU (at most 8); 1: the main process does all of it "
+        "itself.",
     )
     pin_smtp_workers: bool = Field(
         True,

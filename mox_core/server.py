@@ -48,7 +48,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     from mox_core.ratelimit import RateLimits
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.sasl.server import AuthFailureLimiter
-    from mox_core.smtpserver.listen import smtp_endpoints, start_listeners
+    from mox_core.smtpserver.handoff import WorkerSubmissions
+    from mox_core.smtpserver.listen import endpoints, start_listeners
     from mox_core.smtpserver.workers import SMTPWorkers, worker_count, worker_cpus
     from mox_core.store import MaildirStore
 
@@ -70,15 +71,19 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     store = MaildirStore()
     credentials = AccountCredentials(holder)
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
-    # Incoming SMTP and outgoing deliveries in worker processes (smtpserver/workers.py) when
-    # there is more than one CPU; their sockets are bound here, first, so a busy port stops
-    # the start right away.
-    workers = None
-    endpoints = smtp_endpoints(holder)
+    ratelimits = RateLimits(holder)
+    auth_limiter = AuthFailureLimiter()
+    # SMTP, submission and outgoing deliveries in worker processes (smtpserver/workers.py)
+    # when there is more than one CPU, their submissions queued here (handoff.py); their
+    # sockets are bound here, first, so a busy port stops the start right away.
+    workers = submissions = None
+    addresses = endpoints(holder)
     count = worker_count(config.static.smtp_workers)
-    if endpoints and count > 1:
-        workers = SMTPWorkers(config.path, endpoints, count,
-                              worker_cpus(count) if config.static.pin_smtp_workers else None)
+    if addresses and count > 1:
+        submissions = WorkerSubmissions(queue, ratelimits, auth_limiter)
+        workers = SMTPWorkers(config.path, addresses, count,
+                              worker_cpus(count) if config.static.pin_smtp_workers else None,
+                              submissions)
         workers.bind()
     if workers:
         # the queue's lock and orphan cleanup here, before the workers open it; each worker
@@ -89,23 +94,26 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         await queue.start()
     ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
     await ctl.start()
+    listeners = []
     try:
-        listeners = await start_listeners(
-            holder, store=store, credentials=credentials, resolver=resolver,
-            auth_limiter=AuthFailureLimiter(), queue=queue, ratelimits=RateLimits(holder),
-            services=frozenset({"submission", "submissions"}) if workers else None,
-        )
         if workers:
             await workers.start()
+        else:
+            listeners = await start_listeners(
+                holder, store=store, credentials=credentials, resolver=resolver,
+                auth_limiter=auth_limiter, queue=queue, ratelimits=ratelimits,
+            )
     except BaseException:
         if workers:
             await workers.stop()
+            await submissions.close()
         await ctl.close()
         await queue.close()
         await store.aclose()
         raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path),
-             pid=os.getpid(), listeners=len(listeners), smtp_workers=count if workers else 0)
+             pid=os.getpid(), listeners=len(addresses) if workers else len(listeners),
+             smtp_workers=count if workers else 0)
     if started is not None:
         started.set()
     reloader = asyncio.create_task(reload_loop(holder, stop))
@@ -117,6 +125,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             lst.server.close()
         if workers:
             await workers.stop()
+            await submissions.close()  # the adds of the workers' last submissions
         await ctl.close()
         await queue.close(grace=5)  # before the store: DSNs are delivered through it
         await store.aclose()

@@ -89,15 +89,30 @@ def mox2(mox_server_factory):
     return mox_server_factory(DOMAINS, static_top="smtp_workers = 2\n")
 
 
-def send_from_cpu(server, cpu: int, n: int, subject: str) -> None:
-    """Send from a thread pinned to ``cpu``: on loopback the connection arrives on that CPU."""
+def on_cpu(cpu: int, fn, *args):
+    """``fn(*args)`` in a thread pinned to ``cpu``: on loopback its connections arrive on that
+    CPU, so the worker of that CPU serves them."""
+    out = []
+
     def run():
         os.sched_setaffinity(0, {cpu})  # this thread only
-        send(server, n, subject)
+        out.append(fn(*args))
 
     t = threading.Thread(target=run)
     t.start()
     t.join()
+    assert out, "the pinned thread failed"
+    return out[0]
+
+
+def send_from_cpu(server, cpu: int, n: int, subject: str) -> None:
+    on_cpu(cpu, send, server, n, subject)
+
+
+def two_cpus() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert len(cpus) == 2, "steering by CPU needs a machine with 2 CPUs to be tested"
+    return cpus
 
 
 def test_connections_go_to_the_worker_of_their_cpu(mox2):
@@ -233,9 +248,10 @@ def submit(server, to: str, subject: str) -> None:
 
 def test_workers_deliver_the_queue_each_domain_in_one_worker(mox_server_factory, dns_server,
                                                              smtp_sink_factory):
-    """Submission stays in the main process; the queue's deliveries run in the workers, each
-    recipient domain always in the same one (its limit of deliveries in flight holds), woken
-    by the main process when a message for one of its domains is queued."""
+    """Submissions are served by the workers and queued by the main process; the queue's
+    deliveries run in the workers, each recipient domain always in the same one (its limit of
+    deliveries in flight holds), woken by the main process when a message for one of its
+    domains is queued."""
     sink = smtp_sink_factory()
     domains = ["a.example", "b.example", "c.example", "d.example"]
     assert {partition_of(d, 2) for d in domains} == {0, 1}
@@ -258,6 +274,7 @@ def test_workers_deliver_the_queue_each_domain_in_one_worker(mox_server_factory,
     # one line per accepted submission, with the queue ids the deliveries then name
     accepted = log_events(server, "message_accepted")
     assert [(e["service"], e["account"], len(e["queue_ids"])) for e in accepted] == [("submission", "alice", 1)] * 8
+    assert all("worker" in e for e in accepted)
     assert sorted(i for e in accepted for i in e["queue_ids"]) == sorted(i for a in attempts for i in a["msg_ids"])
     assert log_events(server, "queue_added") == []
     assert all("worker" in e for e in delivered)
@@ -307,6 +324,80 @@ def test_queue_kick_reaches_the_worker_that_delivers(mox_server_factory, dns_ser
     [msg] = good.wait_for_messages(1, timeout=20)
     assert msg.message["Subject"] == "deferred"
     assert [e["worker"] for e in log_events(server, "delivery_delivered")] == [partition_of("a.example", 2)]
+
+
+LIMITED = DOMAINS.replace('[accounts.alice]\n', '[accounts.alice]\nmax_outgoing_messages_per_day = 6\n')
+
+
+def submit_to(server, rcpts: list[str], subject: str) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(server.host, server.submission_port, timeout=30) as c:
+        c.starttls(context=ctx)
+        c.login("alice@example.org", "pw")
+        c.mail("alice@example.org")
+        for r in rcpts:
+            c.rcpt(r)
+        return c.data(f"From: alice@example.org\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
+
+
+def test_submissions_on_both_workers_share_the_queue_and_the_rate_limits(mox_server_factory, dns_server,
+                                                                        smtp_sink_factory):
+    """Each worker serves the submissions arriving on its CPU; the main process queues them
+    with their local copies, and the account's limit of messages per day (one per recipient,
+    as in mox) counts those of both workers together."""
+    sink = smtp_sink_factory()
+    dns_server.add("a.example", "MX", "10 mx.a.example.")
+    dns_server.add("mx.a.example", "A", sink.host)
+    server = mox_server_factory(LIMITED, static_extra=OUTBOUND_STATIC, nameserver=dns_server.nameserver,
+                                passwords={"alice": "pw"}, static_top="smtp_workers = 2\n")
+    ready_workers(server)
+    cpus = two_cpus()
+    replies = [on_cpu(cpus[i % 2], submit_to, server, ["admin@example.org", "bob@a.example"], f"n{i}")
+               for i in range(4)]
+    assert [code for code, _ in replies] == [250, 250, 250, 451], replies
+    assert replies[3][1] == (b"4.7.1 max number of messages (6) over past 24h reached, "
+                             b"try increasing per-account setting max_outgoing_messages_per_day")
+    accepted = log_events(server, "message_accepted")
+    assert sorted(e["worker"] for e in accepted) == sorted(c % 2 for c in cpus[:2] + cpus[:1])
+    # the local copies, durable with the queued messages
+    local = server.wait_for_messages("admin", 3)
+    assert all(b"Delivered-To: admin@example.org" in m for m in local)
+    got = sink.wait_for_messages(3, timeout=30)
+    assert sorted(m.message["Subject"] for m in got) == ["n0", "n1", "n2"]
+    assert sorted(i for e in accepted for i in e["queue_ids"]) == sorted(
+        i for a in log_events(server, "delivery_attempt") for i in a["msg_ids"])
+
+
+def test_failed_logins_on_different_workers_count_together(mox_server_factory):
+    """10 failed logins per client address and minute, whichever worker serves them: five
+    on each worker, then both refuse the address."""
+    server = mox_server_factory(DOMAINS, passwords={"alice": "pw"}, static_top="smtp_workers = 2\n")
+    ready_workers(server)
+    cpus = two_cpus()
+
+    def login(password: str) -> int:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        try:
+            with smtplib.SMTP(server.host, server.submission_port, timeout=30) as c:
+                c.starttls(context=ctx)
+                c.ehlo()
+                c.user, c.password = "alice@example.org", password
+                code, _ = c.auth("PLAIN", c.auth_plain)
+                return code
+        except smtplib.SMTPResponseException as exc:  # 535, or 421 and the connection closed
+            return exc.smtp_code
+        except smtplib.SMTPServerDisconnected:
+            return 421
+
+    codes = [on_cpu(cpus[i % 2], login, "wrong") for i in range(10)]
+    assert codes == [535] * 10
+    failed = log_events(server, "auth_failed")
+    assert sorted(e["worker"] for e in failed) == sorted([cpus[0] % 2] * 5 + [cpus[1] % 2] * 5)
+    # neither worker saw 10 failures itself; the main process counted them for both
+    assert [on_cpu(c, login, "pw") for c in cpus] == [421, 421]
+    assert {e["worker"] for e in log_events(server, "auth_throttled")} == {0, 1}
 
 
 def workers_writing_to(lines: dict[int, list[bytes]]) -> tuple[SMTPWorkers, list[str], list[str]]:

@@ -436,6 +436,13 @@ class AuthFailureLimiter:
         times = self._recent(self.key(ip))
         return times is not None and len(times) >= self.max_failures
 
+    def blocked_for(self, ip: str) -> float:
+        """Seconds until ``ip`` may try again; 0 when it is not blocked."""
+        times = self._recent(self.key(ip))
+        if times is None or len(times) < self.max_failures:
+            return 0.0
+        return max(0.0, times[0] + self.window - self._clock())
+
     def failed(self, ip: str) -> None:
         if len(self._failures) > 100_000:  # bound memory under a distributed attack
             for k in list(self._failures):

@@ -87,22 +87,23 @@ def _factory(holder: ConfigHolder, lst: Listener, service: str, options: dict[st
     return factory
 
 
-def smtp_endpoints(holder: ConfigHolder) -> list[tuple[str, str, int]]:
-    """(listener name, ip, port) of every enabled incoming SMTP (port 25) service."""
-    return [(name, ip, lst.smtp.port) for name, lst in holder.get().static.listeners.items()
-            if lst.smtp.enabled for ip in lst.ips]
+def endpoints(holder: ConfigHolder) -> list[tuple[str, str, str, int]]:
+    """(listener name, service, ip, port) of every enabled SMTP, submission and submissions
+    service: what the worker processes of ``mox serve`` serve."""
+    return [(name, service, ip, port) for name, lst in holder.get().static.listeners.items()
+            for service, port, _, _ in _services(lst, None, None) for ip in lst.ips]
 
 
 async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any, resolver: Any,
                           queue: Any = None, auth_limiter: Any = None, ratelimits: Any = None,
                           services: frozenset[str] | None = None,
-                          sockets: dict[tuple[str, str], list[socket.socket]] | None = None,
+                          sockets: dict[tuple[str, str, str], list[socket.socket]] | None = None,
                           ) -> list[Listening]:
     """Bind every enabled service; raises OSError naming the address when a bind fails.
 
-    ``services``: only these (e.g. without "smtp" when worker processes serve it).
-    ``sockets``: already bound listening sockets by (listener name, ip), used instead of
-    binding (an SMTP worker process gets its sockets from the main process).
+    ``services``: only these.
+    ``sockets``: already bound listening sockets by (listener name, service, ip), used
+    instead of binding (a worker process gets its sockets from the main process).
     """
     cfg = holder.get()
     out: list[Listening] = []
@@ -117,7 +118,7 @@ async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any,
             for ip in lst.ips:
                 try:
                     if sockets is not None:
-                        server = await loop.create_server(factory, sock=sockets[(name, ip)][0],
+                        server = await loop.create_server(factory, sock=sockets[(name, service, ip)][0],
                                                           ssl=implicit_tls, backlog=1024)
                     else:
                         server = await loop.create_server(factory, host=ip, port=port, ssl=implicit_tls,
@@ -129,7 +130,8 @@ async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any,
     return out
 
 
-def bind_shared(name: str, ip: str, port: int, count: int) -> tuple[list[socket.socket], bool]:
+def bind_shared(name: str, service: str, ip: str, port: int,
+                count: int) -> tuple[list[socket.socket], bool]:
     """``count`` listening sockets on ip:port sharing the port (SO_REUSEPORT), one per worker
     process; the kernel spreads new connections over them: by the CPU that received them
     when the second value is true (:func:`steer_by_cpu`), else by a hash.
@@ -157,7 +159,7 @@ def bind_shared(name: str, ip: str, port: int, count: int) -> tuple[list[socket.
     except OSError as exc:
         for sock in out:
             sock.close()
-        raise OSError(exc.errno, f"listener {name}: smtp on {ip}:{port}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"listener {name}: {service} on {ip}:{port}: {exc.strerror}") from None
     return out, count > 1 and steer_by_cpu(out[0], count)
 
 

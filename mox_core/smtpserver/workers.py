@@ -1,17 +1,20 @@
-"""Worker processes for incoming SMTP (port 25) and outgoing deliveries: use every CPU, as
-Postfix's smtpd and smtp processes do.
+"""Worker processes for SMTP (port 25), submission (587, 465) and outgoing deliveries: use
+every CPU, as Postfix's smtpd and smtp processes do.
 
 One Python process runs on one core (the GIL), and accepting and delivering mail costs CPU
-per message (parsing, SPF, headers, the SMTP client; bench/RESULTS.md). So ``mox serve`` runs
-the incoming SMTP listeners and the queue's deliveries in ``smtp_workers`` processes (default:
-one per CPU). The main process binds, for every SMTP address, one listening socket per worker
-sharing the port (``SO_REUSEPORT``: the kernel spreads connections over them), opens the queue
-first (its lock and orphan cleanup), starts the workers with their sockets, and keeps serving
-the rest itself: submission (AUTH, rate limits, adding to the queue) and the ctl socket.
+per message (parsing, SPF, headers, AUTH, DKIM signing, the SMTP client; bench/RESULTS.md).
+So ``mox serve`` runs the SMTP, submission and submissions listeners and the queue's
+deliveries in ``smtp_workers`` processes (default: one per CPU). The main process binds, for
+every address of those services, one listening socket per worker sharing the port
+(``SO_REUSEPORT``: the kernel spreads connections over them), opens the queue first (its lock
+and orphan cleanup), starts the workers with their sockets and a link each, and keeps the
+rest itself: adding the workers' submissions to the queue (with the rate limits, one group
+commit for all: handoff.py), the count of failed logins, and the ctl socket.
 
 Incoming SMTP needs nothing shared but files: a worker resolves recipients from the config
 files (each process reloads domains.toml itself), checks SPF/DKIM and delivers into Maildir,
 which is safe for several writers by design (unique file names with the process id; rename).
+Submission needs the account database (read by every process) and the main process's queue.
 
 Deliveries: worker ``i`` of ``n`` runs a queue scheduler for the recipient domains with
 ``partition_of(domain, n) == i``, so every delivery to one domain runs in one process and
@@ -51,6 +54,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -98,13 +102,15 @@ def worker_count(setting: int) -> int:
 class SMTPWorkers:
     """The main process's side: sockets, starting, watching and stopping the workers."""
 
-    def __init__(self, config_path: Path, endpoints: list[tuple[str, str, int]], count: int,
-                 cpus: list[int] | None = None):
+    def __init__(self, config_path: Path, endpoints: list[tuple[str, str, str, int]], count: int,
+                 cpus: list[int] | None = None, submissions: Any = None):
         self.config_path = config_path
-        self.endpoints = endpoints
+        self.endpoints = endpoints  # (listener name, service, ip, port)
         self.count = count
         self.cpus = cpus  # the CPU each worker is pinned to (worker_cpus), None: not pinned
-        self._sockets: dict[tuple[str, str], list[socket.socket]] = {}
+        # the main process's side of the workers' links (handoff.WorkerSubmissions)
+        self.submissions = submissions
+        self._sockets: dict[tuple[str, str, str], list[socket.socket]] = {}
         self._procs: list[asyncio.subprocess.Process | None] = [None] * count
         # The main process's end of each worker's pipe: the worker stops when it closes.
         self._channels: list[asyncio.StreamWriter | None] = [None] * count
@@ -117,10 +123,10 @@ class SMTPWorkers:
         self._kick_timer: list[asyncio.TimerHandle | None] = [None] * count
 
     def bind(self) -> None:
-        """Bind every SMTP address, ``count`` sockets each; OSError names the listener."""
+        """Bind every address, ``count`` sockets each; OSError names the listener."""
         try:
-            for name, ip, port in self.endpoints:
-                self._sockets[(name, ip)], steered = bind_shared(name, ip, port, self.count)
+            for name, service, ip, port in self.endpoints:
+                self._sockets[(name, service, ip)], steered = bind_shared(name, service, ip, port, self.count)
                 if not steered and self.cpus:
                     log.info("smtp_workers_not_pinned", reason="connections not steered by CPU")
                     self.cpus = None
@@ -145,21 +151,31 @@ class SMTPWorkers:
 
     async def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair()
-        fds = [theirs.fileno()]
+        link_ours, link_theirs = socket.socketpair()  # submissions to the main process's queue
+        fds = [theirs.fileno(), link_theirs.fileno()]
         spec = []
-        for (name, ip), group in self._sockets.items():
+        for (name, service, ip), group in self._sockets.items():
             fd = group[index].fileno()
             fds.append(fd)
-            spec.append(f"{fd}:{name}:{ip}")
+            spec.append(f"{fd}:{quote(name, safe='')}:{service}:{ip}")  # a name may hold ":"
         cmd = [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "smtp-worker",
                "--index", str(index), "--count", str(self.count),
                "--parent", str(os.getpid()), "--channel", str(theirs.fileno()),
+               "--link", str(link_theirs.fileno()),
                *(["--cpu", str(self.cpus[index])] if self.cpus else []),
                *[a for s in spec for a in ("--socket", s)]]
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+        except BaseException:
+            link_ours.close()
+            raise
         finally:
             theirs.close()
+            link_theirs.close()
+        if self.submissions is not None:
+            self.submissions.attach(index, link_ours)
+        else:
+            link_ours.close()
         self._procs[index] = proc
         reader, writer = await asyncio.open_connection(sock=ours)
         self._channels[index] = writer
@@ -313,14 +329,18 @@ async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: 
 
 
 async def serve_worker(config: Any, index: int, count: int, parent: int, channel_fd: int,
-                       sockets: dict[tuple[str, str], int], cpu: int | None = None) -> None:
-    """Serve the incoming SMTP listeners on sockets inherited from the main process, and
-    deliver queued messages to this worker's share of the recipient domains; only on ``cpu``
-    when given (before any thread starts: they all inherit it)."""
+                       link_fd: int, sockets: dict[tuple[str, str, str], int],
+                       cpu: int | None = None) -> None:
+    """Serve the SMTP, submission and submissions listeners on sockets inherited from the
+    main process (submissions are queued by the main process, over the link), and deliver
+    queued messages to this worker's share of the recipient domains; only on ``cpu`` when
+    given (before any thread starts: they all inherit it)."""
+    from mox_core.accountdb import AccountCredentials
     from mox_core.config import ConfigHolder
     from mox_core.queue import Queue
     from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.server import reload_loop
+    from mox_core.smtpserver.handoff import MainLink
     from mox_core.smtpserver.listen import start_listeners
     from mox_core.store import MaildirStore
 
@@ -346,8 +366,12 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns),
                   partition=(index, count))
     await queue.start(lock=False)
-    listeners = await start_listeners(holder, store=store, credentials=None, resolver=resolver,
-                                      services=frozenset({"smtp"}), sockets=socks)
+    link = MainLink(socket.socket(fileno=link_fd))
+    await link.start()
+    credentials = AccountCredentials(holder)
+    listeners = await start_listeners(holder, store=store, credentials=credentials, resolver=resolver,
+                                      queue=link, ratelimits=link, auth_limiter=link.auth_limiter,
+                                      sockets=socks)
     channel.sendall(b"ready\n")
     assert queue.scheduler is not None
     watcher = asyncio.create_task(_read_channel(channel, stop, queue.scheduler))
@@ -359,6 +383,8 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
         reloader.cancel()
         for lst in listeners:
             lst.server.close()
+        await link.close()
         await queue.close(grace=5)  # before the store: DSNs are delivered through it
         await store.aclose()
+        credentials.close()
         log.info("smtp_worker_stopped", pid=os.getpid())
