@@ -222,12 +222,16 @@ def test_port_in_use_stops_the_start_with_the_listener_named(mox_server_factory)
         proc.stdout + proc.stderr)
 
 
-def test_one_worker_means_the_main_process_serves_smtp(mox_server_factory):
-    server = mox_server_factory(DOMAINS, static_top="smtp_workers = 1\n")
+def test_one_worker_means_the_main_process_serves_smtp_and_submission(mox_server_factory):
+    server = mox_server_factory(DOMAINS, static_top="smtp_workers = 1\n", passwords={"alice": "pw"})
     send(server, 1, "in main")
     assert len(server.wait_for_messages("alice", 1)) == 1
+    assert submit_to(server, ["admin@example.org"], "submitted in main")[0] == 250
+    assert len(server.wait_for_messages("admin", 1)) == 1
     assert worker_pids(server) == []
-    assert "worker" not in log_events(server, "message_accepted")[0]
+    accepted = log_events(server, "message_accepted")
+    assert [e["service"] for e in accepted] == ["smtp", "submission"]
+    assert not any("worker" in e for e in accepted)
 
 
 OUTBOUND_STATIC = """
