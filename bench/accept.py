@@ -36,8 +36,23 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, PostfixBench, bench_dns, cpu_seconds,
-                    dkim_signed_messages, log, median, rotate, smtp_source, smtpload, variant_mox)
+from common import (
+    ACCOUNT_ADDR,
+    PASSWORD,
+    REMOTE_RCPT,
+    MoxBench,
+    PostfixBench,
+    bench_dns,
+    cpu_seconds,
+    dkim_signed_messages,
+    log,
+    median,
+    rotate,
+    smtp_source,
+    smtpload,
+    variant_mox,
+)
+
 from mox_core.testpeers import make_private_dir
 from mox_core.testpeers.sink import SmtpSink
 

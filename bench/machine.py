@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from common import postfix_version
+
 from mox_core.testpeers import make_private_dir
 
 

@@ -40,8 +40,20 @@ import sys
 import time
 from pathlib import Path
 
-from common import (ACCOUNT_ADDR, MoxBench, PostfixBench, bench_dns, cpu_seconds, log, make_message, median,
-                    rotate, smtp_source, variant_mox)
+from common import (
+    ACCOUNT_ADDR,
+    MoxBench,
+    PostfixBench,
+    bench_dns,
+    cpu_seconds,
+    log,
+    make_message,
+    median,
+    rotate,
+    smtp_source,
+    variant_mox,
+)
+
 from mox_core.testpeers import make_private_dir
 from mox_core.testpeers.sink import SmtpSink
 
@@ -50,8 +62,8 @@ TARGETS = ["postfix", "mox-1-domain", "mox-20-domains"]
 
 async def _add_held(config_path: Path, n: int, domains: int) -> None:
     from mox_core import logging as mox_logging
-    from mox_core.config import load_config
-    from mox_core.plugins import PluginHost
+    from mox_core.config.load import load_config
+    from mox_core.plugins.host import PluginHost
     from mox_core.queue import Queue
 
     mox_logging.configure(json=False)  # mox's level filter; structlog's default prints all

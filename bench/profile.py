@@ -24,9 +24,9 @@ from pathlib import Path
 
 from accept import Bench
 from common import BENCH, PYTHON, log
-from mox_core.testpeers import make_private_dir
 from pyspy_report import report
 
+from mox_core.testpeers import make_private_dir
 
 RAW_DIR = Path("/tmp/mox-bench-profiles")
 

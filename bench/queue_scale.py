@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from common import ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, bench_dns, log, make_message, smtpload
+
 from mox_core import logging as mox_logging
 from mox_core.queue.store import FILES_PER_DIR_SHIFT, QueueStore
 from mox_core.testpeers import make_private_dir

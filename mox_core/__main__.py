@@ -1,5 +1,5 @@
 import sys
 
-from mox_core.cli import main
+from mox_core.cli.main import main
 
 sys.exit(main())

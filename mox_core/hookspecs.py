@@ -1,8 +1,8 @@
 """The contract between mox-core and its plugins: every hook, typed and documented.
 
-Hooks are synchronous and cheap: they *register* kinds (see :mod:`mox_core.kinds`), whose
+Hooks are synchronous and cheap: they *register* kinds (see :mod:`mox_core.plugins.kinds`), whose
 factories build the objects that do I/O later. Core calls hooks only through
-:class:`mox_core.plugins.PluginHost`. Ordering never comes from install order: routes, web
+:class:`mox_core.plugins.host.PluginHost`. Ordering never comes from install order: routes, web
 handlers and rate limiters are ordered by config; hooks only map a kind to its factory.
 
 A plugin is a module with ``@hookimpl`` functions, published in the entry-point group
@@ -21,7 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from mox_core.kinds import RateLimiterKind, RouteMatcherKind, TransportKind, WebHandlerKind
+    from mox_core.plugins.kinds import RateLimiterKind, RouteMatcherKind, TransportKind, WebHandlerKind
 
 __all__ = [
     "PROJECT",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from mox_core.config import Config, load_config
-from mox_core.plugins import PluginHost
+from mox_core.config.load import Config, load_config
+from mox_core.plugins.host import PluginHost
 
 MINIMAL_STATIC = """\
 hostname = "mail.example.org"

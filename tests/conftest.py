@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""SPF and DKIM results of incoming mail (``mox_core.authres``), with a loopback DNS server.
+"""SPF and DKIM results of incoming mail (``mox_core.checks.authres``), with a loopback DNS server.
 
 The interesting part is the cache fast path: an SPF evaluation whose records are all in the
 resolver's cache runs without a thread and without a query, and must give exactly the result
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from mox_core import authres
-from mox_core.configmodels import DNS
-from mox_core.resolver import install_spf_lookup, make_resolver
+from mox_core.checks import authres
+from mox_core.config.models import DNS
+from mox_core.dns.resolver import install_spf_lookup, make_resolver
 
 MESSAGE = b"From: a@sender.example\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -188,7 +188,7 @@ async def test_an_ed25519_signature_verifies(dns_server, spf_resolver):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from mox_core.dkimsign import _Key, _split, canonical_body, signature_header
+    from mox_core.outgoing.dkimsign import _Key, _split, canonical_body, signature_header
 
     key = ed25519.Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -9,7 +9,7 @@ import tomllib
 import pytest
 from structlog.testing import capture_logs
 
-from mox_core.config import ConfigHolder, find_config_path, load_config
+from mox_core.config.load import ConfigHolder, find_config_path, load_config
 from mox_core.errors import ConfigError
 from mox_core.testconfig import load, write_config
 from tests.conftest import run_mox

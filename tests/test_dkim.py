@@ -15,10 +15,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from mox_core.authres import _dkim_dnsfunc, _Verifier
-from mox_core.dkimsign import _Key, _split, canonical_body, canonical_header, dns_record, sign, signature_header
-from mox_core.config import load_config
-from mox_core.plugins import PluginHost
+from mox_core.checks.authres import _dkim_dnsfunc, _Verifier
+from mox_core.config.load import load_config
+from mox_core.outgoing.dkimsign import (
+    _Key,
+    _split,
+    canonical_body,
+    canonical_header,
+    dns_record,
+    sign,
+    signature_header,
+)
+from mox_core.plugins.host import PluginHost
 from mox_core.testconfig import MINIMAL_DOMAINS, MINIMAL_STATIC, write_config
 from mox_core.testpeers.dnsserver import sync_resolver_for
 from tests.conftest import run_mox
@@ -54,7 +62,7 @@ def test_dkim_gen_sign_and_verify(tmp_path, dns_server, algorithm):
     assert sign(cfg, "other.example", MSG) == b""
 
 
-# ---- signatures made by mox_core.dkimsign, checked by an independent verifier (dkimpy) ------
+# ---- signatures made by mox_core.outgoing.dkimsign, checked by an independent verifier (dkimpy) ------
 
 HEADERS = ["From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
            "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding"]

@@ -7,10 +7,9 @@ import email.policy
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from mox_core.outgoing.dsn import DSNRecipient, compose, status_code
 from mox_core.queue import Filter
-from mox_core.queue.dsn import DSNRecipient, compose, status_code
-from tests.plugins.queue_helpers import MSG, maildir_new, read_mail, running
-from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
+from tests.plugins.queue_helpers import MSG, cfg, maildir_new, read_mail, reset_script, running  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, P, T
 
 

@@ -10,8 +10,8 @@ import random
 import pytest
 from scramp import ScramMechanism
 
-from mox_core import passwords
-from mox_core.passwords import (
+from mox_core.accounts import passwords
+from mox_core.accounts.passwords import (
     CramMD5State,
     PasswordHash,
     StoredCredentials,

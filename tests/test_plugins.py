@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from mox_core.errors import PluginError
-from mox_core.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
 from mox_core.testconfig import load
 from tests.conftest import ROOT, run_mox
 from tests.plugins import every_hook

@@ -16,12 +16,11 @@ import time
 import pytest
 
 from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore, partition_of
-from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.queue.scheduler import remaining_schedule
+from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
-from tests.plugins.queue_helpers import MSG, make_config, maildir_new, queue_files, running
-from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
+from tests.plugins.queue_helpers import MSG, cfg, maildir_new, make_config, queue_files, reset_script, running  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 INTERVALS = [450, 900, 1800, 3600, 7200, 14400, 28800]
@@ -779,7 +778,7 @@ async def test_remaining_schedule():
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from mox_core.config import load_config
+from mox_core.config.load import load_config
 from mox_core.queue import Queue
 from tests.plugins.queue_helpers import MSG, make_host
 

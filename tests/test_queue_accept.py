@@ -19,10 +19,10 @@ from email.parser import BytesHeaderParser
 import pytest
 
 from mox_core.builtin.rate_limiters import DAY, LimitSettings, MessagesPerDay, OutgoingLog
-from mox_core.kinds import Submission
+from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
+from mox_core.plugins.kinds import Submission
 from mox_core.queue import FakeClock, Queue
 from mox_core.queue.store import _header_summary, _header_summary_quick
-from mox_core.ratelimit import RateLimitCheck, RateLimited
 from mox_core.smtpserver.fromheader import lean_from_address as _lean_from
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, make_config, queue_files
@@ -145,10 +145,10 @@ ADDER = """
 import asyncio, json, sys, time, uuid
 from pathlib import Path
 from mox_core.builtin.rate_limiters import LimitSettings, MessagesPerDay
-from mox_core.config import load_config
-from mox_core.kinds import Submission
+from mox_core.config.load import load_config
+from mox_core.plugins.kinds import Submission
 from mox_core.queue import Queue
-from mox_core.ratelimit import RateLimitCheck, RateLimited
+from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
 from tests.plugins.queue_helpers import MSG, make_host
 
 cfg = load_config(sys.argv[1], make_host())

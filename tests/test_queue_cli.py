@@ -12,19 +12,18 @@ import sys
 
 import pytest
 
-from mox_core.cli_queue import format_list, go_duration
-from mox_core.ctl import CtlError, CtlServer, CtlUnavailable, call, socket_path
+from mox_core.cli.queue import format_list, go_duration
 from mox_core.errors import MoxError
 from mox_core.queue import FakeClock, Queue
+from mox_core.server.ctl import CtlError, CtlServer, CtlUnavailable, call, socket_path
 from tests.conftest import ROOT
-from tests.plugins.queue_helpers import MSG, maildir_new, running
-from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
+from tests.plugins.queue_helpers import MSG, cfg, maildir_new, reset_script, running  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 WRAPPER = """\
 import sys
-from mox_core.cli import cli
-from mox_core.cli_queue import register
+from mox_core.cli.main import cli
+from mox_core.cli.queue import register
 from mox_core import logging as moxlog
 from tests.plugins.queue_helpers import make_host
 

@@ -16,8 +16,7 @@ import pytest
 from mox_core.queue import FakeClock, Filter, Queue
 from mox_core.queue import segments as seg
 from tests.conftest import ROOT
-from tests.plugins.queue_helpers import MSG, make_config, running
-from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401 (fixtures)
+from tests.plugins.queue_helpers import MSG, cfg, make_config, reset_script, running  # noqa: F401 (fixtures)
 from tests.plugins.queue_scripted import SCRIPT
 
 SMALL_SEGMENTS = 256 * 1024  # three 80 KB messages per segment
@@ -384,7 +383,7 @@ async def test_two_processes_adding_to_one_queue_append_to_segments_of_their_own
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from mox_core.config import load_config
+from mox_core.config.load import load_config
 from mox_core.queue import Queue
 from tests.plugins.queue_helpers import MSG, make_host
 

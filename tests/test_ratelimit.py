@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import smtplib
+import sqlite3
 import ssl
 import time
 from pathlib import Path
-
-
-import sqlite3
 
 DOMAINS = """
 [domains."example.org"]
@@ -87,7 +85,7 @@ PLUGIN = '''
 import time
 from pydantic import BaseModel, ConfigDict
 from mox_core import hookimpl
-from mox_core.kinds import RateLimitDecision, RateLimiterKind
+from mox_core.plugins.kinds import RateLimitDecision, RateLimiterKind
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mox_core.configmodels import DNS
-from mox_core.resolver import make_async_resolver, make_resolver
+from mox_core.config.models import DNS
+from mox_core.dns.resolver import make_async_resolver, make_resolver
 
 
 def _asked(dns_server, name: str, rdtype: str) -> int:

@@ -9,13 +9,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from mox_core.cli import cli
-from mox_core.cli_queue import register
-from mox_core.config import ConfigHolder
+from mox_core.cli.main import cli
+from mox_core.cli.queue import register
+from mox_core.config.load import ConfigHolder
+from mox_core.outgoing.routing import TransportCache, TransportUnavailable, explain, resolve, route_context
 from mox_core.queue import Filter
-from mox_core.routing import TransportCache, TransportUnavailable, explain, resolve, route_context
 from tests.plugins import queue_scripted
-from tests.plugins.queue_helpers import MSG, make_config, make_host, maildir_new, running
+from tests.plugins.queue_helpers import MSG, maildir_new, make_config, make_host, running
 from tests.plugins.queue_scripted import SCRIPT, P, T
 
 ROUTES = """\

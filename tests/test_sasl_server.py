@@ -9,8 +9,8 @@ import pytest
 from scramp import ScramClient
 from scramp.utils import ScramException
 
-from mox_core.passwords import StoredCredentials, make_credentials
-from mox_core.sasl.server import (
+from mox_core.accounts.passwords import StoredCredentials, make_credentials
+from mox_core.accounts.sasl import (
     MECHANISMS,
     AuthFailureLimiter,
     CramMD5,

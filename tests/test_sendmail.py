@@ -24,8 +24,8 @@ import pytest
 import tomlkit
 from click.testing import CliRunner
 
-from mox_core.sendmail import parse_args, sendmail_command
-from mox_core.sendmail_config import SendmailConfig
+from mox_core.sendmail.command import parse_args, sendmail_command
+from mox_core.sendmail.config import SendmailConfig
 
 DOMAINS = """
 [domains."example.org"]
@@ -69,10 +69,10 @@ def mox_config(tmp_path: Path, mox, **overrides) -> Path:
 
 def sendmail(config: Path | None, *args: str, input: bytes = b"Subject: test\n\nhello\n",
              env: dict[str, str] | None = None, umask: int | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mox_core.sendmail [-C config] ARGS`` as a caller would."""
+    """Run ``python -m mox_core.sendmail.command [-C config] ARGS`` as a caller would."""
     e = {k: v for k, v in os.environ.items() if k != "MOX_SENDMAIL_CONFIG"}
     e.update(env or {})
-    cmd = [sys.executable, "-m", "mox_core.sendmail", *(["-C", str(config)] if config else []), *args]
+    cmd = [sys.executable, "-m", "mox_core.sendmail.command", *(["-C", str(config)] if config else []), *args]
     r = subprocess.run(cmd, input=input, capture_output=True, env=e, timeout=60,
                        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
@@ -405,10 +405,10 @@ def test_postfix_wrong_password_is_permanent(tmp_path, postfix_smarthost):
 
 @pytest.fixture
 def wrapper(tmp_path) -> Path:
-    """An executable named ``sendmail`` running this venv's ``mox_core.sendmail``."""
+    """An executable named ``sendmail`` running this venv's ``mox_core.sendmail.command``."""
     path = tmp_path / "bin" / "sendmail"
     path.parent.mkdir()
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} -m mox_core.sendmail "$@"\n')
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} -m mox_core.sendmail.command "$@"\n')
     path.chmod(0o755)
     return path
 

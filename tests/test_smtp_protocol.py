@@ -28,8 +28,8 @@ from aiosmtpd.smtp import SMTP as StockSMTP
 from scramp import ScramClient
 
 from mox_core import afterreply
-from mox_core.passwords import StoredCredentials, make_credentials
-from mox_core.sasl.server import AuthFailureLimiter
+from mox_core.accounts.passwords import StoredCredentials, make_credentials
+from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.smtp import codes
 from mox_core.smtpserver import protocol
 from mox_core.smtpserver.protocol import MoxSMTP

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mox_core.queue import partition_of
-from mox_core.smtpserver.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count, worker_cpus
+from mox_core.server.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count, worker_cpus
 from mox_core.testpeers import wait_for
 
 DOMAINS = """

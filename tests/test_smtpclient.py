@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import scramp
 
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.smtpclient import (
     AuthCredentials,
     HTTPSPolicyFetcher,
     MTASTSCache,
+    SessionCache,
     SMTPClientError,
     SMTPTLSError,
-    SessionCache,
     Timeouts,
     TLSMode,
     deliver_to_host,
@@ -38,8 +38,8 @@ from mox_core.smtpclient import (
     open_client,
     prepare_data,
     refused_target,
+    sasl,
 )
-from mox_core.smtpclient import sasl
 from mox_core.smtpclient.client import Reply, parse_extensions
 from mox_core.smtpclient.dial import order_ips
 from mox_core.smtpclient.mtasts import Policy, PolicyError, parse_policy, parse_record

@@ -1,4 +1,4 @@
-"""The link between a worker and the main process (smtpserver/handoff.py): a worker's
+"""The link between a worker and the main process (server/handoff.py): a worker's
 submission is queued by the main process's queue, with its local copies and the account's
 rate limits, and failed logins are counted across workers. Both ends run here, in one event
 loop, over real socket pairs and a real queue; tests/test_smtp_workers.py has them in
@@ -12,11 +12,11 @@ import socket
 
 import pytest
 
-from mox_core.config import ConfigHolder
+from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.config.load import ConfigHolder
+from mox_core.outgoing.ratelimit import RateLimited, RateLimits
 from mox_core.queue import FakeClock, Queue
-from mox_core.ratelimit import RateLimited, RateLimits
-from mox_core.sasl.server import AuthFailureLimiter
-from mox_core.smtpserver.handoff import MainLink, WorkerSubmissions
+from mox_core.server.handoff import MainLink, WorkerSubmissions
 from mox_core.store import Delivery, StorageError
 from tests.plugins.queue_helpers import MSG, make_config
 

@@ -59,9 +59,9 @@ def test_third_party_transport_installs_and_is_usable(fresh_venv, tmp_path):
     # The route selects the plugin's transport, which delivers.
     script = f"""
 import asyncio
-from mox_core.config import load_config
-from mox_core.plugins import PluginHost
-from mox_core.kinds import OutgoingMessage, RouteContext
+from mox_core.config.load import load_config
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import OutgoingMessage, RouteContext
 cfg = load_config({str(path)!r}, PluginHost.load())
 ctx = RouteContext("example.org", "sub.example.net", 0)
 [route] = [r for r in cfg.routes_for("admin", "example.org") if cfg.route_matches(r, ctx)]

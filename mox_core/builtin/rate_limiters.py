@@ -39,7 +39,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from mox_core import hookimpl
-from mox_core.kinds import RateLimitDecision, RateLimiterKind, Submission
+from mox_core.plugins.kinds import RateLimitDecision, RateLimiterKind, Submission
 
 log = structlog.get_logger(component="ratelimit")
 

@@ -8,7 +8,7 @@ of IP-literal addresses. ``minimum_attempts = 3`` first applies on the 4th attem
 from __future__ import annotations
 
 from mox_core import hookimpl
-from mox_core.kinds import RouteContext, RouteMatcherKind
+from mox_core.plugins.kinds import RouteContext, RouteMatcherKind
 from mox_core.smtp.domain import to_ascii
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import structlog
 
 from mox_core import afterreply
-from mox_core.config import Config, ConfigHolder
+from mox_core.config.load import Config, ConfigHolder
 from mox_core.errors import MoxError
-from mox_core.kinds import DeliveryStatus, RecipientResult
+from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
 from mox_core.queue.scheduler import Clock, FakeClock, RealClock, Scheduler
 from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, partition_of, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
@@ -171,9 +171,9 @@ class Queue:
         durable: the SMTP server may answer 250 then. Raises :class:`StorageError` (451/452)
         with nothing kept otherwise. ``account`` is the sending account (``None``: no DSNs).
 
-        ``rate_limit`` (:meth:`mox_core.ratelimit.RateLimits.prepare`) is checked and counted
+        ``rate_limit`` (:meth:`mox_core.outgoing.ratelimit.RateLimits.prepare`) is checked and counted
         in the transaction that queues the message; a refusal raises
-        :class:`mox_core.ratelimit.RateLimited` with nothing kept. ``recipients`` may be
+        :class:`mox_core.outgoing.ratelimit.RateLimited` with nothing kept. ``recipients`` may be
         empty if ``local_deliveries`` is not: the rate limits still apply.
 
         ``logged``: the caller logs the new ids itself (the SMTP server's ``message_accepted``
@@ -256,7 +256,7 @@ class Queue:
     # -- ctl socket -------------------------------------------------------------------------
 
     def ctl_handlers(self) -> dict[str, CtlHandler]:
-        """Handlers for :class:`mox_core.ctl.CtlServer`: JSON in, JSON out."""
+        """Handlers for :class:`mox_core.server.ctl.CtlServer`: JSON in, JSON out."""
 
         async def q_list(a: dict[str, Any]) -> Any:
             rows = await self.list_messages(Filter.from_json(a.get("filter")))

@@ -35,11 +35,18 @@ from typing import Any, Protocol
 
 import structlog
 
-from mox_core.config import Config
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
-from mox_core.queue import dsn
+from mox_core.config.load import Config
+from mox_core.outgoing import dsn
+from mox_core.outgoing.routing import (
+    Resolution,
+    TransportCache,
+    TransportUnavailable,
+    resolve,
+    retry_policy,
+    route_context,
+)
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.queue.store import QueuedMessage, QueueStore
-from mox_core.routing import Resolution, TransportCache, TransportUnavailable, resolve, retry_policy, route_context
 from mox_core.smtpclient.sessions import SessionCache
 from mox_core.store import MaildirStore, StorageError
 

@@ -16,7 +16,7 @@ written, the local Maildir copies of the same submission are committed, and only
 transaction committed (WAL, ``synchronous=FULL``: the commit is on disk when it returns). So
 a small message costs no fsync of its own: the commit of its batch makes it durable. A failure
 at any step removes what that submission wrote and raises :class:`StorageError` (a rate
-limiter's refusal: :class:`mox_core.ratelimit.RateLimited`). A crash between a file's rename
+limiter's refusal: :class:`mox_core.outgoing.ratelimit.RateLimited`). A crash between a file's rename
 and the commit leaves a message file no row refers to; :meth:`QueueStore.open` removes such
 orphans, so nothing half-written is ever delivered. ``msg_data`` rows go with the last row of
 their message (trigger ``msg_data_ad``, same transaction). A mid-sized message's bytes are
@@ -64,10 +64,10 @@ from typing import Any
 import structlog
 
 from mox_core.errors import MoxError
+from mox_core.outgoing.routing import address_domain
 from mox_core.queue import segments
 from mox_core.queue.records import COLUMNS, SCHEMA, Filter, QueuedMessage
 from mox_core.queue.segments import FREED_PREFIX, SEGMENT_BATCH_MIN, SEGMENT_MIN, SEGMENT_PREFIX, Segments
-from mox_core.routing import address_domain
 from mox_core.smtp.lines import only_crlf
 from mox_core.store import Delivery, MaildirCache, StorageError, commit_batch
 from mox_core.store.maildir import fsync_dir, mkdir_durable, unlink_quiet, write_file
@@ -133,7 +133,7 @@ class _Add:
     now: float
     loop: asyncio.AbstractEventLoop
     fut: asyncio.Future[list[int]]
-    rate_limit: Any = None  # mox_core.ratelimit.RateLimitCheck
+    rate_limit: Any = None  # mox_core.outgoing.ratelimit.RateLimitCheck
     rel: str = ""  # file, relative to msg/
     state: int = 0  # 0 nothing on disk, 1 tmp written, 2 renamed into msg/
     local_paths: list[Path] = field(default_factory=list)
@@ -340,9 +340,9 @@ class QueueStore:
         be empty when there are local deliveries (a submission to local recipients only:
         then only the rate limits are checked and counted).
 
-        ``rate_limit`` (a :class:`mox_core.ratelimit.RateLimitCheck`) runs inside the write
+        ``rate_limit`` (a :class:`mox_core.outgoing.ratelimit.RateLimitCheck`) runs inside the write
         transaction that inserts the rows: a refusal raises
-        :class:`mox_core.ratelimit.RateLimited` and nothing is kept.
+        :class:`mox_core.outgoing.ratelimit.RateLimited` and nothing is kept.
         """
         if not recipients and not local_deliveries:
             raise ValueError("queue add without recipients")
@@ -554,7 +554,7 @@ class QueueStore:
     def _transaction(self, items: list[_Add]) -> list[_Add] | None:
         """Check, insert, record, deliver local copies, commit. Returns the items to try
         again in a new transaction (local copies failed for others), else None."""
-        from mox_core.ratelimit import RateLimited
+        from mox_core.outgoing.ratelimit import RateLimited
 
         db = self.db
         accepted: list[_Add] = []

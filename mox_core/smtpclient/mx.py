@@ -24,10 +24,10 @@ import dns.name
 import dns.resolver
 import structlog
 
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.smtp.domain import to_ascii
 from mox_core.smtpclient.client import SMTPClient, SMTPClientError, SMTPTLSError, Timeouts, TLSMode, open_client
-from mox_core.smtpclient.dial import Dialer, dns_error_text, dial_host, gather_ips, order_ips, tcp_dial
+from mox_core.smtpclient.dial import Dialer, dial_host, dns_error_text, gather_ips, order_ips, tcp_dial
 from mox_core.smtpclient.mtasts import MTASTSCache, Policy
 from mox_core.smtpclient.sasl import AuthCredentials
 from mox_core.smtpclient.sessions import SessionCache
@@ -187,7 +187,7 @@ async def deliver_via_mx(message: OutgoingMessage, ctx: DeliveryContext, *,
     if resolver is None:
         resolver = ctx.resolver
     if resolver is None:
-        from mox_core.resolver import make_async_resolver
+        from mox_core.dns.resolver import make_async_resolver
 
         resolver = make_async_resolver(ctx.config.static.dns) if ctx.config else dns.asyncresolver.Resolver()
     run = _Run(

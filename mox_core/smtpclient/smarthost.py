@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.smtp.domain import to_ascii
 from mox_core.smtpclient.client import make_ssl_context
 
@@ -87,7 +87,7 @@ class ResolverCache:
         if self._resolver is None or self._key is not dns_cfg:
             import dns.asyncresolver
 
-            from mox_core.resolver import make_async_resolver
+            from mox_core.dns.resolver import make_async_resolver
 
             self._resolver = make_async_resolver(dns_cfg) if dns_cfg is not None else dns.asyncresolver.Resolver()
             self._key = dns_cfg

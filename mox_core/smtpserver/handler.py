@@ -16,19 +16,21 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
 from datetime import datetime
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from typing import Any
 
 import structlog
 
-from mox_core import afterreply, authres, dkimsign
-from mox_core.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
-from mox_core.config import ConfigHolder
-from mox_core.ratelimit import RateLimitCheck, RateLimited
-from mox_core.smtpserver.fromheader import lean_from_address
+from mox_core import afterreply
+from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
+from mox_core.checks import authres
+from mox_core.config.load import ConfigHolder
+from mox_core.outgoing import dkimsign
+from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
 from mox_core.smtp.domain import to_ascii, to_unicode
+from mox_core.smtpserver.fromheader import lean_from_address
 from mox_core.store import Delivery, StorageError
 
 log = structlog.get_logger(component="smtpserver")
@@ -265,7 +267,7 @@ class Handler:
 
     def _account_of(self, session: Any) -> str | None:
         """The account of the authenticated login name (an address or the account name)."""
-        from mox_core.accountdb import account_for_login
+        from mox_core.accounts.db import account_for_login
 
         user = session.auth_data
         if isinstance(user, bytes):

@@ -17,8 +17,8 @@ from typing import Any
 
 import structlog
 
-from mox_core.config import ConfigHolder
-from mox_core.configmodels import Listener
+from mox_core.config.load import ConfigHolder
+from mox_core.config.models import Listener
 from mox_core.smtpserver.handler import Handler
 
 log = structlog.get_logger(component="smtpserver")

@@ -17,7 +17,7 @@ only speaks the protocol. What it changes in aiosmtpd 1.4.6, and why:
 * SIZE, a recipient limit (452 4.5.3), 500 5.5.2 for long lines, an idle timeout that sends
   421, and a total DATA deadline.
 * AUTH with PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 and SCRAM-SHA-256 from
-  :mod:`mox_core.sasl.server`, only after TLS by default, with failed logins throttled per IP
+  :mod:`mox_core.accounts.sasl`, only after TLS by default, with failed logins throttled per IP
   (mox limitauth: 10 per minute, then ``421`` and close; from the 4th failure on a
   connection each failure waits (n-3) × ``auth_failure_delay``).
 * STARTTLS: aiosmtpd 1.4.6 already drops plaintext bytes pipelined after ``STARTTLS``
@@ -53,7 +53,7 @@ from aiosmtpd.smtp import (
 
 from mox_core import afterreply, errors
 from mox_core import logging as mox_logging
-from mox_core.sasl.server import (
+from mox_core.accounts.sasl import (
     DEFAULT_AUTH_LIMITER,
     MECHANISMS,
     AuthFailureLimiter,
@@ -200,7 +200,7 @@ class MoxSMTP(SMTP):
     :param require_starttls: refuse everything but EHLO/NOOP/QUIT/STARTTLS before TLS (530).
     :param hostname: our name in the greeting and EHLO; default: the machine's FQDN.
     :param auth_mechanisms: mechanisms to offer, in EHLO order; default all of
-        :data:`mox_core.sasl.server.MECHANISMS`.
+        :data:`mox_core.accounts.sasl.MECHANISMS`.
     :param auth_limiter: failed-login counter shared by all connections; default a
         process-wide one (10 failures per IP per minute).
     :param auth_failure_delay: seconds per failure beyond the third on one connection to wait

@@ -1,7 +1,7 @@
 """Registers the transport kind "memory" again, to test conflicts."""
 
 from mox_core import hookimpl
-from mox_core.kinds import TransportKind
+from mox_core.plugins.kinds import TransportKind
 from tests.plugins.every_hook import MemorySettings, MemoryTransport
 
 

@@ -6,7 +6,7 @@ import click
 from pydantic import BaseModel, ConfigDict
 
 from mox_core import hookimpl
-from mox_core.kinds import (
+from mox_core.plugins.kinds import (
     DeliveryStatus,
     RateLimitDecision,
     RateLimiterKind,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from mox_core.config import Config, ConfigHolder
-from mox_core.plugins import PluginHost
+from mox_core.config.load import Config, ConfigHolder
+from mox_core.plugins.host import PluginHost
 from mox_core.queue import FakeClock, Queue
 from mox_core.testconfig import load
 from tests.plugins import queue_scripted

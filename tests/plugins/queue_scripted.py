@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from mox_core import hookimpl
-from mox_core.kinds import DeliveryStatus, RecipientResult, TransportKind
+from mox_core.plugins.kinds import DeliveryStatus, RecipientResult, TransportKind
 
 D, T, P = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT
 

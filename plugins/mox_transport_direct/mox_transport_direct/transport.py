@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
 from mox_core.smtpclient import Timeouts, deliver_via_mx, tcp_dial
 from mox_core.smtpclient.mx import MXDeliveryState
-
 from mox_transport_direct.settings import DirectSettings
-
 
 
 class DirectTransport:

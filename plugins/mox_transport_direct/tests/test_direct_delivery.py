@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.plugins import PluginHost
+
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.smtpclient import Timeouts
 from mox_core.smtpclient.mx import NULL_MX_TEXT
 from mox_core.testconfig import load
 from mox_core.testpeers import reserve, wait_for
-
 from mox_transport_direct.transport import DirectTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

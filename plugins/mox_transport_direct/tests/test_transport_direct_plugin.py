@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from mox_core.errors import ConfigError
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
 from mox_core.testconfig import listed_plugin, load
 
 

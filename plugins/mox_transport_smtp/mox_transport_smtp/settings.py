@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mox_core.smtpclient.smarthost import smarthost_name
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SMTPSettings(BaseModel):

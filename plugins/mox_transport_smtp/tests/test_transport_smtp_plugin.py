@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from mox_core.errors import ConfigError
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
 from mox_core.testconfig import listed_plugin, load
 
 
@@ -45,8 +46,8 @@ def test_starttls_options_conflict(tmp_path):
 def test_destination_concurrency_default_and_override(tmp_path):
     """The queue may run 20 deliveries at once to one domain through a smarthost (direct: 1);
     the transport table's ``destination_concurrency`` overrides that."""
+    from mox_core.outgoing.routing import Resolution, TransportCache
     from mox_core.queue.scheduler import destination_concurrency
-    from mox_core.routing import Resolution, TransportCache
 
     cfg = load(tmp_path, '[transports.relay]\nkind = "smtp"\nhost = "relay.example"\n'
                          '[transports.slow]\nkind = "smtp"\nhost = "relay.example"\ndestination_concurrency = 2\n')

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from mox_core.smtp.domain import to_ascii
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mox_core.smtp.domain import to_ascii
 
 
 def _split_hostport(v: str) -> str:

@@ -33,12 +33,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import Timeouts, deliver_via_mx
-from mox_core.smtpclient.mx import MXDeliveryState
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy
 
+from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+from mox_core.smtpclient import Timeouts, deliver_via_mx
+from mox_core.smtpclient.mx import MXDeliveryState
 from mox_transport_socks.settings import SocksSettings
 
 __all__ = ["SocksDialError", "SocksTransport"]

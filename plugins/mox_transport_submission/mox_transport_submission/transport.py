@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from mox_core.kinds import DeliveryContext, OutgoingMessage, RecipientResult
+
+from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
 from mox_core.smtpclient import (
     AuthCredentials,
     Timeouts,
@@ -34,9 +35,13 @@ from mox_core.smtpclient import (
     deliver_to_host,
     tcp_dial,
 )
-
-from mox_core.smtpclient.smarthost import DESTINATION_CONCURRENCY, ResolverCache, ca_file_problem, config_path, local_failure
-
+from mox_core.smtpclient.smarthost import (
+    DESTINATION_CONCURRENCY,
+    ResolverCache,
+    ca_file_problem,
+    config_path,
+    local_failure,
+)
 from mox_transport_submission.settings import SubmissionSettings
 
 __all__ = ["LocalConfigProblem", "SubmissionTransport"]

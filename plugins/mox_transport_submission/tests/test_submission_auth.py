@@ -11,13 +11,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from mox_core.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.plugins import PluginHost
+
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.queue import FakeClock, Queue
 from mox_core.smtpclient import Timeouts
 from mox_core.testconfig import load
 from mox_core.testpeers import wait_for
-
 from mox_transport_submission.transport import SubmissionTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

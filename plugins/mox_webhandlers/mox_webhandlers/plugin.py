@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from mox_core import hookimpl
-from mox_core.kinds import WebHandlerKind
-
+from mox_core.plugins.kinds import WebHandlerKind
 from mox_webhandlers.settings import RedirectSettings, ReverseProxySettings, StaticSettings
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from mox_core.errors import ConfigError
-from mox_core.kinds import WebHandlerContext
-from mox_core.plugins import PluginHost
-from mox_core.testconfig import listed_plugin, load
 from starlette.testclient import TestClient
+
+from mox_core.errors import ConfigError
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import WebHandlerContext
+from mox_core.testconfig import listed_plugin, load
 
 
 def test_plugin_is_installed():

@@ -22,10 +22,10 @@ from typing import Any
 
 import click
 
-from mox_core.config import Config
-from mox_core.ctl import CtlError, CtlUnavailable, call, socket_path
+from mox_core.config.load import Config
 from mox_core.errors import MoxError
 from mox_core.queue.store import Filter, QueuedMessage
+from mox_core.server.ctl import CtlError, CtlUnavailable, call, socket_path
 
 __all__ = ["format_list", "go_duration", "queue_group", "register", "routes_group"]
 
@@ -251,7 +251,7 @@ def routes_group() -> None:
 def routes_explain(state: Any, from_addr: str, to_addr: str, attempt: int,
                    account: str | None) -> None:
     """Show each route considered for a message, whether it matched, and the transport."""
-    from mox_core.routing import explain
+    from mox_core.outgoing.routing import explain
 
     cfg = state.load_config()
     for line in explain(cfg, from_addr, to_addr, attempt, account=account).lines():

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import structlog
 
 from mox_core.builtin.rate_limiters import DEFAULT_LIMITERS
-from mox_core.config import Config, ConfigHolder
+from mox_core.config.load import Config, ConfigHolder
 from mox_core.errors import MoxError
-from mox_core.kinds import RateLimitDecision, RateLimiter, Submission
+from mox_core.plugins.kinds import RateLimitDecision, RateLimiter, Submission
 
 log = structlog.get_logger(component="ratelimit")
 

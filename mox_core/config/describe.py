@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from mox_core.configmodels import DynamicConfig, Listener, StaticConfig, TransportCommon, WebHandlerCommon
-from mox_core.plugins import PluginHost
+from mox_core.config.models import DynamicConfig, Listener, StaticConfig, TransportCommon, WebHandlerCommon
+from mox_core.plugins.host import PluginHost
 
 # Values for required fields, so the example is a config that validates with small edits.
 EXAMPLES: dict[str, Any] = {
@@ -133,7 +133,7 @@ def describe(host: PluginHost) -> str:
             + [f"# {line}" for line in _common_lines(TransportCommon, {"kind"})],
         )
     out += ["", "# ===== domains.toml (dynamic: reloaded when it changes) =====", ""]
-    from mox_core.configmodels import Account, Destination, Domain
+    from mox_core.config.models import Account, Destination, Domain
 
     describe_model(DynamicConfig, None, out, skip=frozenset(
         {"domains", "accounts", "routes", "web_handlers", "rate_limiters", "web_domain_redirects"}

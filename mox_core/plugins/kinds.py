@@ -3,7 +3,7 @@
 A hook returns *kinds*: small frozen records naming a kind, its settings model and a factory.
 The factories build the objects that do I/O later (transports, limiters, ASGI apps); those
 objects follow the ``typing.Protocol`` classes below. Plugins import these names from
-``mox_core.kinds``; core never imports a plugin.
+``mox_core.plugins.kinds``; core never imports a plugin.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from mox_core.config import Config
+    from mox_core.config.load import Config
 
 __all__ = [
     "DeliveryContext",
@@ -205,7 +205,7 @@ class Submission:
     size: int = 0
     id: str = ""  # unique per submission: lets record() be idempotent
     time: float = 0.0  # when it was submitted (seconds since the epoch; 0: now)
-    account_config: Any = None  # the account's settings (mox_core.configmodels.Account)
+    account_config: Any = None  # the account's settings (mox_core.config.models.Account)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Config files: ``mox.toml`` (static, read at start) and ``domains.toml`` beside it (dynamic).
 
-Both are validated by the pydantic models in :mod:`mox_core.configmodels`; sections whose
+Both are validated by the pydantic models in :mod:`mox_core.config.models`; sections whose
 shape depends on plugins (transports, routes, web handlers, rate limiters) are validated in a
 second step against the kinds the plugins registered. Every problem is collected with its
 file and key path, so ``mox config check`` can list them all at once.
@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from mox_core.configmodels import (
+from mox_core.config.models import (
     TRANSPORT_COMMON_KEYS,
     WEBHANDLER_COMMON_KEYS,
     Account,
@@ -34,8 +34,8 @@ from mox_core.configmodels import (
     WebHandlerCommon,
 )
 from mox_core.errors import ConfigError, ConfigProblem
-from mox_core.kinds import RouteContext
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
+from mox_core.plugins.kinds import RouteContext
 from mox_core.smtp.domain import to_ascii, to_unicode
 
 log = structlog.get_logger(component="config")

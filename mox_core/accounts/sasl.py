@@ -35,7 +35,7 @@ from typing import Callable, ClassVar, Protocol
 from scramp import ScramMechanism
 from scramp.utils import ScramException
 
-from mox_core.passwords import (
+from mox_core.accounts.passwords import (
     SCRAM_SHA1_ITERATIONS,
     SCRAM_SHA256_ITERATIONS,
     ScramKeys,
@@ -235,7 +235,7 @@ class Login(Mechanism):
 class CramMD5(Mechanism):
     """CRAM-MD5 (RFC 2195): the server sends ``<random.timestamp@host>``, the client answers
     ``user SP hex(HMAC-MD5(password, challenge))``. Checked with the precomputed HMAC states
-    from :mod:`mox_core.passwords`, so no password is stored."""
+    from :mod:`mox_core.accounts.passwords`, so no password is stored."""
 
     name = "CRAM-MD5"
 

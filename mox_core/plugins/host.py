@@ -21,7 +21,7 @@ import pluggy
 
 from mox_core import hookspecs
 from mox_core.errors import PluginConflictError, PluginError, PluginLoadError
-from mox_core.kinds import RateLimiterKind, RouteMatcherKind, TransportKind, WebHandlerKind
+from mox_core.plugins.kinds import RateLimiterKind, RouteMatcherKind, TransportKind, WebHandlerKind
 
 ENTRY_POINT_GROUP = "mox.plugins"
 

@@ -21,8 +21,8 @@ import spf
 import structlog
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
-from mox_core.dkimsign import canonical_body
-from mox_core.resolver import CacheOnly, cached_answer
+from mox_core.dns.resolver import CacheOnly, cached_answer
+from mox_core.outgoing.dkimsign import canonical_body
 
 log = structlog.get_logger(component="authres")
 

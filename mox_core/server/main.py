@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from mox_core.config import Config, ConfigHolder
+from mox_core.config.load import Config, ConfigHolder
 
 log = structlog.get_logger(component="serve")
 T = TypeVar("T")
@@ -42,15 +42,15 @@ def clean_maildir_tmp(data_dir) -> int:
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 started: asyncio.Event | None = None) -> None:
-    from mox_core.accountdb import AccountCredentials
-    from mox_core.ctl import CtlServer, socket_path
+    from mox_core.accounts.db import AccountCredentials
+    from mox_core.accounts.sasl import AuthFailureLimiter
+    from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
+    from mox_core.outgoing.ratelimit import RateLimits
     from mox_core.queue import Queue
-    from mox_core.ratelimit import RateLimits
-    from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
-    from mox_core.sasl.server import AuthFailureLimiter
-    from mox_core.smtpserver.handoff import WorkerSubmissions
+    from mox_core.server.ctl import CtlServer, socket_path
+    from mox_core.server.handoff import WorkerSubmissions
+    from mox_core.server.workers import SMTPWorkers, worker_count, worker_cpus
     from mox_core.smtpserver.listen import endpoints, start_listeners
-    from mox_core.smtpserver.workers import SMTPWorkers, worker_count, worker_cpus
     from mox_core.store import MaildirStore
 
     stop = stop or asyncio.Event()
@@ -73,7 +73,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
     ratelimits = RateLimits(holder)
     auth_limiter = AuthFailureLimiter()
-    # SMTP, submission and outgoing deliveries in worker processes (smtpserver/workers.py)
+    # SMTP, submission and outgoing deliveries in worker processes (server/workers.py)
     # when there is more than one CPU, their submissions queued here (handoff.py); their
     # sockets are bound here, first, so a busy port stops the start right away.
     workers = submissions = None

@@ -36,8 +36,8 @@ import click
 
 from mox_core import logging as moxlog
 from mox_core.errors import ConfigError
-from mox_core.kinds import DeliveryStatus, RecipientResult
-from mox_core.sendmail_config import (
+from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
+from mox_core.sendmail.config import (
     CONTROL_CHARS,
     AddressError,
     SendmailConfig,

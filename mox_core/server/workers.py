@@ -335,12 +335,12 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
     main process (submissions are queued by the main process, over the link), and deliver
     queued messages to this worker's share of the recipient domains; only on ``cpu`` when
     given (before any thread starts: they all inherit it)."""
-    from mox_core.accountdb import AccountCredentials
-    from mox_core.config import ConfigHolder
+    from mox_core.accounts.db import AccountCredentials
+    from mox_core.config.load import ConfigHolder
+    from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
     from mox_core.queue import Queue
-    from mox_core.resolver import install_spf_lookup, make_async_resolver, make_resolver
-    from mox_core.server import reload_loop
-    from mox_core.smtpserver.handoff import MainLink
+    from mox_core.server.handoff import MainLink
+    from mox_core.server.main import reload_loop
     from mox_core.smtpserver.listen import start_listeners
     from mox_core.store import MaildirStore
 

@@ -21,12 +21,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mox_core.config import Config
+from mox_core.config.load import Config
 from mox_core.smtp.domain import to_ascii
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-from mox_core.configmodels import DNS
+from mox_core.config.models import DNS
 
 #: answers kept per resolver (least recently used dropped first)
 CACHE_SIZE = 10_000

@@ -43,9 +43,9 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from mox_core.kinds import RateLimitDecision
-from mox_core.ratelimit import RateLimited
-from mox_core.sasl.server import AuthFailureLimiter
+from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.outgoing.ratelimit import RateLimited
+from mox_core.plugins.kinds import RateLimitDecision
 from mox_core.store import Delivery, StorageError
 
 log = structlog.get_logger(component="smtpserver")
@@ -73,7 +73,7 @@ def _unavailable() -> StorageError:
 
 class RateLimitRequest(NamedTuple):
     """What a worker's handler gets from ``prepare``: the arguments of
-    :meth:`mox_core.ratelimit.RateLimits.prepare`, run by the main process."""
+    :meth:`mox_core.outgoing.ratelimit.RateLimits.prepare`, run by the main process."""
 
     account: str
     mail_from: str

@@ -1,7 +1,7 @@
 """Account state in SQLite: the stored credentials of each account's password.
 
 Only derived credentials are stored (salted hash, SCRAM keys, CRAM-MD5 HMAC states; see
-:mod:`mox_core.passwords`), never the password. ``mox setaccountpassword`` writes here, and a
+:mod:`mox_core.accounts.passwords`), never the password. ``mox setaccountpassword`` writes here, and a
 running server sees the change at the next login because every lookup reads the database.
 """
 
@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from mox_core.addresses import AddressNotFound, lookup
-from mox_core.config import Config, ConfigHolder
-from mox_core.passwords import StoredCredentials, make_credentials
+from mox_core.accounts.addresses import AddressNotFound, lookup
+from mox_core.accounts.passwords import StoredCredentials, make_credentials
+from mox_core.config.load import Config, ConfigHolder
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
@@ -68,7 +68,7 @@ def set_password(config: Config, account: str, password: str) -> None:
 
 
 class AccountCredentials:
-    """The :class:`mox_core.sasl.server.CredentialStore` of the submission listeners."""
+    """The :class:`mox_core.accounts.sasl.CredentialStore` of the submission listeners."""
 
     def __init__(self, holder: ConfigHolder):
         self.holder = holder

@@ -17,8 +17,8 @@ from typing import Any
 
 import structlog
 
-from mox_core.config import Config, Route, TransportEntry
-from mox_core.kinds import RouteContext, Transport
+from mox_core.config.load import Config, Route, TransportEntry
+from mox_core.plugins.kinds import RouteContext, Transport
 from mox_core.smtp.domain import to_ascii
 
 __all__ = [
@@ -229,7 +229,7 @@ def explain(
     if attempt < 1:
         raise ValueError("attempt counts from 1")
     if account is None and from_addr:
-        from mox_core.addresses import AddressNotFound, lookup
+        from mox_core.accounts.addresses import AddressNotFound, lookup
 
         try:
             account = lookup(config, from_addr).account

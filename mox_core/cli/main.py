@@ -13,9 +13,9 @@ import structlog
 
 from mox_core import __version__
 from mox_core import logging as moxlog
-from mox_core.config import Config, find_config_path, load_config
+from mox_core.config.load import Config, find_config_path, load_config
 from mox_core.errors import ConfigError, MoxError
-from mox_core.plugins import PluginHost
+from mox_core.plugins.host import PluginHost
 
 log = structlog.get_logger(component="cli")
 
@@ -88,7 +88,7 @@ def serve(state: State) -> None:
     host = state.plugins_for_config()
     host.raise_for_errors()
     cfg = state.load_config(reapply_cli_level=False)
-    from mox_core.server import run
+    from mox_core.server.main import run
 
     run(cfg)
 
@@ -108,8 +108,8 @@ def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
     share of the recipient domains (started by mox serve, not by hand)."""
     from urllib.parse import unquote
 
-    from mox_core.server import run_loop
-    from mox_core.smtpserver.workers import serve_worker
+    from mox_core.server.main import run_loop
+    from mox_core.server.workers import serve_worker
 
     moxlog.configure(json=True)
     cfg = state.load_config(reapply_cli_level=False)
@@ -130,7 +130,7 @@ def setaccountpassword(state: State, account: str) -> None:
     """
     import getpass
 
-    from mox_core.accountdb import set_password
+    from mox_core.accounts.db import set_password
 
     cfg = state.load_config()
     if account not in cfg.dynamic.model.accounts:
@@ -161,7 +161,7 @@ def dkim() -> None:
 @click.argument("keyfile", type=click.Path(dir_okay=False, path_type=Path))
 def dkim_gen(selector: str, domain: str, algorithm: str, bits: int, keyfile: Path) -> None:
     """Create a key in KEYFILE and print the DNS record to publish, and the config to add."""
-    from mox_core.dkimsign import dns_record, generate_key
+    from mox_core.outgoing.dkimsign import dns_record, generate_key
 
     if keyfile.exists():
         raise MoxError(f"{keyfile} exists, not overwriting")
@@ -232,15 +232,15 @@ def config_check(state: State) -> None:
 @click.pass_obj
 def config_describe(state: State) -> None:
     """Print a commented example of both config files, plugins' settings included."""
-    from mox_core.describe import describe
+    from mox_core.config.describe import describe
 
     click.echo(describe(state.host), nl=False)
 
 
 # --------------------------------------------------------------------------------------------
 
-from mox_core.cli_queue import register as _register_queue_commands  # noqa: E402
-from mox_core.sendmail import sendmail_command  # noqa: E402
+from mox_core.cli.queue import register as _register_queue_commands  # noqa: E402
+from mox_core.sendmail.command import sendmail_command  # noqa: E402
 
 _register_queue_commands(cli)
 cli.add_command(sendmail_command)
@@ -248,7 +248,7 @@ cli.add_command(sendmail_command)
 
 def main(argv: list[str] | None = None) -> Any:
     if Path(sys.argv[0]).name == "sendmail":  # the mox command linked as sendmail
-        from mox_core import sendmail
+        from mox_core.sendmail.command import command as sendmail
 
         sys.exit(sendmail.main(argv))
     moxlog.configure(json=False)
