@@ -62,7 +62,7 @@ TARGETS = ["postfix", "mox-1-domain", "mox-20-domains"]
 
 async def _add_held(config_path: Path, n: int, domains: int) -> None:
     from mox_core import logging as mox_logging
-    from mox_core.config.load import load_config
+    from mox_core.config.loader import load_config
     from mox_core.plugins.host import PluginHost
     from mox_core.queue import Queue
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from mox_core.config.load import Config, load_config
+from mox_core.config.loader import load_config
+from mox_core.config.resolved import Config
 from mox_core.plugins.host import PluginHost
 
 MINIMAL_STATIC = """\

@@ -9,7 +9,9 @@ import tomllib
 import pytest
 from structlog.testing import capture_logs
 
-from mox_core.config.load import ConfigHolder, find_config_path, load_config
+from mox_core.outgoing.routing import route_matches, routes_for
+from mox_core.config.holder import ConfigHolder
+from mox_core.config.loader import find_config_path, load_config
 from mox_core.errors import ConfigError
 from mox_core.testconfig import load, write_config
 from tests.conftest import run_mox
@@ -92,8 +94,8 @@ def test_routes_at_three_levels_in_order(tmp_path):
         [[routes]]
         transport = "g"
     ''')
-    assert [r.transport for r in cfg.routes_for("admin", "example.org")] == ["a", "d", "g"]
-    assert [r.transport for r in cfg.routes_for(None, "other.example")] == ["g"]
+    assert [r.transport for r in routes_for(cfg, "admin", "example.org")] == ["a", "d", "g"]
+    assert [r.transport for r in routes_for(cfg, None, "other.example")] == ["g"]
 
 
 def test_routes_in_mox_toml_are_an_unknown_key(tmp_path):

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mox_core.checks.authres import _dkim_dnsfunc, _Verifier
-from mox_core.config.load import load_config
+from mox_core.config.loader import load_config
 from mox_core.outgoing.dkimsign import (
     _Key,
     _split,

@@ -9,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from mox_core.outgoing.routing import route_matches, routes_for
 from mox_core.errors import PluginError
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
@@ -73,7 +74,7 @@ def test_every_hook_through_a_registered_plugin(bare_host: PluginHost):
     ])
     assert sorted(info.kinds) == ["rate_limiter:cap", "route_matcher:to_localpart_prefix",
                                   "transport:memory", "webhandler:hello"]
-    assert bare_host.owner_of("transport", "memory") == "every_hook"
+    assert bare_host.transports.owner("memory") == "every_hook"
 
 
 async def test_registered_transport_delivers(bare_host: PluginHost, tmp_path):
@@ -92,7 +93,7 @@ def test_registered_route_matcher_is_a_route_criterion(bare_host: PluginHost, tm
     [route] = cfg.dynamic.routes_global
     hit = RouteContext("example.org", "example.net", 0, recipient="bulk-1@example.net")
     miss = RouteContext("example.org", "example.net", 0, recipient="alice@example.net")
-    assert cfg.route_matches(route, hit) and not cfg.route_matches(route, miss)
+    assert route_matches(cfg, route, hit) and not route_matches(cfg, route, miss)
 
 
 def test_registered_rate_limiter_checks_and_records(bare_host: PluginHost, tmp_path):
@@ -166,7 +167,7 @@ def test_two_plugins_with_the_same_kind_is_an_error_naming_both(bare_host: Plugi
     assert "'memory' is registered by both plugin 'every_hook' and plugin 'duplicate_memory'" in info.error
     with pytest.raises(PluginError, match="every_hook.*duplicate_memory"):
         bare_host.raise_for_errors()
-    assert bare_host.owner_of("transport", "memory") == "every_hook"
+    assert bare_host.transports.owner("memory") == "every_hook"
 
 
 def test_misspelt_hook_is_an_error(bare_host: PluginHost):

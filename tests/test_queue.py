@@ -778,7 +778,7 @@ async def test_remaining_schedule():
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from mox_core.config.load import load_config
+from mox_core.config.loader import load_config
 from mox_core.queue import Queue
 from tests.plugins.queue_helpers import MSG, make_host
 

@@ -145,7 +145,7 @@ ADDER = """
 import asyncio, json, sys, time, uuid
 from pathlib import Path
 from mox_core.builtin.rate_limiters import LimitSettings, MessagesPerDay
-from mox_core.config.load import load_config
+from mox_core.config.loader import load_config
 from mox_core.plugins.kinds import Submission
 from mox_core.queue import Queue
 from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited

@@ -383,7 +383,7 @@ async def test_two_processes_adding_to_one_queue_append_to_segments_of_their_own
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from mox_core.config.load import load_config
+from mox_core.config.loader import load_config
 from mox_core.queue import Queue
 from tests.plugins.queue_helpers import MSG, make_host
 

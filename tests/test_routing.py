@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mox_core.cli.main import cli
 from mox_core.cli.queue import register
-from mox_core.config.load import ConfigHolder
+from mox_core.config.holder import ConfigHolder
 from mox_core.outgoing.routing import TransportCache, TransportUnavailable, explain, resolve, route_context
 from mox_core.queue import Filter
 from tests.plugins import queue_scripted

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from mox_core.accounts.sasl import AuthFailureLimiter
-from mox_core.config.load import ConfigHolder
+from mox_core.config.holder import ConfigHolder
 from mox_core.outgoing.ratelimit import RateLimited, RateLimits
 from mox_core.queue import FakeClock, Queue
 from mox_core.server.handoff import MainLink, WorkerSubmissions

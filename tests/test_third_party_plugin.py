@@ -59,12 +59,13 @@ def test_third_party_transport_installs_and_is_usable(fresh_venv, tmp_path):
     # The route selects the plugin's transport, which delivers.
     script = f"""
 import asyncio
-from mox_core.config.load import load_config
+from mox_core.config.loader import load_config
 from mox_core.plugins.host import PluginHost
+from mox_core.outgoing.routing import route_matches, routes_for
 from mox_core.plugins.kinds import OutgoingMessage, RouteContext
 cfg = load_config({str(path)!r}, PluginHost.load())
 ctx = RouteContext("example.org", "sub.example.net", 0)
-[route] = [r for r in cfg.routes_for("admin", "example.org") if cfg.route_matches(r, ctx)]
+[route] = [r for r in routes_for(cfg, "admin", "example.org") if route_matches(cfg, r, ctx)]
 entry = cfg.transports[route.transport]
 t = cfg.plugins.transports[entry.kind].factory(route.transport, entry.settings)
 res = asyncio.run(t.deliver(OutgoingMessage("admin@example.org", ["x@sub.example.net"], b"Subject: hi\\r\\n\\r\\nbody\\r\\n"), None))

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mox_core.config.load import Config
 from mox_core.config.models import Destination
+from mox_core.config.resolved import Config
 from mox_core.smtp.domain import to_ascii
 
 

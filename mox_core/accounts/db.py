@@ -15,7 +15,8 @@ from pathlib import Path
 
 from mox_core.accounts.addresses import AddressNotFound, lookup
 from mox_core.accounts.passwords import StoredCredentials, make_credentials
-from mox_core.config.load import Config, ConfigHolder
+from mox_core.config.holder import ConfigHolder
+from mox_core.config.resolved import Config
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (

@@ -28,9 +28,10 @@ import ipaddress
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from scramp import ScramMechanism
 from scramp.utils import ScramException

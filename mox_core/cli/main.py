@@ -13,7 +13,8 @@ import structlog
 
 from mox_core import __version__
 from mox_core import logging as moxlog
-from mox_core.config.load import Config, find_config_path, load_config
+from mox_core.config.loader import find_config_path, load_config
+from mox_core.config.resolved import Config
 from mox_core.errors import ConfigError, MoxError
 from mox_core.plugins.host import PluginHost
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from mox_core.config.load import Config
+from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
 from mox_core.queue.store import Filter, QueuedMessage
 from mox_core.server.ctl import CtlError, CtlUnavailable, call, socket_path

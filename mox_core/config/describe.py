@@ -125,7 +125,7 @@ def describe(host: PluginHost) -> str:
     describe_model(Listener, "listeners.public", out)
     out.append("# Outgoing transports by name. Routes in domains.toml select them.")
     for kind_name, kind in sorted(host.transports.items()):
-        out.append(f"# Transport kind {kind_name!r} from plugin {host.owner_of('transport', kind_name)}."
+        out.append(f"# Transport kind {kind_name!r} from plugin {host.transports.owner(kind_name)}."
                    + (f" {kind.description}" if kind.description else ""))
         describe_model(
             kind.settings_model, f"transports.example_{kind_name}", out,
@@ -149,7 +149,7 @@ def describe(host: PluginHost) -> str:
     out.append("[[routes]]")
     out.append('transport = "example_submission"  # a name from [transports] in mox.toml')
     for name, m in sorted(host.route_matchers.items()):
-        out.append(f"# {name}: {m.description} (from plugin {host.owner_of('route_matcher', name)})")
+        out.append(f"# {name}: {m.description} (from plugin {host.route_matchers.owner(name)})")
     out.append('# to_domain = [".example.com"]')
     out.append("# minimum_attempts = 3")
     out.append("")
@@ -157,7 +157,7 @@ def describe(host: PluginHost) -> str:
     out.append('# "old.example.org" = "example.org"')
     out.append("")
     for kind_name, kind in sorted(host.webhandlers.items()):
-        out.append(f"# Web handler kind {kind_name!r} from plugin {host.owner_of('webhandler', kind_name)}."
+        out.append(f"# Web handler kind {kind_name!r} from plugin {host.webhandlers.owner(kind_name)}."
                    + (f" {kind.description}" if kind.description else ""))
         out.append("[[web_handlers]]")
         describe_model(
@@ -166,7 +166,7 @@ def describe(host: PluginHost) -> str:
             + _common_lines(WebHandlerCommon, {"kind"}),
         )
     for kind_name, kind in sorted(host.rate_limiters.items()):
-        out.append(f"# Rate limiter kind {kind_name!r} from plugin {host.owner_of('rate_limiter', kind_name)}."
+        out.append(f"# Rate limiter kind {kind_name!r} from plugin {host.rate_limiters.owner(kind_name)}."
                    + (f" {kind.description}" if kind.description else ""))
         describe_model(
             kind.settings_model, f"rate_limiters.example_{kind_name}", out,

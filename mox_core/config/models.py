@@ -2,7 +2,7 @@
 
 ``mox config describe`` generates a commented example from these models, so a description
 here is documentation. Sections whose keys depend on plugins are plain tables here and are
-validated by :mod:`mox_core.config.load` against the registered kinds.
+validated by :mod:`mox_core.config.loader` against the registered kinds.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mox_core.config.load import Config
+from mox_core.config.resolved import Config
 from mox_core.smtp.domain import to_ascii
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from mox_core.config.load import Config
+from mox_core.config.resolved import Config
 from mox_core.store import INBOX, Delivery, MaildirStore
 
 __all__ = ["DSNRecipient", "account_maildir", "compose", "deliver", "human_duration", "status_code"]

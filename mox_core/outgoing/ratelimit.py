@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import structlog
 
 from mox_core.builtin.rate_limiters import DEFAULT_LIMITERS
-from mox_core.config.load import Config, ConfigHolder
+from mox_core.config.holder import ConfigHolder
+from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
 from mox_core.plugins.kinds import RateLimitDecision, RateLimiter, Submission
 

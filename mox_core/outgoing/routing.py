@@ -6,8 +6,9 @@ added while a message waits applies to its next attempt. Order: the sending acco
 then the sender domain's, then the global ones; the first route whose criteria all match wins.
 
 :func:`explain` answers the admin's question "why did this go out through X" by checking every
-criterion of every route separately, which :meth:`Config.route_matches` (short-circuiting)
-does not.
+criterion of every route separately, which :func:`route_matches` (short-circuiting) does not.
+Both walk the routes in the order of :func:`routes_for`; this module is the one place that
+matches routes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from mox_core.config.load import Config, Route, TransportEntry
+from mox_core.config.resolved import Config, Route, TransportEntry
 from mox_core.plugins.kinds import RouteContext, Transport
 from mox_core.smtp.domain import to_ascii
 
@@ -33,6 +34,8 @@ __all__ = [
     "resolve",
     "retry_policy",
     "route_context",
+    "route_matches",
+    "routes_for",
 ]
 
 log = structlog.get_logger(component="routing")
@@ -88,6 +91,23 @@ def route_context(
     )
 
 
+def routes_for(config: Config, account: str | None, from_domain: str) -> list[Route]:
+    """Routes in evaluation order: the account's, then the sender domain's, then global."""
+    dyn = config.dynamic
+    routes: list[Route] = []
+    if account:
+        routes += dyn.routes_account.get(account, [])
+    routes += dyn.routes_domain.get(from_domain.lower(), [])
+    routes += dyn.routes_global
+    return routes
+
+
+def route_matches(config: Config, route: Route, ctx: RouteContext) -> bool:
+    """Whether every criterion of ``route`` matches the attempt."""
+    matchers = config.plugins.route_matchers
+    return all(matchers[name].matches(value, ctx) for name, value in route.criteria.items())
+
+
 def _named(config: Config, name: str, source: str, route: Route | None = None) -> Resolution:
     entry = config.transports.get(name)
     if entry is None:
@@ -99,8 +119,8 @@ def resolve(config: Config, ctx: RouteContext, override: str | None = None) -> R
     """The transport for the attempt described by ``ctx``; never raises."""
     if override:
         return _named(config, override, "override")
-    for route in config.routes_for(ctx.account, ctx.from_domain):
-        if config.route_matches(route, ctx):
+    for route in routes_for(config, ctx.account, ctx.from_domain):
+        if route_matches(config, route, ctx):
             return _named(config, route.transport, "route", route)
     return Resolution("", "default", kind=DEFAULT_TRANSPORT_KIND)
 
@@ -238,7 +258,7 @@ def explain(
     ctx = route_context(mail_from=from_addr, recipient=to_addr, attempts=attempt - 1, account=account)
     checks: list[RouteCheck] = []
     matched = False
-    for route in config.routes_for(ctx.account, ctx.from_domain):
+    for route in routes_for(config, ctx.account, ctx.from_domain):
         if matched:
             checks.append(RouteCheck(route, False, False))
             continue

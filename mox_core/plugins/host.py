@@ -1,7 +1,8 @@
 """Plugin loading: built-ins first, then the entry-point group ``mox.plugins``.
 
 :class:`PluginHost` wraps the pluggy manager. It is the only place that calls hooks; the rest
-of core uses its typed registries (``host.transports`` and so on). Loading never raises:
+of core uses its registries of kinds (``host.transports`` and so on,
+:class:`~mox_core.plugins.registry.KindRegistry`). Loading never raises:
 each plugin gets a :class:`PluginInfo` with status ``ok``, ``error`` or ``disabled``, so
 ``mox plugins list`` can show a broken plugin, while ``mox serve`` calls
 :meth:`PluginHost.raise_for_errors` to refuse to start with one.
@@ -22,6 +23,7 @@ import pluggy
 from mox_core import hookspecs
 from mox_core.errors import PluginConflictError, PluginError, PluginLoadError
 from mox_core.plugins.kinds import RateLimiterKind, RouteMatcherKind, TransportKind, WebHandlerKind
+from mox_core.plugins.registry import KindRegistry
 
 ENTRY_POINT_GROUP = "mox.plugins"
 
@@ -31,12 +33,12 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("mox_core.builtin.rate_limiters", "core.rate_limiters"),
 )
 
-# hook name -> (category shown in "kinds", expected kind class)
+# hook name -> (registry attribute of PluginHost, expected kind class)
 _KIND_HOOKS: dict[str, tuple[str, type]] = {
-    "mox_register_transports": ("transport", TransportKind),
-    "mox_register_route_matchers": ("route_matcher", RouteMatcherKind),
-    "mox_register_webhandlers": ("webhandler", WebHandlerKind),
-    "mox_register_rate_limiters": ("rate_limiter", RateLimiterKind),
+    "mox_register_transports": ("transports", TransportKind),
+    "mox_register_route_matchers": ("route_matchers", RouteMatcherKind),
+    "mox_register_webhandlers": ("webhandlers", WebHandlerKind),
+    "mox_register_rate_limiters": ("rate_limiters", RateLimiterKind),
 }
 
 
@@ -81,11 +83,10 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
-        self.transports: dict[str, TransportKind] = {}
-        self.route_matchers: dict[str, RouteMatcherKind] = {}
-        self.webhandlers: dict[str, WebHandlerKind] = {}
-        self.rate_limiters: dict[str, RateLimiterKind] = {}
-        self._owner: dict[tuple[str, str], str] = {}  # (category, kind) -> plugin name
+        self.transports = KindRegistry[TransportKind]("transport", "transport kind")
+        self.route_matchers = KindRegistry[RouteMatcherKind]("route_matcher", "route criterion")
+        self.webhandlers = KindRegistry[WebHandlerKind]("webhandler", "web handler kind")
+        self.rate_limiters = KindRegistry[RateLimiterKind]("rate_limiter", "rate limiter kind")
         if os.environ.get("MOX_TRACE_HOOKS") == "1":
             self.pm.trace.root.setwriter(print)
             self.pm.enable_tracing()
@@ -132,10 +133,8 @@ class PluginHost:
         if plugin is not None:
             self.pm.unregister(plugin, name=name)
         self.infos.pop(name, None)
-        for (category, kind), owner in list(self._owner.items()):
-            if owner == name:
-                del self._owner[(category, kind)]
-                self._registry(category).pop(kind, None)
+        for registry in self.registries():
+            registry.remove_plugin(name)
 
     def _load_module(
         self, name: str, module: str, *, dist: str | None, builtin: bool = False,
@@ -179,7 +178,8 @@ class PluginHost:
         for hook_name in info.hooks:
             if hook_name not in _KIND_HOOKS:
                 continue
-            category, kind_cls = _KIND_HOOKS[hook_name]
+            attr, kind_cls = _KIND_HOOKS[hook_name]
+            registry: KindRegistry[Any] = getattr(self, attr)
             impl = next(
                 i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin
             )
@@ -193,34 +193,25 @@ class PluginHost:
             except Exception as exc:
                 self._fail(plugin, info, f"{hook_name} failed: {type(exc).__name__}: {exc}")
                 return
+            try:
+                registry.check_free([k.name for k in kinds], info.name)
+            except PluginConflictError as err:
+                self._fail(plugin, info, str(err))
+                return
             for kind in kinds:
-                owner = self._owner.get((category, kind.name))
-                if owner is not None:
-                    err = PluginConflictError(category, kind.name, owner, info.name)
-                    self._fail(plugin, info, str(err))
-                    return
-            for kind in kinds:
-                self._owner[(category, kind.name)] = info.name
-                self._registry(category)[kind.name] = kind
-                info.kinds.append(f"{category}:{kind.name}")
+                registry.add(kind.name, kind, info.name)
+                info.kinds.append(f"{registry.category}:{kind.name}")
 
     def _fail(self, plugin: object, info: PluginInfo, message: str) -> None:
         info.status = "error"
         info.error = message
-        for (category, kind), owner in list(self._owner.items()):
-            if owner == info.name:
-                del self._owner[(category, kind)]
-                self._registry(category).pop(kind, None)
+        for registry in self.registries():
+            registry.remove_plugin(info.name)
         info.kinds = []
         self.pm.unregister(plugin, name=info.name)
 
-    def _registry(self, category: str) -> dict[str, Any]:
-        return {
-            "transport": self.transports,
-            "route_matcher": self.route_matchers,
-            "webhandler": self.webhandlers,
-            "rate_limiter": self.rate_limiters,
-        }[category]
+    def registries(self) -> list[KindRegistry[Any]]:
+        return [getattr(self, attr) for attr, _ in _KIND_HOOKS.values()]
 
     # -- state ----------------------------------------------------------------------------
 
@@ -233,9 +224,6 @@ class PluginHost:
             if info.error and "registered by both plugin" in info.error:
                 raise PluginError(info.error)
             raise PluginLoadError(info.name, info.dist, info.error or "unknown error")
-
-    def owner_of(self, category: str, kind: str) -> str | None:
-        return self._owner.get((category, kind))
 
     # -- typed hook facade ----------------------------------------------------------------
 

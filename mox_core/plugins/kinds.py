@@ -8,16 +8,21 @@ objects follow the ``typing.Protocol`` classes below. Plugins import these names
 
 from __future__ import annotations
 
-import enum
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from mox_core.outgoing.results import DeliveryStatus, RecipientResult
+
 if TYPE_CHECKING:
-    from mox_core.config.load import Config
+    import dns.asyncresolver
+
+    from mox_core.config.models import Account, StaticConfig
+    from mox_core.smtpclient.sessions import SessionCache
 
 __all__ = [
     "DeliveryContext",
@@ -29,6 +34,7 @@ __all__ = [
     "RecipientResult",
     "RouteContext",
     "RouteMatcherKind",
+    "ServerConfig",
     "Submission",
     "Transport",
     "TransportKind",
@@ -39,35 +45,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Transports
-
-
-class DeliveryStatus(enum.Enum):
-    """Outcome of one delivery attempt for one recipient."""
-
-    DELIVERED = "delivered"
-    TEMPORARY = "temporary"  # try again later (4xx, timeout, connection or TLS error)
-    PERMANENT = "permanent"  # give up, send a DSN (5xx)
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """Result of a delivery attempt for one recipient, as the queue records it.
-
-    ``code`` and ``enhanced_code`` are the remote SMTP reply (``550``, ``"5.1.1"``) when there
-    was one; ``None`` for connection, DNS and TLS errors. ``remote_host`` is the host that
-    gave the reply (or that could not be reached), ``text`` the reply text or error message.
-    """
-
-    recipient: str
-    status: DeliveryStatus
-    code: int | None = None
-    enhanced_code: str | None = None
-    remote_host: str | None = None
-    text: str = ""
-
-    @property
-    def permanent(self) -> bool:
-        return self.status is DeliveryStatus.PERMANENT
 
 
 @dataclass(frozen=True)
@@ -82,6 +59,18 @@ class OutgoingMessage:
     has_8bit: bool = False
 
 
+class ServerConfig(Protocol):
+    """What a transport or web handler may read of the server's config (it is given a
+    :class:`mox_core.config.resolved.Config`): the directory of ``mox.toml``, against which
+    relative file names in settings are resolved, and ``mox.toml``'s settings."""
+
+    @property
+    def config_dir(self) -> Path: ...
+
+    @property
+    def static(self) -> StaticConfig: ...
+
+
 @dataclass(frozen=True)
 class DeliveryContext:
     """What a transport needs to know about the attempt besides the message itself."""
@@ -89,16 +78,24 @@ class DeliveryContext:
     transport_name: str  # "" for the implicit default direct delivery
     attempt: int  # attempts made before this one (0 for the first)
     hostname: str  # our host name, used in EHLO unless the transport says otherwise
-    config: Config | None = None
-    resolver: Any = None  # a dns.asyncresolver.Resolver configured from mox.toml
-    # open SMTP sessions kept by the queue for the next message to the same smarthost
-    # (mox_core.smtpclient.SessionCache); None: a new session per message
-    sessions: Any = None
+    config: ServerConfig | None = None
+    resolver: dns.asyncresolver.Resolver | None = None  # configured from mox.toml's [dns]
+    # open SMTP sessions kept by the queue for the next message to the same smarthost;
+    # None: a new session per message
+    sessions: SessionCache | None = None
 
 
 @runtime_checkable
 class Transport(Protocol):
-    """A configured transport, built once per config by its kind's factory."""
+    """A configured transport, built once per config by its kind's factory.
+
+    ``destination_concurrency`` is how many deliveries to one destination (a recipient
+    domain, or the smarthost) may run at once; the queue reads it unless the transport's
+    table in mox.toml sets ``destination_concurrency`` (default 1 when a transport class does
+    not set it: one connection per domain, as direct delivery wants).
+    """
+
+    destination_concurrency: ClassVar[int]
 
     async def deliver(
         self, message: OutgoingMessage, ctx: DeliveryContext
@@ -170,7 +167,7 @@ class WebHandlerContext:
     domain: str
     path_regexp: str
     log_name: str
-    config_dir: Any = None  # pathlib.Path of the directory of mox.toml
+    config_dir: Path | None = None  # the directory of mox.toml
     allow_private_targets: bool = False
 
 
@@ -205,7 +202,7 @@ class Submission:
     size: int = 0
     id: str = ""  # unique per submission: lets record() be idempotent
     time: float = 0.0  # when it was submitted (seconds since the epoch; 0: now)
-    account_config: Any = None  # the account's settings (mox_core.config.models.Account)
+    account_config: Account | None = None  # the account's settings
 
 
 @dataclass(frozen=True)
@@ -253,6 +250,6 @@ class RateLimiterKind:
 
     name: str
     settings_model: type[BaseModel]
-    factory: Callable[[str, BaseModel, Any], RateLimiter]
+    factory: Callable[[str, BaseModel, Path], RateLimiter]
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from mox_core.config.load import Config
+from mox_core.config.resolved import Config
 from mox_core.outgoing import dsn
 from mox_core.outgoing.routing import (
     Resolution,
@@ -121,7 +121,8 @@ def remaining_schedule(attempts: int, max_attempts: int, intervals: Sequence[flo
 
 def destination_concurrency(cfg: Config, res: Resolution, transports: TransportCache) -> int:
     """Deliveries at once to one recipient domain through ``res``'s transport: the transport
-    table's ``destination_concurrency``, else the transport's attribute of that name, else 1."""
+    table's ``destination_concurrency``, else the transport's own (:class:`~mox_core.plugins.kinds.Transport`;
+    1 for a transport that does not declare it)."""
     if res.entry is not None and res.entry.common.destination_concurrency:
         return res.entry.common.destination_concurrency
     try:

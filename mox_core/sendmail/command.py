@@ -36,7 +36,7 @@ import click
 
 from mox_core import logging as moxlog
 from mox_core.errors import ConfigError
-from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
+from mox_core.outgoing.results import DeliveryStatus, RecipientResult
 from mox_core.sendmail.config import (
     CONTROL_CHARS,
     AddressError,

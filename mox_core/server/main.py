@@ -4,133 +4,88 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import structlog
 
-from mox_core.config.load import Config, ConfigHolder
+from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.config.resolved import Config
+from mox_core.outgoing.ratelimit import RateLimits
+from mox_core.server.components import Components, clean_maildir_tmp, stop_on_signals
+from mox_core.server.ctl import CtlServer, socket_path
+from mox_core.server.handoff import WorkerSubmissions
+from mox_core.server.workers import SMTPWorkers, worker_count, worker_cpus
+from mox_core.smtpserver.listen import endpoints
 
 log = structlog.get_logger(component="serve")
 T = TypeVar("T")
 
 
-async def reload_loop(holder: ConfigHolder, stop: asyncio.Event) -> None:
-    """Poll domains.toml once a second so a change takes effect without a request."""
-    while not stop.is_set():
-        await asyncio.to_thread(holder.get)
-        try:
-            await asyncio.wait_for(stop.wait(), 1.0)
-        except TimeoutError:
-            pass
-
-
-def clean_maildir_tmp(data_dir) -> int:
-    """Remove what a crash mid-write left in the accounts' Maildir ``tmp/`` directories (files
-    older than 36 hours, the Maildir rule; newer ones may belong to another deliverer)."""
-    from mox_core.store import Maildir
-
-    removed = 0
-    for root in (data_dir / "accounts").glob("*/Maildir"):
-        removed += Maildir(root).clean_tmp()
-        for sub in root.glob(".*"):
-            if sub.is_dir():
-                removed += Maildir(sub, subfolder=True).clean_tmp()
-    return removed
-
-
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 started: asyncio.Event | None = None) -> None:
-    from mox_core.accounts.db import AccountCredentials
-    from mox_core.accounts.sasl import AuthFailureLimiter
-    from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
-    from mox_core.outgoing.ratelimit import RateLimits
-    from mox_core.queue import Queue
-    from mox_core.server.ctl import CtlServer, socket_path
-    from mox_core.server.handoff import WorkerSubmissions
-    from mox_core.server.workers import SMTPWorkers, worker_count, worker_cpus
-    from mox_core.smtpserver.listen import endpoints, start_listeners
-    from mox_core.store import MaildirStore
-
+    """Run every component of ``config`` until ``stop`` is set (or SIGTERM/SIGINT)."""
     stop = stop or asyncio.Event()
-    holder = ConfigHolder(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(stop)
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     removed = await asyncio.to_thread(clean_maildir_tmp, data_dir)
     if removed:
         log.info("maildir_tmp_cleaned", files=removed)
-    resolver = make_resolver(config.static.dns)
-    install_spf_lookup(resolver)
-    store = MaildirStore()
-    credentials = AccountCredentials(holder)
-    queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns))
-    ratelimits = RateLimits(holder)
+    parts = Components(config)
+    ratelimits = RateLimits(parts.holder)
     auth_limiter = AuthFailureLimiter()
-    # SMTP, submission and outgoing deliveries in worker processes (server/workers.py)
-    # when there is more than one CPU, their submissions queued here (handoff.py); their
-    # sockets are bound here, first, so a busy port stops the start right away.
-    workers = submissions = None
-    addresses = endpoints(holder)
-    count = worker_count(config.static.smtp_workers)
-    if addresses and count > 1:
-        submissions = WorkerSubmissions(queue, ratelimits, auth_limiter)
-        workers = SMTPWorkers(config.path, addresses, count,
-                              worker_cpus(count) if config.static.pin_smtp_workers else None,
-                              submissions)
-        workers.bind()
-    if workers:
+    workers = _workers(parts, ratelimits, auth_limiter)
+    if workers is not None:
+        workers.bind()  # first, so a busy port stops the start right away
         # the queue's lock and orphan cleanup here, before the workers open it; each worker
         # delivers to its share of the recipient domains and is woken for them
-        await queue.open(lock=True)
-        queue.wake = workers.wake
+        await parts.queue.open(lock=True)
+        parts.queue.wake = workers.wake
     else:
-        await queue.start()
-    ctl = CtlServer(socket_path(data_dir), queue.ctl_handlers())
+        await parts.queue.start()
+    ctl = CtlServer(socket_path(data_dir), parts.queue.ctl_handlers())
     await ctl.start()
-    listeners = []
+
+    async def stop_feeding_the_queue() -> None:
+        if workers is not None:
+            await workers.stop()
+            if workers.submissions is not None:
+                await workers.submissions.close()  # the adds of the workers' last submissions
+        await ctl.close()
+
     try:
-        if workers:
+        if workers is not None:
             await workers.start()
         else:
-            listeners = await start_listeners(
-                holder, store=store, credentials=credentials, resolver=resolver,
-                auth_limiter=auth_limiter, queue=queue, ratelimits=ratelimits,
-            )
+            await parts.start_listeners(queue=parts.queue, ratelimits=ratelimits, auth_limiter=auth_limiter)
     except BaseException:
-        if workers:
-            await workers.stop()
-            await submissions.close()
-        await ctl.close()
-        await queue.close()
-        await store.aclose()
+        await parts.close(before_queue=stop_feeding_the_queue)
         raise
-    log.info("mox_started", hostname=config.static.hostname, config=str(config.path),
-             pid=os.getpid(), listeners=len(addresses) if workers else len(listeners),
-             smtp_workers=count if workers else 0)
+    log.info("mox_started", hostname=config.static.hostname, config=str(config.path), pid=os.getpid(),
+             listeners=len(workers.endpoints) if workers is not None else len(parts.listeners),
+             smtp_workers=workers.count if workers is not None else 0)
     if started is not None:
         started.set()
-    reloader = asyncio.create_task(reload_loop(holder, stop))
+    parts.start_reloading(stop)
     try:
         await stop.wait()
     finally:
-        reloader.cancel()
-        for lst in listeners:
-            lst.server.close()
-        if workers:
-            await workers.stop()
-            await submissions.close()  # the adds of the workers' last submissions
-        await ctl.close()
-        await queue.close(grace=5)  # before the store: DSNs are delivered through it
-        await store.aclose()
-        credentials.close()
+        await parts.close(before_queue=stop_feeding_the_queue)
         log.info("mox_stopped")
+
+
+def _workers(parts: Components, ratelimits: RateLimits, auth_limiter: AuthFailureLimiter) -> SMTPWorkers | None:
+    """SMTP, submission and outgoing deliveries in worker processes (server/workers.py)
+    when there is more than one CPU, their submissions queued here (server/handoff.py)."""
+    config = parts.holder.get()
+    addresses = endpoints(parts.holder)
+    count = worker_count(config.static.smtp_workers)
+    if not addresses or count <= 1:
+        return None
+    cpus = worker_cpus(count) if config.static.pin_smtp_workers else None
+    submissions = WorkerSubmissions(parts.queue, ratelimits, auth_limiter)
+    return SMTPWorkers(config.path, addresses, count, cpus, submissions)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

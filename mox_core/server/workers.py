@@ -53,13 +53,16 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import structlog
 
+from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
+from mox_core.queue.scheduler import Scheduler
 from mox_core.queue.store import partition_of
+from mox_core.server.components import Components, stop_on_signals
+from mox_core.server.handoff import MainLink, WorkerSubmissions
 from mox_core.smtpserver.listen import bind_shared
 
 log = structlog.get_logger(component="smtpserver")
@@ -103,7 +106,7 @@ class SMTPWorkers:
     """The main process's side: sockets, starting, watching and stopping the workers."""
 
     def __init__(self, config_path: Path, endpoints: list[tuple[str, str, str, int]], count: int,
-                 cpus: list[int] | None = None, submissions: Any = None):
+                 cpus: list[int] | None = None, submissions: WorkerSubmissions | None = None):
         self.config_path = config_path
         self.endpoints = endpoints  # (listener name, service, ip, port)
         self.count = count
@@ -306,7 +309,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: Any) -> None:
+async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: Scheduler) -> None:
     """Lines from the main process until the pipe ends, which means the main process is gone
     or stopping: "kick" (messages changed, any domain) or "kick DOMAIN ..." (new messages
     for these domains of this worker's)."""
@@ -328,22 +331,13 @@ async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: 
     writer.close()
 
 
-async def serve_worker(config: Any, index: int, count: int, parent: int, channel_fd: int,
+async def serve_worker(config: Config, index: int, count: int, parent: int, channel_fd: int,
                        link_fd: int, sockets: dict[tuple[str, str, str], int],
                        cpu: int | None = None) -> None:
     """Serve the SMTP, submission and submissions listeners on sockets inherited from the
     main process (submissions are queued by the main process, over the link), and deliver
     queued messages to this worker's share of the recipient domains; only on ``cpu`` when
     given (before any thread starts: they all inherit it)."""
-    from mox_core.accounts.db import AccountCredentials
-    from mox_core.config.load import ConfigHolder
-    from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
-    from mox_core.queue import Queue
-    from mox_core.server.handoff import MainLink
-    from mox_core.server.main import reload_loop
-    from mox_core.smtpserver.listen import start_listeners
-    from mox_core.store import MaildirStore
-
     _die_with_parent(parent)
     if cpu is not None:
         try:
@@ -352,39 +346,23 @@ async def serve_worker(config: Any, index: int, count: int, parent: int, channel
             log.warning("smtp_worker_cpu_not_set", worker=index, cpu=cpu, error=str(exc))
     structlog.contextvars.bind_contextvars(worker=index)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     channel = socket.socket(fileno=channel_fd)
     socks = {key: [socket.socket(fileno=fd)] for key, fd in sockets.items()}
-    holder = ConfigHolder(config)
-    resolver = make_resolver(config.static.dns)
-    install_spf_lookup(resolver)
-    store = MaildirStore()
     # [queue] concurrency applies per worker: divided among them, one domain's deliveries
     # (all in one worker) had half the slots, and ran 23 % slower through one smarthost
-    queue = Queue(holder, maildir_store=store, resolver=make_async_resolver(config.static.dns),
-                  partition=(index, count))
-    await queue.start(lock=False)
+    parts = Components(config, partition=(index, count))
+    await parts.queue.start(lock=False)
     link = MainLink(socket.socket(fileno=link_fd))
     await link.start()
-    credentials = AccountCredentials(holder)
-    listeners = await start_listeners(holder, store=store, credentials=credentials, resolver=resolver,
-                                      queue=link, ratelimits=link, auth_limiter=link.auth_limiter,
-                                      sockets=socks)
+    await parts.start_listeners(queue=link, ratelimits=link, auth_limiter=link.auth_limiter, sockets=socks)
     channel.sendall(b"ready\n")
-    assert queue.scheduler is not None
-    watcher = asyncio.create_task(_read_channel(channel, stop, queue.scheduler))
-    reloader = asyncio.create_task(reload_loop(holder, stop))
+    assert parts.queue.scheduler is not None
+    watcher = asyncio.create_task(_read_channel(channel, stop, parts.queue.scheduler))
+    parts.start_reloading(stop)
     try:
         await stop.wait()
     finally:
         watcher.cancel()
-        reloader.cancel()
-        for lst in listeners:
-            lst.server.close()
-        await link.close()
-        await queue.close(grace=5)  # before the store: DSNs are delivered through it
-        await store.aclose()
-        credentials.close()
+        await parts.close(before_queue=link.close)
         log.info("smtp_worker_stopped", pid=os.getpid())

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import structlog
 
 from mox_core import logging as moxlog
-from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
+from mox_core.outgoing.results import DeliveryStatus, RecipientResult
 from mox_core.smtp.lines import only_crlf
 from mox_core.smtpclient import sasl
 

@@ -15,7 +15,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -37,7 +37,7 @@ __all__ = [
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 #: ``await dial(host, ip, port, timeout)``: a connected socket or stream pair, or raise.
 #: ``host`` is the name being connected to (for logs and SOCKS), ``ip`` the address chosen.
-Dialer = Callable[[str, str, int, float], Awaitable[Union[Streams, socket.socket]]]
+Dialer = Callable[[str, str, int, float], Awaitable[Streams | socket.socket]]
 
 _READ_LIMIT = 64 * 1024
 _DNS_TIMEOUT = 30.0  # per lookup (reference 1a)

@@ -26,7 +26,7 @@ import structlog
 from mox_core import afterreply
 from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.checks import authres
-from mox_core.config.load import ConfigHolder
+from mox_core.config.holder import ConfigHolder
 from mox_core.outgoing import dkimsign
 from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
 from mox_core.smtp.domain import to_ascii, to_unicode

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from mox_core.config.load import ConfigHolder
+from mox_core.config.holder import ConfigHolder
 from mox_core.config.models import Listener
 from mox_core.smtpserver.handler import Handler
 

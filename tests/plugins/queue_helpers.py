@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from mox_core.config.load import Config, ConfigHolder
+from mox_core.config.holder import ConfigHolder
+from mox_core.config.resolved import Config
 from mox_core.plugins.host import PluginHost
 from mox_core.queue import FakeClock, Queue
 from mox_core.testconfig import load

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mox_core import hookimpl
-from mox_core.plugins.kinds import TransportKind
+from mox_core.api import TransportKind
 from mox_transport_direct.settings import DirectSettings
 
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import Timeouts, deliver_via_mx, tcp_dial
-from mox_core.smtpclient.mx import MXDeliveryState
+from mox_core.api import (
+    DeliveryContext,
+    MXDeliveryState,
+    OutgoingMessage,
+    RecipientResult,
+    Timeouts,
+    deliver_via_mx,
+    tcp_dial,
+)
 from mox_transport_direct.settings import DirectSettings
 
 
@@ -23,6 +29,10 @@ class DirectTransport:
     per transport, persisted in the data directory), ``dial`` (a dialer), ``timeouts``,
     ``tls_ca_file`` (extra CAs for verified TLS).
     """
+
+    # one delivery at a time per recipient domain: the receiving servers are not ours to load
+    # (a transport table's destination_concurrency in mox.toml overrides it)
+    destination_concurrency = 1
 
     def __init__(self, name: str, settings: DirectSettings | None = None, **options: Any) -> None:
         self.name = name

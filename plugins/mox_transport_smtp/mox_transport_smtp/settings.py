@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mox_core.smtpclient.smarthost import smarthost_name
+from mox_core.api import smarthost_name
 
 
 class SMTPSettings(BaseModel):

@@ -23,14 +23,19 @@ from typing import Any
 
 import structlog
 
-from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import Timeouts, TLSMode, deliver_to_host, tcp_dial
-from mox_core.smtpclient.smarthost import (
+from mox_core.api import (
     DESTINATION_CONCURRENCY,
+    DeliveryContext,
+    OutgoingMessage,
+    RecipientResult,
     ResolverCache,
+    Timeouts,
+    TLSMode,
     ca_file_problem,
     config_path,
+    deliver_to_host,
     local_failure,
+    tcp_dial,
 )
 from mox_transport_smtp.settings import SMTPSettings
 

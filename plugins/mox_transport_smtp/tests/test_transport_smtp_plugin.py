@@ -20,7 +20,7 @@ def test_plugin_is_installed():
 def test_owner_is_this_plugin():
     host = PluginHost.load()
     kind = "smtp" if "smtp" != "submission" else "submission"
-    assert host.owner_of("transport", kind) == "transport_smtp"
+    assert host.transports.owner(kind) == "transport_smtp"
 
 
 def test_settings_validate(tmp_path):

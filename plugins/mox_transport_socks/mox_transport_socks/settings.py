@@ -6,7 +6,7 @@ import ipaddress
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mox_core.smtp.domain import to_ascii
+from mox_core.api import to_ascii
 
 
 def _split_hostport(v: str) -> str:

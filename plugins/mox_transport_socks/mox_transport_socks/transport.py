@@ -36,9 +36,7 @@ import structlog
 from python_socks import ProxyType
 from python_socks.async_.asyncio import Proxy
 
-from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import Timeouts, deliver_via_mx
-from mox_core.smtpclient.mx import MXDeliveryState
+from mox_core.api import DeliveryContext, MXDeliveryState, OutgoingMessage, RecipientResult, Timeouts, deliver_via_mx
 from mox_transport_socks.settings import SocksSettings
 
 __all__ = ["SocksDialError", "SocksTransport"]
@@ -100,6 +98,10 @@ class SocksTransport:
     :class:`MTASTSCache`), ``proxy_connect_timeout`` (seconds for the TCP connect to one proxy,
     default 10), ``proxy_down_for`` (seconds a down proxy is tried last, default 60).
     """
+
+    # one delivery at a time per recipient domain: the receiving servers are not ours to load
+    # (a transport table's destination_concurrency in mox.toml overrides it)
+    destination_concurrency = 1
 
     def __init__(self, name: str, settings: SocksSettings, **options: Any) -> None:
         self.name = name

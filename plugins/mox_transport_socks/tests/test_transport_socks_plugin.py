@@ -20,7 +20,7 @@ def test_plugin_is_installed():
 def test_owner_is_this_plugin():
     host = PluginHost.load()
     kind = "socks" if "socks" != "submission" else "submission"
-    assert host.owner_of("transport", kind) == "transport_socks"
+    assert host.transports.owner(kind) == "transport_socks"
 
 
 def test_settings_validate(tmp_path):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mox_core.smtpclient.smarthost import smarthost_name
+from mox_core.api import smarthost_name
 
 MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN")
 # The automatic choice, most secure first; PLAIN must be listed explicitly.

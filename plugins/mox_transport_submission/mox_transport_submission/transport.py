@@ -27,20 +27,20 @@ from typing import Any
 
 import structlog
 
-from mox_core.plugins.kinds import DeliveryContext, OutgoingMessage, RecipientResult
-from mox_core.smtpclient import (
+from mox_core.api import (
+    DESTINATION_CONCURRENCY,
     AuthCredentials,
+    DeliveryContext,
+    OutgoingMessage,
+    RecipientResult,
+    ResolverCache,
     Timeouts,
     TLSMode,
-    deliver_to_host,
-    tcp_dial,
-)
-from mox_core.smtpclient.smarthost import (
-    DESTINATION_CONCURRENCY,
-    ResolverCache,
     ca_file_problem,
     config_path,
+    deliver_to_host,
     local_failure,
+    tcp_dial,
 )
 from mox_transport_submission.settings import SubmissionSettings
 

@@ -20,12 +20,12 @@ def test_plugin_is_installed():
 def test_owner_is_this_plugin():
     host = PluginHost.load()
     kind = "submission" if "submission" != "submission" else "submission"
-    assert host.owner_of("transport", kind) == "transport_submission"
+    assert host.transports.owner(kind) == "transport_submission"
 
 
 def test_both_kinds_registered():
     host = PluginHost.load()
-    assert host.owner_of("transport", "submissions") == "transport_submission"
+    assert host.transports.owner("submissions") == "transport_submission"
 
 
 def test_settings_validate(tmp_path):

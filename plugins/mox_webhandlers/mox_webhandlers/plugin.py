@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mox_core import hookimpl
-from mox_core.plugins.kinds import WebHandlerKind
+from mox_core.api import WebHandlerKind
 from mox_webhandlers.settings import RedirectSettings, ReverseProxySettings, StaticSettings
 
 

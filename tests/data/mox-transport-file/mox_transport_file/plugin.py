@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from mox_core import hookimpl
-from mox_core.plugins.kinds import DeliveryStatus, RecipientResult, TransportKind
+from mox_core.api import DeliveryStatus, RecipientResult, TransportKind
 
 
 class FileSettings(BaseModel):
