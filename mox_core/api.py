@@ -32,8 +32,9 @@ from mox_core.plugins.kinds import (
     WebHandlerKind,
 )
 from mox_core.smtp.domain import to_ascii, to_unicode
-from mox_core.smtpclient.client import SMTPClientError, Timeouts, TLSMode, make_ssl_context
+from mox_core.smtpclient.client import Timeouts
 from mox_core.smtpclient.dial import Dialer, tcp_dial
+from mox_core.smtpclient.errors import SMTPClientError
 from mox_core.smtpclient.mx import MXDeliveryState, deliver_to_host, deliver_via_mx
 from mox_core.smtpclient.sasl import AuthCredentials
 from mox_core.smtpclient.smarthost import (
@@ -45,6 +46,7 @@ from mox_core.smtpclient.smarthost import (
     local_failure,
     smarthost_name,
 )
+from mox_core.smtpclient.tls import TLSMode, make_ssl_context
 
 __all__ = [
     # registering kinds (hooks return these)

@@ -9,8 +9,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from mox_core.outgoing.routing import route_matches, routes_for
 from mox_core.errors import PluginError
+from mox_core.outgoing.routing import route_matches
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
 from mox_core.testconfig import load

@@ -22,28 +22,16 @@ import pytest
 import scramp
 
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.smtpclient import (
-    AuthCredentials,
-    HTTPSPolicyFetcher,
-    MTASTSCache,
-    SessionCache,
-    SMTPClientError,
-    SMTPTLSError,
-    Timeouts,
-    TLSMode,
-    deliver_to_host,
-    deliver_via_mx,
-    gather_destinations,
-    gather_ips,
-    open_client,
-    prepare_data,
-    refused_target,
-    sasl,
-)
-from mox_core.smtpclient.client import Reply, parse_extensions
-from mox_core.smtpclient.dial import order_ips
-from mox_core.smtpclient.mtasts import Policy, PolicyError, parse_policy, parse_record
-from mox_core.smtpclient.mx import NULL_MX_TEXT
+from mox_core.smtpclient import sasl
+from mox_core.smtpclient.client import Timeouts, open_client
+from mox_core.smtpclient.dial import gather_ips, order_ips, refused_target
+from mox_core.smtpclient.errors import SMTPClientError, SMTPTLSError
+from mox_core.smtpclient.mtasts import HTTPSPolicyFetcher, MTASTSCache, Policy, PolicyError, parse_policy, parse_record
+from mox_core.smtpclient.mx import NULL_MX_TEXT, deliver_to_host, deliver_via_mx, gather_destinations
+from mox_core.smtpclient.sasl import AuthCredentials
+from mox_core.smtpclient.sessions import SessionCache
+from mox_core.smtpclient.tls import TLSMode
+from mox_core.smtpclient.wire import Reply, parse_extensions, prepare_data
 from mox_core.testpeers import wait_for
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

@@ -120,56 +120,18 @@ def compose(
     retry_in: Sequence[float] = (),
     will_retry_until: float | None = None,
 ) -> bytes:
-    """The report as bytes with CRLF line ends. ``action`` is ``failed`` or ``delayed``."""
+    """The report as bytes with CRLF line ends. ``action`` is ``failed`` or ``delayed``.
+
+    A ``multipart/report`` (RFC 6522) of three parts: the text for people, the
+    machine-readable status of each recipient (RFC 3464), and the original message's header.
+    """
     if action not in ("failed", "delayed"):
         raise ValueError(f"bad DSN action {action!r}")
     utf8 = smtputf8 or not mail_from.isascii() or any(not r.recipient.isascii() for r in recipients)
     boundary = f"mox-dsn-{secrets.token_hex(12)}"
-    addrs = "\r\n".join(f"\t{r.recipient}" for r in recipients)
-    errors = "\r\n".join(f"\t{r.recipient}: {r.error_line()}" for r in recipients)
-    if action == "failed":
-        subject = "mail delivery failed"
-        human = (
-            f"Delivery has failed permanently for your email to:\r\n\r\n{addrs}\r\n\r\n"
-            "No further deliveries will be attempted.\r\n\r\n"
-            f"Error during the last delivery attempt:\r\n\r\n{errors}\r\n"
-        )
-    else:
-        subject = "mail delivery delayed"
-        when = _join([f"in {human_duration(s)}" for s in retry_in]) if retry_in else "none"
-        # mox's text is off by one interval (reference section 3); ours lists the real ones.
-        human = (
-            f"Delivery has been delayed of your email to:\r\n\r\n{addrs}\r\n\r\n"
-            f"Next attempts to deliver: {when}.\r\n\r\n"
-            f"Last error during delivery attempt:\r\n\r\n{errors}\r\n"
-        )
-
-    status = [f"Reporting-MTA: dns; {hostname}", f"Arrival-Date: {_date(arrival)}", ""]
-    for r in recipients:
-        addr_type = "utf-8" if utf8 and not r.recipient.isascii() else "rfc822"
-        status += [f"Final-Recipient: {addr_type}; {r.recipient}", f"Action: {action}",
-                   f"Status: {status_code(action, r.enhanced_code)}"]
-        if r.remote_host:
-            status.append(f"Remote-MTA: dns; {r.remote_host}")
-        diag = r.diagnostic()
-        if diag:
-            status.append(f"Diagnostic-Code: {diag}")
-        if r.last_attempt is not None:
-            status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
-        if action == "delayed" and will_retry_until is not None:
-            status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
-        status.append("")
-    status_part = "\r\n".join(status)
-
+    subject, human = _human_part(action, recipients, retry_in)
+    status = _status_part(hostname, action, recipients, arrival, utf8, will_retry_until)
     header = original_header(original)
-    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
-
-    def cte(b: bytes) -> str:
-        return "7bit" if b.isascii() else "8bit"
-
-    human_b = human.encode()
-    status_b = status_part.encode()
     out = [
         f"From: <postmaster@{hostname}>",
         f"To: <{mail_from}>",
@@ -188,14 +150,58 @@ def compose(
         "",
     ]
     body = "\r\n".join(out).encode() + b"\r\n"
-    body += (f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-             f"Content-Transfer-Encoding: {cte(human_b)}\r\n\r\n").encode() + human_b + b"\r\n"
-    body += (f"--{boundary}\r\nContent-Type: {status_type}\r\n"
-             f"Content-Transfer-Encoding: {cte(status_b)}\r\n\r\n").encode() + status_b + b"\r\n"
-    body += (f"--{boundary}\r\nContent-Type: {headers_type}\r\n"
-             f"Content-Transfer-Encoding: {cte(header)}\r\n\r\n").encode() + header + b"\r\n"
+    body += _part(boundary, "text/plain; charset=utf-8", human.encode())
+    body += _part(boundary, "message/global-delivery-status" if utf8 else "message/delivery-status",
+                  status.encode())
+    body += _part(boundary, "message/global-headers" if utf8 else "text/rfc822-headers", header)
     body += f"--{boundary}--\r\n".encode()
     return body
+
+
+def _part(boundary: str, content_type: str, content: bytes) -> bytes:
+    cte = "7bit" if content.isascii() else "8bit"
+    return (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Transfer-Encoding: {cte}\r\n\r\n").encode() + content + b"\r\n"
+
+
+def _human_part(action: str, recipients: Sequence[DSNRecipient], retry_in: Sequence[float]) -> tuple[str, str]:
+    """The subject and the text for people."""
+    addrs = "\r\n".join(f"\t{r.recipient}" for r in recipients)
+    errors = "\r\n".join(f"\t{r.recipient}: {r.error_line()}" for r in recipients)
+    if action == "failed":
+        return "mail delivery failed", (
+            f"Delivery has failed permanently for your email to:\r\n\r\n{addrs}\r\n\r\n"
+            "No further deliveries will be attempted.\r\n\r\n"
+            f"Error during the last delivery attempt:\r\n\r\n{errors}\r\n"
+        )
+    when = _join([f"in {human_duration(s)}" for s in retry_in]) if retry_in else "none"
+    # mox's text lists the intervals shifted by one; ours lists the real ones.
+    return "mail delivery delayed", (
+        f"Delivery has been delayed of your email to:\r\n\r\n{addrs}\r\n\r\n"
+        f"Next attempts to deliver: {when}.\r\n\r\n"
+        f"Last error during delivery attempt:\r\n\r\n{errors}\r\n"
+    )
+
+
+def _status_part(hostname: str, action: str, recipients: Sequence[DSNRecipient], arrival: float,
+                 utf8: bool, will_retry_until: float | None) -> str:
+    """The per-message and per-recipient fields of RFC 3464 section 2."""
+    status = [f"Reporting-MTA: dns; {hostname}", f"Arrival-Date: {_date(arrival)}", ""]
+    for r in recipients:
+        addr_type = "utf-8" if utf8 and not r.recipient.isascii() else "rfc822"
+        status += [f"Final-Recipient: {addr_type}; {r.recipient}", f"Action: {action}",
+                   f"Status: {status_code(action, r.enhanced_code)}"]
+        if r.remote_host:
+            status.append(f"Remote-MTA: dns; {r.remote_host}")
+        diag = r.diagnostic()
+        if diag:
+            status.append(f"Diagnostic-Code: {diag}")
+        if r.last_attempt is not None:
+            status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
+        if action == "delayed" and will_retry_until is not None:
+            status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
+        status.append("")
+    return "\r\n".join(status)
 
 
 def account_maildir(config: Config, account: str) -> Path:

@@ -23,7 +23,8 @@ from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
-from mox_core.queue.scheduler import Clock, FakeClock, RealClock, Scheduler
+from mox_core.queue.clock import Clock, FakeClock, RealClock
+from mox_core.queue.scheduler import Scheduler
 from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, partition_of, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
 

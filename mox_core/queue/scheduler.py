@@ -28,10 +28,8 @@ of sleeping, and :meth:`Scheduler.settle` waits until the scheduler has nothing 
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -46,67 +44,17 @@ from mox_core.outgoing.routing import (
     route_context,
 )
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
+from mox_core.queue.clock import Clock, RealClock
 from mox_core.queue.store import QueuedMessage, QueueStore
 from mox_core.smtpclient.sessions import SessionCache
 from mox_core.store import MaildirStore, StorageError
 
-__all__ = ["DELAYED_DSN_ATTEMPT", "Clock", "FakeClock", "RealClock", "Scheduler", "destination_concurrency",
-           "remaining_schedule"]
+__all__ = ["DELAYED_DSN_ATTEMPT", "Scheduler", "destination_concurrency", "remaining_schedule"]
 
 log = structlog.get_logger(component="queue.delivery")
 
 # mox: a "delayed" DSN after the 5th failed attempt (about 2 hours after queueing).
 DELAYED_DSN_ATTEMPT = 5
-
-
-class Clock(Protocol):
-    """Wall-clock time (epoch seconds) and a way to sleep that an event can interrupt."""
-
-    def now(self) -> float: ...
-
-    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
-        """Return when ``event`` is set or ``timeout`` seconds passed (None: no timeout)."""
-        ...
-
-
-class RealClock:
-    def now(self) -> float:
-        return time.time()
-
-    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
-
-
-class FakeClock:
-    """Time that only moves when a test calls :meth:`advance`; waiters past their deadline
-    are woken then."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.t = start
-        self._waiters: list[tuple[float, asyncio.Event]] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-        for deadline, ev in list(self._waiters):
-            if deadline <= self.t:
-                ev.set()
-
-    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
-        if timeout is not None and timeout <= 0:
-            await asyncio.sleep(0)
-            return
-        entry = (self.t + timeout if timeout is not None else math.inf, event)
-        self._waiters.append(entry)
-        try:
-            await event.wait()
-        finally:
-            self._waiters.remove(entry)
 
 
 def remaining_schedule(attempts: int, max_attempts: int, intervals: Sequence[float]) -> list[float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 import shlex
 import socket
@@ -28,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import formataddr, formatdate, make_msgid
+from email.utils import formataddr
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -46,16 +45,13 @@ from mox_core.sendmail.config import (
     parse_address_list,
     parse_single_address,
 )
-from mox_core.smtp.domain import to_ascii
-from mox_core.smtpclient import (
-    AuthCredentials,
-    SMTPClientError,
-    Timeouts,
-    TLSMode,
-    dial_host,
-    make_ssl_context,
-    open_client,
-)
+from mox_core.sendmail.message import DataError, compose, dedup, msgid_domain, read_message, resolve_recipients
+from mox_core.sendmail.options import USAGE, Options, UsageError, parse_args
+from mox_core.smtpclient.client import Timeouts, open_client
+from mox_core.smtpclient.dial import dial_host
+from mox_core.smtpclient.errors import SMTPClientError
+from mox_core.smtpclient.sasl import AuthCredentials
+from mox_core.smtpclient.tls import TLSMode, make_ssl_context
 
 __all__ = [
     "Options",
@@ -75,279 +71,6 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
-
-USAGE = """\
-usage: sendmail [-t] [-i] [-f sender] [-F full_name] [-C config.toml] [-v] [option ...] [--] [recipient ...]
-  -t          also send to the To, Cc and Bcc addresses of the message (Bcc is removed)
-  -i, -oi     a line with only "." does not end the message
-  -f ADDR     envelope sender (also -r); -f '<>' for none
-  -F NAME     full name for the From header added to messages without one
-  -C FILE     config file (default $MOX_SENDMAIL_CONFIG, else /etc/mox/sendmail.toml)
-  -v          print what happens on stderr (-vv, -vvv: more)
-Accepted and ignored: -Am -Ac -B type -G -U -m -n -L label -N dsn -R ret -V envid -X file -O opt=val
--h hops -o* (-odb, -odi, -oem, -om, ...) -bm -bh -bH."""
-
-
-class UsageError(Exception):
-    """Bad command line: exit 64."""
-
-
-class DataError(Exception):
-    """The message cannot be sent as it is: exit 65."""
-
-
-# --------------------------------------------------------------------------------------------
-# options
-
-
-@dataclass
-class Options:
-    recipients: list[str] = field(default_factory=list)
-    extract: bool = False  # -t
-    dot_ends: bool = True  # without -i/-oi a line with only "." ends the input
-    sender: str | None = None  # -f/-r; "" is the null sender
-    full_name: str | None = None  # -F
-    config: str | None = None  # -C
-    verbose: int = 0
-    help: bool = False
-
-
-_FLAGS = frozenset("tivGUmn")
-_WITH_VALUE = frozenset("ABCFLNORVXbfhor")
-# modes of Postfix's sendmail that are not about submitting a message
-_REFUSED = {
-    "q": "-q (queue runs) is not supported: the queue of mox is managed with 'mox queue'",
-    "I": "-I (newaliases) is not supported: mox has no aliases database",
-}
-# -b modes: m is the default (deliver mail); h/H are ignored by Postfix too
-_B_MODES_OK = frozenset({"m", "h", "H"})
-
-
-def parse_args(args: Sequence[str]) -> Options:
-    """Parse sendmail options like POSIX getopt (Postfix uses ``getopt("+...")``).
-
-    Options end at ``--`` or at the first argument that does not start with ``-``; what
-    follows are recipients. A value may be attached (``-fADDR``, ``-oi``) or separate
-    (``-f ADDR``). Flags may be grouped (``-ti``).
-    """
-    opts = Options()
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            if name == "help" and not eq:
-                opts.help = True
-            elif name == "config":
-                if not eq:
-                    i += 1
-                    if i >= len(args):
-                        raise UsageError("option --config requires a value")
-                    value = args[i]
-                opts.config = value
-            else:
-                raise UsageError(f"unknown option {arg}")
-            i += 1
-            continue
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            if c in _FLAGS:
-                _flag(opts, c)
-                j += 1
-                continue
-            if c in _REFUSED:
-                raise UsageError(_REFUSED[c])
-            if c not in _WITH_VALUE:
-                raise UsageError(f"unknown option -{c}")
-            separate = j + 1 == len(arg)
-            if separate:
-                i += 1
-                if i >= len(args):
-                    raise UsageError(f"option -{c} requires a value")
-                value = args[i]
-            else:
-                value = arg[j + 1:]
-            if c == "o" and separate and len(value) == 1 and value not in "i78m":
-                i += 1  # "-o x value" (sendmail.cf option): the value is the next argument
-                if i >= len(args):
-                    raise UsageError(f"option -o {value} requires a value")
-            _option(opts, c, value)
-            break
-        i += 1
-    opts.recipients = list(args[i:])
-    return opts
-
-
-def _flag(opts: Options, c: str) -> None:
-    if c == "t":
-        opts.extract = True
-    elif c == "i":
-        opts.dot_ends = False
-    elif c == "v":
-        opts.verbose += 1
-    # G (gateway submission), U (initial user submission), m, n: ignored, as Postfix does
-
-
-def _option(opts: Options, c: str, value: str) -> None:
-    if c in ("f", "r"):
-        if CONTROL_CHARS.search(value):
-            raise UsageError(f"-{c}: control character in sender address {value!r}")
-        opts.sender = value
-    elif c == "F":
-        if CONTROL_CHARS.search(value):  # would inject a header line into the From we add
-            raise UsageError(f"-F: control character in full name {value!r}")
-        opts.full_name = value
-    elif c == "C":
-        opts.config = value
-    elif c == "o":
-        if value == "i":
-            opts.dot_ends = False
-        # -odb, -odi, -oem, -oee, -om, -o7, -o8, -oA..., -o x value: ignored
-    elif c == "b":
-        if value not in _B_MODES_OK:
-            raise UsageError(f"-b{value} is not supported: mox sendmail only submits a message (-bm)")
-    elif c == "B":
-        if value.upper() not in ("7BIT", "8BITMIME"):
-            raise UsageError(f"-B {value}: body type must be 7BIT or 8BITMIME")
-    # A (m/c), L label, N dsn, O option=value, R return, V envid, X log file, h hops: ignored.
-    # DSN options are not passed on: the client does not request DSNs (RFC 3461).
-
-
-# --------------------------------------------------------------------------------------------
-# recipients
-
-
-def _resolve_recipients(values: Sequence[str], cfg: SendmailConfig, what: str) -> list[str]:
-    out: list[str] = []
-    for value in values:
-        for addr in parse_address_list(value, what):
-            if "@" not in addr:
-                if not cfg.default_destination:
-                    raise AddressError(f"{what} {addr!r} has no domain and default_destination is not configured")
-                addr = cfg.default_destination
-            out.append(addr)
-    return out
-
-
-def _dedup(addresses: Sequence[str]) -> list[str]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for a in addresses:
-        local, _, domain = a.rpartition("@")
-        key = (local, domain.lower())
-        if key not in seen:
-            seen.add(key)
-            out.append(a)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# the message
-
-
-def read_message(stream: BinaryIO, dot_ends: bool) -> bytes:
-    """All of stdin; without -i up to a line with only ``.`` (classic sendmail)."""
-    if not dot_ends:
-        return stream.read()
-    chunks = []
-    for line in iter(stream.readline, b""):
-        if line in (b".\n", b".\r\n", b"."):
-            break
-        chunks.append(line)
-    return b"".join(chunks)
-
-
-# RFC 5322 §3.6.8 field name (printable ASCII except ":"), obsolete WSP before the colon allowed
-_FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-def _lines(raw: bytes) -> list[bytes]:
-    """Lines without their endings; LF and CRLF both end a line, a bare CR is refused.
-
-    Why refuse rather than turn CR into CRLF (as qmail-remote does): a CR right before CRLF
-    would become an empty line and could end the header early, silently changing the
-    message. The sender gets exit 65 and the message is saved (reliability B.1 #8).
-    """
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for n, line in enumerate(lines, 1):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if b"\r" in line:
-            raise DataError(f"line {n} of the message contains a bare carriage return (CR without LF)")
-        out.append(line)
-    return out
-
-
-@dataclass
-class Composed:
-    """The message as it will be sent, and what its header says about addresses."""
-
-    data: bytes
-    to_cc_bcc: list[str]  # raw values of To, Cc and Bcc (for -t)
-    from_values: list[str]  # raw values of From
-
-
-def _value(field_lines: list[bytes]) -> str:
-    unfolded = b"".join(field_lines)  # RFC 5322 §2.2.3: unfolding removes only the CRLF
-    return unfolded.split(b":", 1)[1].decode("utf-8", "surrogateescape")
-
-
-def compose(raw: bytes, *, from_header: str | None, msgid_domain: str) -> Composed:
-    """Parse ``raw`` into header and body, drop Bcc, add From/Date/Message-ID when missing.
-
-    ``from_header``: the From value to add if the message has none (``None``: add none). The
-    header ends at the first empty line, or at the first line that is neither a header field
-    nor a continuation; then an empty line is inserted so the body stays the body. A leading
-    mbox ``From `` line is dropped, as Postfix does.
-    """
-    lines = _lines(raw)
-    if lines and lines[0].startswith(b"From "):
-        lines = lines[1:]
-    fields: list[list[bytes]] = []
-    body_start = len(lines)
-    for i, line in enumerate(lines):
-        if line == b"":
-            body_start = i + 1
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        elif _FIELD.match(line):
-            fields.append([line])
-        else:
-            body_start = i
-            break
-    names = [f[0].split(b":", 1)[0].strip().lower() for f in fields]
-    rcpt_values = [_value(f) for f, n in zip(fields, names) if n in (b"to", b"cc", b"bcc")]
-    from_values = [_value(f) for f, n in zip(fields, names) if n == b"from"]
-    # Bcc never leaves: with -t its addresses are recipients; without -t, Postfix drops it too
-    out = [line for f, n in zip(fields, names) if n != b"bcc" for line in f]
-    if b"from" not in names and from_header is not None:
-        out.append(b"From: " + from_header.encode("utf-8"))
-    if b"date" not in names:
-        out.append(b"Date: " + formatdate(localtime=True).encode())
-    if b"message-id" not in names:
-        out.append(b"Message-ID: " + make_msgid(domain=msgid_domain).encode())
-    out.append(b"")
-    out.extend(lines[body_start:])
-    return Composed(b"\r\n".join(out) + b"\r\n", rcpt_values, from_values)
-
-
-def _msgid_domain(address: str | None, fallback: str) -> str:
-    domain = (address or "").rpartition("@")[2]
-    try:
-        return to_ascii(domain)
-    except ValueError:
-        return fallback
-
 
 # --------------------------------------------------------------------------------------------
 # submitting
@@ -452,7 +175,7 @@ def run(args: Sequence[str], *, stdin: BinaryIO | None = None, stdout: TextIO | 
         return EX_CONFIG
 
     try:
-        arg_rcpts = _resolve_recipients(opts.recipients, cfg, "recipient")
+        arg_rcpts = resolve_recipients(opts.recipients, cfg, "recipient")
         sender_opt = None
         if opts.sender is not None:
             sender_opt = "" if opts.sender.strip() in ("", "<>") else parse_single_address(opts.sender)
@@ -500,7 +223,7 @@ def _deliver(attempt: _Attempt, opts: Options, cfg: SendmailConfig, arg_rcpts: l
     ehlo_name = cfg.effective_ehlo_name
     try:
         composed = compose(attempt.data, from_header=from_header,
-                           msgid_domain=_msgid_domain(from_address, ehlo_name))
+                           msgid_domain=msgid_domain(from_address, ehlo_name))
     except DataError as exc:
         say(str(exc))
         return EX_DATAERR
@@ -509,7 +232,7 @@ def _deliver(attempt: _Attempt, opts: Options, cfg: SendmailConfig, arg_rcpts: l
     try:
         recipients = list(arg_rcpts)
         if opts.extract:
-            recipients += _resolve_recipients(composed.to_cc_bcc, cfg, "address in To/Cc/Bcc header")
+            recipients += resolve_recipients(composed.to_cc_bcc, cfg, "address in To/Cc/Bcc header")
         header_from = []
         for value in composed.from_values:
             try:
@@ -519,7 +242,7 @@ def _deliver(attempt: _Attempt, opts: Options, cfg: SendmailConfig, arg_rcpts: l
     except AddressError as exc:
         say(str(exc))
         return EX_DATAERR
-    recipients = _dedup(recipients)
+    recipients = dedup(recipients)
     if not recipients:
         say("no recipients: none given and none in the To, Cc or Bcc header")
         return EX_DATAERR

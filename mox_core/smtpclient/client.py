@@ -17,87 +17,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import enum
-import re
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
 
 from mox_core import logging as moxlog
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
-from mox_core.smtp.lines import only_crlf
 from mox_core.smtpclient import sasl
+from mox_core.smtpclient.errors import SMTPClientError, SMTPTLSError
+from mox_core.smtpclient.tls import TLSMode, make_ssl_context
+from mox_core.smtpclient.wire import Extensions, Reply, ascii_domain, needs_smtputf8, parse_extensions, prepare_data
 
-__all__ = [
-    "Extensions",
-    "Reply",
-    "SMTPClient",
-    "SMTPClientError",
-    "SMTPTLSError",
-    "TLSMode",
-    "Timeouts",
-    "make_ssl_context",
-    "open_client",
-    "parse_extensions",
-    "prepare_data",
-]
+__all__ = ["SMTPClient", "Timeouts", "open_client"]
 
 log = structlog.get_logger(component="smtpclient")
 
 _READ_LIMIT = 64 * 1024  # longest reply line we accept (RFC 5321 §4.5.3.1.5 says 512)
 _MAX_REPLY_LINES = 500
-
-
-class TLSMode(enum.Enum):
-    """How a session uses TLS (reference 1a "TLS mode", 1c)."""
-
-    SKIP = "skip"  # never STARTTLS (transport setting no_starttls)
-    OPPORTUNISTIC = "opportunistic"  # STARTTLS if announced; certificate not checked
-    REQUIRED_UNVERIFIED = "required-unverified"  # STARTTLS even if not announced; not checked
-    REQUIRED_VERIFIED = "required-verified"  # STARTTLS required, PKIX against the host name
-    IMMEDIATE = "immediate"  # implicit TLS right after connect (port 465), PKIX verified
-
-
-class SMTPClientError(Exception):
-    """A delivery problem, in the shape the queue needs (mox ``smtpclient.Error``).
-
-    ``code``/``enhanced_code`` are the remote reply when there was one, else ``None`` (the
-    enhanced code may be set for local decisions, e.g. ``5.3.4`` for a message too big).
-    ``command`` is the SMTP step that failed ("greeting", "ehlo", "mail", "data", ...).
-    """
-
-    def __init__(self, permanent: bool, code: int | None, enhanced_code: str | None,
-                 remote_host: str | None, text: str, *, command: str = "") -> None:
-        self.permanent = permanent
-        self.code = code
-        self.enhanced_code = enhanced_code
-        self.remote_host = remote_host
-        self.text = text
-        self.command = command
-        super().__init__(text)
-
-    def __str__(self) -> str:
-        code = " ".join(str(x) for x in (self.code, self.enhanced_code) if x)
-        where = f" ({self.remote_host})" if self.remote_host else ""
-        return f"{code + ' ' if code else ''}{self.text}{where}"
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(permanent={self.permanent}, code={self.code}, "
-                f"enhanced_code={self.enhanced_code!r}, remote_host={self.remote_host!r}, "
-                f"text={self.text!r}, command={self.command!r})")
-
-    def result(self, recipient: str) -> RecipientResult:
-        status = DeliveryStatus.PERMANENT if self.permanent else DeliveryStatus.TEMPORARY
-        return RecipientResult(recipient, status, self.code, self.enhanced_code,
-                               self.remote_host, self.text)
-
-
-class SMTPTLSError(SMTPClientError):
-    """TLS could not be set up: handshake failed, or STARTTLS was refused or not offered."""
 
 
 @dataclass(frozen=True)
@@ -108,145 +48,6 @@ class Timeouts:
     command: float = 300.0  # each command reply, and the greeting
     data: float = 600.0  # writing the message plus the reply to the final dot
     tls_handshake: float = 60.0
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One (possibly multi-line) SMTP reply."""
-
-    code: int
-    lines: tuple[str, ...]  # text of each line, without "250-"
-
-    @property
-    def enhanced_code(self) -> str | None:
-        """RFC 3463 code from the first line when its class matches the reply's (``5.1.1``)."""
-        m = _ENHANCED.match(self.lines[0] if self.lines else "")
-        if m and int(m.group(1)) == self.code // 100:
-            return m.group(0).strip()
-        return None
-
-    @property
-    def text(self) -> str:
-        first = self.lines[0] if self.lines else ""
-        if self.enhanced_code:
-            first = first[len(self.enhanced_code):].lstrip()
-        return " ".join([first, *self.lines[1:]]).strip()
-
-    def __str__(self) -> str:
-        return " ".join(str(x) for x in (self.code, self.enhanced_code, self.text) if x)
-
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
-
-
-@dataclass
-class Extensions:
-    """What EHLO announced (RFC 5321 §4.1.1.1 and the extension RFCs)."""
-
-    esmtp: bool = False
-    starttls: bool = False  # RFC 3207
-    pipelining: bool = False  # RFC 2920
-    size: int | None = None  # RFC 1870; 0 means no fixed limit
-    eightbitmime: bool = False  # RFC 6152
-    smtputf8: bool = False  # RFC 6531
-    enhancedstatuscodes: bool = False  # RFC 2034
-    requiretls: bool = False  # RFC 8689
-    auth: tuple[str, ...] = ()  # RFC 4954
-    rcptmax: int | None = None  # RFC 9422 LIMITS
-    names: set[str] = field(default_factory=set)
-
-
-_FLAGS = {"STARTTLS": "starttls", "PIPELINING": "pipelining", "8BITMIME": "eightbitmime",
-          "SMTPUTF8": "smtputf8", "ENHANCEDSTATUSCODES": "enhancedstatuscodes", "REQUIRETLS": "requiretls"}
-
-
-def parse_extensions(lines: Sequence[str]) -> Extensions:
-    """Parse the EHLO reply lines after the first (the greeting line)."""
-    ext = Extensions(esmtp=True)
-    for line in lines:
-        words = line.split()
-        if not words:
-            continue
-        name, args = words[0].upper(), words[1:]
-        ext.names.add(name)
-        if name in _FLAGS:  # parameters ignored (SMTPUTF8 may have some, reference 1a)
-            setattr(ext, _FLAGS[name], True)
-        elif name == "SIZE":
-            ext.size = int(args[0]) if args and args[0].isdigit() else 0
-        elif name == "AUTH":
-            ext.auth = tuple(dict.fromkeys(a.upper() for a in args))
-        elif name == "LIMITS":
-            ext.rcptmax = _parse_limits(args)
-    return ext
-
-
-def _parse_limits(args: Sequence[str]) -> int | None:
-    """RCPTMAX of ``LIMITS``; the whole extension is ignored when malformed (RFC 9422 §5)."""
-    seen: dict[str, int] = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        key = key.upper()
-        if not eq or key in seen or not re.fullmatch(r"[0-9]{1,6}", value) or int(value) == 0:
-            return None
-        seen[key] = int(value)
-    return seen.get("RCPTMAX")
-
-
-def make_ssl_context(*, verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
-    """Client TLS context: TLS >= 1.2; PKIX and host name checked when ``verify``.
-
-    ``ca_file`` adds CAs to the system's (mox ``AdditionalToSystem``), for test CAs and
-    private smarthosts.
-    """
-    if verify:
-        ctx = ssl.create_default_context()
-        if ca_file:
-            ctx.load_verify_locations(cafile=ca_file)
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-_BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-def prepare_data(data: bytes) -> bytes:
-    """DATA payload: dot-stuffed (RFC 5321 §4.5.2), ending in CRLF, plus ``.\\r\\n``.
-
-    Raises ``ValueError`` for a bare CR or LF: such bytes could be read as a line ending by
-    the next hop and so end the data early (SMTP smuggling, reliability B.1 #8); fixing them
-    silently would change a signed message, so callers normalise line endings before queueing.
-    """
-    m = None if only_crlf(data) else _BARE_CR_LF.search(data)  # the regex: 60 us per 2 KB
-    if m:
-        what = "carriage return" if data[m.start():m.start() + 1] == b"\r" else "newline"
-        raise ValueError(f"message contains bare {what} at offset {m.start()}, refusing to send")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if data.startswith(b"."):
-        data = b"." + data
-    if data.rfind(b"\r\n.") >= 0:  # (rfind: twice as fast as replace's search when there is none)
-        data = data.replace(b"\r\n.", b"\r\n..")
-    return data + b".\r\n"
-
-
-def _needs_smtputf8(address: str) -> bool:
-    localpart = address.rpartition("@")[0] if "@" in address else address
-    return not localpart.isascii()
-
-
-def _ascii_domain(address: str) -> str:
-    """IDNA-encode the domain so the address can go out without SMTPUTF8 (RFC 5890)."""
-    localpart, at, domain = address.rpartition("@")
-    if not at or domain.isascii() or domain.startswith("["):
-        return address
-    try:
-        return f"{localpart}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address
 
 
 class SMTPClient:
@@ -507,7 +308,7 @@ class SMTPClient:
         if ext.size and len(data) > ext.size:  # RFC 1870 §6
             raise self._error(True, f"message of {len(data)} bytes exceeds the {ext.size} bytes the "
                               "server accepts (SIZE)", command="mail")
-        utf8 = smtputf8 or any(_needs_smtputf8(a) for a in [mail_from, *recipients])
+        utf8 = smtputf8 or any(needs_smtputf8(a) for a in [mail_from, *recipients])
         if utf8 and not ext.smtputf8:  # RFC 6531 §3.4: cannot downgrade; another MX may do it
             raise self._error(False, "message needs SMTPUTF8 but the server does not support it", command="mail")
         if has_8bit and not ext.eightbitmime and require_8bitmime:
@@ -520,11 +321,11 @@ class SMTPClient:
             params += " BODY=8BITMIME" if has_8bit else " BODY=7BIT"
         if utf8:
             params += " SMTPUTF8"
-        sender = mail_from if utf8 else _ascii_domain(mail_from)
+        sender = mail_from if utf8 else ascii_domain(mail_from)
         mail_line = f"MAIL FROM:<{sender}>{params}"
 
         results: list[RecipientResult | None] = [None] * len(recipients)
-        pending = [(i, r if utf8 else _ascii_domain(r)) for i, r in enumerate(recipients)]
+        pending = [(i, r if utf8 else ascii_domain(r)) for i, r in enumerate(recipients)]
         batch_size = ext.rcptmax or len(pending)
         first = True
         while pending:

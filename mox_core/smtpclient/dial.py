@@ -21,7 +21,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from mox_core.smtpclient.client import SMTPClientError
+from mox_core.smtpclient.errors import SMTPClientError
 
 __all__ = [
     "Dialer",

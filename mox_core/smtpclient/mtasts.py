@@ -30,8 +30,9 @@ import dns.exception
 import dns.resolver
 import structlog
 
-from mox_core.smtpclient.client import SMTPClientError, make_ssl_context
 from mox_core.smtpclient.dial import dial_host, gather_ips
+from mox_core.smtpclient.errors import SMTPClientError
+from mox_core.smtpclient.tls import make_ssl_context
 
 __all__ = [
     "HTTPSPolicyFetcher",

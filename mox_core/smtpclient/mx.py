@@ -26,11 +26,13 @@ import structlog
 
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.smtp.domain import to_ascii
-from mox_core.smtpclient.client import SMTPClient, SMTPClientError, SMTPTLSError, Timeouts, TLSMode, open_client
+from mox_core.smtpclient.client import SMTPClient, Timeouts, open_client
 from mox_core.smtpclient.dial import Dialer, dial_host, dns_error_text, gather_ips, order_ips, tcp_dial
+from mox_core.smtpclient.errors import SMTPClientError, SMTPTLSError
 from mox_core.smtpclient.mtasts import MTASTSCache, Policy
 from mox_core.smtpclient.sasl import AuthCredentials
 from mox_core.smtpclient.sessions import SessionCache
+from mox_core.smtpclient.tls import TLSMode
 
 __all__ = [
     "Destinations",

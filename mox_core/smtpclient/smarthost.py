@@ -15,7 +15,7 @@ from typing import Any
 
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.smtp.domain import to_ascii
-from mox_core.smtpclient.client import make_ssl_context
+from mox_core.smtpclient.tls import make_ssl_context
 
 __all__ = ["CONFIG_PROBLEM", "DESTINATION_CONCURRENCY", "ResolverCache", "ca_file_problem", "config_path", "local_failure",
            "smarthost_name"]

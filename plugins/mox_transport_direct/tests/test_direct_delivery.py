@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
+from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.smtpclient import Timeouts
 from mox_core.smtpclient.mx import NULL_MX_TEXT
 from mox_core.testconfig import load
 from mox_core.testpeers import reserve, wait_for

@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
+from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.smtpclient import Timeouts
 from mox_core.testconfig import load
 from mox_core.testpeers import reserve
 from mox_transport_smtp.transport import SMTPTransport

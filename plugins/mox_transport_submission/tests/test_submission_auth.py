@@ -12,10 +12,10 @@ import re
 
 import pytest
 
+from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.queue import FakeClock, Queue
-from mox_core.smtpclient import Timeouts
 from mox_core.testconfig import load
 from mox_core.testpeers import wait_for
 from mox_transport_submission.transport import SubmissionTransport
@@ -226,7 +226,7 @@ def test_default_ports(tmp_path):
     host = PluginHost.load()
     a = host.transports["submission"].factory("a", cfg.transports["a"].settings)
     b = host.transports["submissions"].factory("b", cfg.transports["b"].settings)
-    from mox_core.smtpclient import TLSMode
+    from mox_core.api import TLSMode
 
     assert (a.port, a.tls_mode, b.port, b.tls_mode) == (587, TLSMode.REQUIRED_VERIFIED, 465, TLSMode.IMMEDIATE)
 
