@@ -16,12 +16,14 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import dns.asyncresolver
 import structlog
 
 from mox_core import afterreply
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
+from mox_core.outgoing.ratelimit import RateLimitCheck
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
 from mox_core.queue.clock import Clock, FakeClock, RealClock
 from mox_core.queue.scheduler import Scheduler
@@ -76,7 +78,7 @@ class Queue:
         *,
         maildir_store: MaildirStore | None = None,
         clock: Clock | None = None,
-        resolver: Any = None,
+        resolver: dns.asyncresolver.Resolver | None = None,
         concurrency: int | None = None,
         partition: tuple[int, int] | None = None,
     ) -> None:
@@ -163,7 +165,7 @@ class Queue:
         smtputf8: bool = False,
         hold: bool = False,
         transport: str | None = None,
-        rate_limit: Any = None,
+        rate_limit: RateLimitCheck | None = None,
         logged: bool = False,
     ) -> list[int]:
         """Queue ``data`` (CRLF, trace headers included) from ``mail_from`` to ``recipients``.

@@ -31,6 +31,7 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import dns.asyncresolver
 import structlog
 
 from mox_core.config.resolved import Config
@@ -109,7 +110,7 @@ class Scheduler:
         *,
         maildir_store: MaildirStore | None,
         clock: Clock | None = None,
-        resolver: Any = None,
+        resolver: dns.asyncresolver.Resolver | None = None,
         concurrency: int | None = None,
     ) -> None:
         self.store = store
