@@ -19,7 +19,7 @@ LOG_LEVELS: tuple[str, ...] = ("tracedata", "traceauth", "trace", "debug", "info
 # Keys of a [transports.NAME] table that core handles; the rest goes to the kind's model.
 TRANSPORT_COMMON_KEYS = frozenset({"kind", "retry_intervals", "max_attempts", "destination_concurrency"})
 # Keys of a [[web_handlers]] entry that core handles; the rest goes to the kind's model.
-WEBHANDLER_COMMON_KEYS = frozenset({"kind", "log_name", "domain", "path_regexp", "dont_redirect_plaintext"})
+WEBHANDLER_COMMON_KEYS = frozenset({"kind", "log_name", "domain", "path_regexp", "dont_redirect_plaintext", "compress"})
 
 
 class Model(BaseModel):
@@ -330,11 +330,12 @@ class Account(Model):
 
 
 class WebHandlerCommon(Model):
-    kind: str = Field(description="Handler kind, from a plugin: static, redirect, reverse_proxy.")
-    log_name: str = Field("", description="Name in the access log.")
+    kind: str = Field(description="Handler kind, from a plugin: static, redirect, forward, internal.")
+    log_name: str = Field("", description="Name in the access log and metrics; default the handler's index.")
     domain: str = Field(description="Host name the handler serves.")
-    path_regexp: str = Field("^/", description="Regular expression the request path must match.")
-    dont_redirect_plaintext: bool = Field(False, description="Serve plain HTTP as is.")
+    path_regexp: str = Field("^/", description="Regular expression the request path must match; must start with ^.")
+    dont_redirect_plaintext: bool = Field(False, description="Serve plain HTTP as is instead of redirecting to HTTPS.")
+    compress: bool = Field(False, description="Compress responses with gzip when the client accepts it.")
 
 
 class DynamicConfig(Model):

@@ -9,7 +9,7 @@ objects follow the ``typing.Protocol`` classes below. Plugins import these names
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -160,18 +160,29 @@ class RouteMatcherKind:
 # Web handlers
 
 
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class WebHandlerContext:
-    """Given to a web handler factory: where the handler sits in config."""
+    """Given to a web handler factory: where the handler sits in config, and what of the
+    server it may use.
+
+    ``domain`` is the lower-case ASCII host name the handler serves, ``path_regexp`` the
+    regular expression its paths match (starting with ``^``), ``log_name`` its name in the
+    access log and metrics (the 0-based index as a string when the config gives none).
+    ``internal_services`` are core's own web applications by service name (``account``,
+    ``admin``), for a handler kind that mounts one under another path.
+    """
 
     domain: str
     path_regexp: str
     log_name: str
     config_dir: Path | None = None  # the directory of mox.toml
-    allow_private_targets: bool = False
-
-
-ASGIApp = Callable[[Mapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+    data_dir: Path | None = None  # mox's data directory, for caches a handler may keep
+    allow_private_targets: bool = False  # [testing]: backends on loopback/private IPs allowed
+    internal_services: Mapping[str, ASGIApp] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,7 +190,23 @@ class WebHandlerKind:
     """A web handler kind, e.g. ``static``: usable as ``kind = "static"`` in ``[[web_handlers]]``.
 
     ``app_factory(settings, ctx)`` gets a validated ``settings_model`` instance and returns an
-    ASGI application that serves requests routed to this handler.
+    ASGI application; it is called again for every reload of ``domains.toml`` (requests in
+    flight finish with the application they started with).
+
+    The web server calls the application for a request whose host is ``ctx.domain`` and whose
+    path matches ``ctx.path_regexp``, after core's own steps (per-IP rate limit, path
+    cleaning, the system handlers, domain redirects, the redirect of plain HTTP to HTTPS
+    unless the entry sets ``dont_redirect_plaintext``). The scope is a plain ASGI ``http`` or
+    ``websocket`` scope: ``path`` is cleaned (no ``.`` or ``..`` segments, never empty),
+    ``scheme`` says whether the request came over TLS, ``client`` is the client's address,
+    and ``scope["mox"]`` holds ``{"handler": log_name, "match": (start, end)}``, the span of
+    the path that ``path_regexp`` matched.
+
+    An application may *decline* a request: returning without having sent
+    ``http.response.start`` (for a websocket: without accepting, closing or answering it)
+    passes the request on to the next handler in config order, and to core's internal
+    services and the 404 after the last. It must decline before reading the request body.
+    Responses are compressed by core when the entry sets ``compress``.
     """
 
     name: str
