@@ -22,8 +22,11 @@ from mox_core import afterreply
 from mox_core.config.load import Config, ConfigHolder
 from mox_core.errors import MoxError
 from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
+from mox_core.queue.commit import recipient_domain
+from mox_core.queue.pick import partition_of
+from mox_core.queue.queuestore import QueueLocked, QueueStore
+from mox_core.queue.records import Filter, QueuedMessage
 from mox_core.queue.scheduler import Clock, FakeClock, RealClock, Scheduler
-from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, partition_of, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
 
 __all__ = [

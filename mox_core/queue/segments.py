@@ -6,7 +6,7 @@ blocks) as it does. A message file costs a file creation, which on ext4 is the s
 of all (see bench/RESULTS.md). A segment is a file of ``SEGMENT_SIZE`` bytes whose blocks are
 already allocated (written with zeros once, or an earlier segment's): appending a message is
 an overwrite, and ``fdatasync`` then writes only the data, no metadata. So messages larger
-than ``SEGMENT_MIN`` and up to the index's limit (``store.INLINE_MAX``) go into segments, as
+than ``SEGMENT_MIN`` and up to the index's limit (``messagedata.INLINE_MAX``) go into segments, as
 database systems keep their logs (PostgreSQL's WAL segments, recycled the same way).
 
 Durability: the data of a batch is written with one ``pwritev`` before the transaction that
@@ -58,7 +58,7 @@ FREED_PREFIX = "segment/"  # "segment/<id>": a freed segment whose file is to be
 # Messages larger than this (and up to the index's INLINE_MAX) go into segments. Below it the
 # two are alike on this machine (2 KB: within noise), and the index costs no second fsync.
 SEGMENT_MIN = 16 * 1024
-# ... and only from batches of at least this many such messages (see QueueStore)
+# ... and only from batches of at least this many such messages (see queue/adds.py)
 SEGMENT_BATCH_MIN = 2
 SEGMENT_SIZE = 32 * 1024 * 1024
 SPARE_SEGMENTS = 2  # freed segments kept as spares; the thread makes one when none is left

@@ -59,7 +59,7 @@ from urllib.parse import quote
 import structlog
 
 from mox_core.errors import MoxError
-from mox_core.queue.store import partition_of
+from mox_core.queue.pick import partition_of
 from mox_core.smtpserver.listen import bind_shared
 
 log = structlog.get_logger(component="smtpserver")
