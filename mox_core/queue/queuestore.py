@@ -23,16 +23,19 @@ Where each part lives:
 - :mod:`~mox_core.queue.headers`: Message-ID and Subject for the rows;
 - :mod:`~mox_core.queue.records`: the schema, rows and admin filters.
 
-Why mixins (:class:`~mox_core.queue.adds.Adds`, :class:`~mox_core.queue.commit.AddCommit`,
-:class:`~mox_core.queue.attempts.AttemptBookkeeping`) and not objects of their own: adds and
-the attempts' bookkeeping share all of their state, which is therefore created here. All
-SQLite work runs in one thread per process (``queue-db``) on one connection, replaced at
-``open``; the two group commits queue their work under one lock for that thread; both wake
-the one checkpoint thread, write and remove files under the same directories and segments,
-and each uses the other's steps (a failed segment sync deletes rows as an attempt does).
-Parts with state of their own are objects (:class:`~mox_core.queue.ids.RowIds`,
-:class:`~mox_core.queue.segments.Segments`, :class:`~mox_core.queue.checkpoint.CheckpointThread`);
-queries without state are functions over the connection (``pick``, ``admin``).
+Why mixins (:class:`~mox_core.queue.adds.Adds` and :class:`~mox_core.queue.commit.AddCommit`,
+the two halves of the add path, and :class:`~mox_core.queue.attempts.AttemptBookkeeping`)
+rather than objects of their own: they share the state that matters, created here. All
+SQLite work runs on one connection (opened, and replaced, by ``open``) in one thread per
+process (``queue-db``); both group commits queue their work for that thread under one lock,
+wake the one checkpoint thread, and write and remove data in the same directories and
+segments; adds reuse an attempt's step (a failed segment sync deletes rows as
+``finish_attempt`` does). Tests and benchmarks tune and observe them as attributes of the
+store (``inline_max``, ``commits``, ``attempt_commits``). As separate objects each would
+hold a reference back to the store for all of that. Parts with state of their own are
+objects (:class:`~mox_core.queue.ids.RowIds`, :class:`~mox_core.queue.segments.Segments`,
+:class:`~mox_core.queue.checkpoint.CheckpointThread`); queries without state are functions
+over the connection (``pick``, ``admin``).
 
 Several processes may add to the same queue (stores opened with ``lock=False``): row ids come
 from blocks each store reserves, and rate limits are checked and counted under SQLite's
