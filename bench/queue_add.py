@@ -26,7 +26,7 @@ from common import PYTHON
 
 
 async def measure(size: int, count: int, concurrency: int) -> dict:
-    from mox_core.queue.store import QueueStore
+    from mox_core.queue import QueueStore
 
     head = b"From: a@example.org\r\nSubject: x\r\nMessage-ID: <a@example.org>\r\n\r\n"
     data = head + b"x" * (size - len(head) - 2) + b"\r\n"

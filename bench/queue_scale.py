@@ -11,7 +11,7 @@ it; ``add()`` writes real files). Two shapes:
   hour), the rest deferred up to 8 hours ahead;
 * ``one-domain``: every row for one domain, 10 % due (worst case for per-domain lookups).
 
-Measured in-process on the store the server uses (:class:`mox_core.queue.store.QueueStore`),
+Measured in-process on the store the server uses (:class:`mox_core.queue.QueueStore`),
 calling its synchronous methods directly (what the single queue thread runs):
 
 * ``open``: ``open(lock=True, cleanup=True)``, what ``mox serve`` does at start (includes the
@@ -48,7 +48,8 @@ from pathlib import Path
 from common import ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, bench_dns, log, make_message, smtpload
 
 from mox_core import logging as mox_logging
-from mox_core.queue.store import FILES_PER_DIR_SHIFT, QueueStore
+from mox_core.queue import QueueStore
+from mox_core.queue.messagedata import FILES_PER_DIR_SHIFT
 from mox_core.testpeers import make_private_dir
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000]

@@ -145,7 +145,7 @@ def _product_files() -> list[Path]:
     return sorted(files)
 
 
-_SPLITTING = "queue/store.py, smtpserver/protocol.py and the test peers are being split or moved out"
+_SPLITTING = "smtpserver/protocol.py and the test peers are being split or moved out"
 
 
 @pytest.mark.xfail(strict=True, reason=_SPLITTING)
@@ -155,6 +155,5 @@ def test_no_product_module_is_longer_than_the_limit():
     assert long == []
 
 
-@pytest.mark.xfail(strict=True, reason=_SPLITTING)
 def test_no_product_function_is_longer_than_the_limit():
     assert [f for p in _product_files() for f in _long_functions(p)] == []

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from mox_core.queue import FakeClock, Filter, Queue, QueueLocked, QueueStore, partition_of
+from mox_core.queue.checkpoint import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.queue.scheduler import remaining_schedule
-from mox_core.queue.store import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, cfg, maildir_new, make_config, queue_files, reset_script, running  # noqa: F401 (fixtures)

@@ -22,7 +22,8 @@ from mox_core.builtin.rate_limiters import DAY, LimitSettings, MessagesPerDay, O
 from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
 from mox_core.plugins.kinds import Submission
 from mox_core.queue import FakeClock, Queue
-from mox_core.queue.store import _header_summary, _header_summary_quick
+from mox_core.queue.headers import header_summary as _header_summary
+from mox_core.queue.headers import header_summary_quick as _header_summary_quick
 from mox_core.smtpserver.fromheader import lean_from_address as _lean_from
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, make_config, queue_files

@@ -7,7 +7,8 @@ exclusive lock so a server cannot start delivering from it at the same moment; a
 stderr says so. If the lock is taken but the socket does not answer, the command fails rather
 than guessing.
 
-Output follows mox (reference section 3): ``messages:`` then one line per message, counts as
+Output is that of mox's own ``mox queue`` commands: ``messages:`` then one line per message
+(id, queued time, from, to, next and last attempt as Go durations, last error), counts as
 "N messages scheduled" and so on.
 """
 
@@ -24,7 +25,7 @@ import click
 
 from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
-from mox_core.queue.store import Filter, QueuedMessage
+from mox_core.queue.records import Filter, QueuedMessage
 from mox_core.server.ctl import CtlError, CtlUnavailable, call, socket_path
 
 __all__ = ["format_list", "go_duration", "queue_group", "register", "routes_group"]

@@ -26,8 +26,11 @@ from mox_core.errors import MoxError
 from mox_core.outgoing.ratelimit import RateLimitCheck
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
 from mox_core.queue.clock import Clock, FakeClock, RealClock
+from mox_core.queue.commit import recipient_domain
+from mox_core.queue.pick import partition_of
+from mox_core.queue.queuestore import QueueLocked, QueueStore
+from mox_core.queue.records import Filter, QueuedMessage
 from mox_core.queue.scheduler import Scheduler
-from mox_core.queue.store import Filter, QueuedMessage, QueueLocked, QueueStore, partition_of, recipient_domain
 from mox_core.store import Delivery, MaildirStore, StorageError
 
 __all__ = [

@@ -1,6 +1,6 @@
 """What the queue stores: the SQLite schema, one row per recipient, and admin filters.
 
-Kept apart from :mod:`mox_core.queue.store` (which does the I/O) so the CLI can decode
+Kept apart from :class:`mox_core.queue.queuestore.QueueStore` (which does the I/O) so the CLI can decode
 rows sent over the ctl socket without loading the store.
 
 ``domain_due`` is what keeps picking fast at any queue size: per recipient domain, the

@@ -46,7 +46,8 @@ from mox_core.outgoing.routing import (
 )
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage, RecipientResult
 from mox_core.queue.clock import Clock, RealClock
-from mox_core.queue.store import QueuedMessage, QueueStore
+from mox_core.queue.queuestore import QueueStore
+from mox_core.queue.records import QueuedMessage
 from mox_core.smtpclient.sessions import SessionCache
 from mox_core.store import MaildirStore, StorageError
 

@@ -6,7 +6,7 @@ blocks) as it does. A message file costs a file creation, which on ext4 is the s
 of all (see bench/RESULTS.md). A segment is a file of ``SEGMENT_SIZE`` bytes whose blocks are
 already allocated (written with zeros once, or an earlier segment's): appending a message is
 an overwrite, and ``fdatasync`` then writes only the data, no metadata. So messages larger
-than ``SEGMENT_MIN`` and up to the index's limit (``store.INLINE_MAX``) go into segments, as
+than ``SEGMENT_MIN`` and up to the index's limit (``messagedata.INLINE_MAX``) go into segments, as
 database systems keep their logs (PostgreSQL's WAL segments, recycled the same way).
 
 Durability: the data of a batch is written with one ``pwritev`` before the transaction that
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import structlog
 
+from mox_core.queue.transaction import WriteTransaction
 from mox_core.store.maildir import fsync_dir, unlink_quiet
 
 __all__ = ["SEGMENT_MIN", "SEGMENT_PREFIX", "SEGMENT_SIZE", "Segments", "compact"]
@@ -57,7 +58,7 @@ FREED_PREFIX = "segment/"  # "segment/<id>": a freed segment whose file is to be
 # Messages larger than this (and up to the index's INLINE_MAX) go into segments. Below it the
 # two are alike on this machine (2 KB: within noise), and the index costs no second fsync.
 SEGMENT_MIN = 16 * 1024
-# ... and only from batches of at least this many such messages (see QueueStore)
+# ... and only from batches of at least this many such messages (see queue/adds.py)
 SEGMENT_BATCH_MIN = 2
 SEGMENT_SIZE = 32 * 1024 * 1024
 SPARE_SEGMENTS = 2  # freed segments kept as spares; the thread makes one when none is left
@@ -268,14 +269,8 @@ class Segments:
         if not spares:
             self._want_spare()
             return None
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with WriteTransaction(db):
             (sid,) = db.execute("INSERT INTO segment(live) VALUES (0) RETURNING id").fetchone()
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         path = self.dir / str(sid)
         for name in spares:  # another process may take one first
             try:
@@ -319,15 +314,8 @@ class Segments:
 
     @staticmethod
     def _alone(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[tuple[int]]:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = db.execute(sql, args).fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return rows
+        with WriteTransaction(db):
+            return db.execute(sql, args).fetchall()
 
     # -- startup (the process holding the queue lock, before others add) --------------------
 
@@ -346,14 +334,8 @@ class Segments:
                 if read(self.dir, db, base_id) is None:
                     bad.append(base_id)
         if bad:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with WriteTransaction(db):
                 db.executemany("DELETE FROM msg WHERE base_id = ?", [(b,) for b in bad])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
             log.warning("queue_unacknowledged_messages_removed", count=len(bad), base_ids=bad[:20])
         self._alone(db, "UPDATE segment SET sealed = ? WHERE sealed IS NULL", (time.time(),))
         for (sid,) in self._alone(db, FREE_SQL):
@@ -405,8 +387,7 @@ def compact(directory: Path, db: sqlite3.Connection, recycle: Callable[[int], No
         (now - COMPACT_AFTER, COMPACT_MAX_LIVE),
     ).fetchall()
     for (sid,) in candidates:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with WriteTransaction(db):
             for (base_id,) in db.execute("SELECT base_id FROM msg_seg WHERE segment = ?", (sid,)).fetchall():
                 data = read(directory, db, base_id)
                 if data is None:
@@ -415,11 +396,6 @@ def compact(directory: Path, db: sqlite3.Connection, recycle: Callable[[int], No
                 move_into_index(db, base_id, data)
                 moved += 1
             freed = db.execute(FREE_SQL).fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         for (fid,) in freed:
             recycle(fid)
     if moved:

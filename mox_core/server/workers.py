@@ -59,8 +59,8 @@ import structlog
 
 from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
+from mox_core.queue.pick import partition_of
 from mox_core.queue.scheduler import Scheduler
-from mox_core.queue.store import partition_of
 from mox_core.server.components import Components, stop_on_signals
 from mox_core.server.handoff import MainLink, WorkerSubmissions
 from mox_core.smtpserver.listen import bind_shared
