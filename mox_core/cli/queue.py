@@ -7,7 +7,7 @@ exclusive lock so a server cannot start delivering from it at the same moment; a
 stderr says so. If the lock is taken but the socket does not answer, the command fails rather
 than guessing.
 
-Output follows mox (reference section 3): ``messages:`` then one line per message, counts as
+Output follows mox's queue commands: ``messages:`` then one line per message, counts as
 "N messages scheduled" and so on.
 """
 
