@@ -221,7 +221,7 @@ def test_processes_adding_to_one_queue_share_ids_and_limits(cfg, tmp_path):
 
 
 def test_window_counts_match_the_records(tmp_path):
-    """Bucketed counts against a direct count over random records (mox section 7 rules)."""
+    """Bucketed counts against a direct count over random records (mox's daily-limit rules)."""
     db = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
     log = OutgoingLog()
     log.setup(db)

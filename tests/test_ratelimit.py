@@ -1,4 +1,4 @@
-"""Outgoing rate limits through the real submission listener (mox section 7)."""
+"""Outgoing rate limits (as mox's per-account daily limits) through the real submission listener."""
 
 from __future__ import annotations
 

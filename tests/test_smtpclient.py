@@ -160,7 +160,7 @@ class MiniSMTP:
             elif verb == "HELO":
                 send("250 mini.test")
             elif verb == "STARTTLS" and self.tls_context is not None:
-                # one write: the 220 plus whatever a man in the middle injects (B.2 #11)
+                # one write: the 220 plus whatever a man in the middle injects (RFC 3207 §4.2)
                 writer.write(b"220 2.0.0 ready\r\n" + self.inject)
                 await writer.drain()
                 await writer.start_tls(self.tls_context)
@@ -250,7 +250,7 @@ def test_prepare_data_dot_stuffing_and_terminator():
 
 
 @pytest.mark.parametrize("data", [
-    b"x\r.\r\nMAIL FROM:<ceo@bank.test>\r\n",  # reliability B.1 #8
+    b"x\r.\r\nMAIL FROM:<ceo@bank.test>\r\n",  # SMTP smuggling: a bare CR before the dot
     b"a\n.\nb\r\n", b"a\n.\r\nb\r\n", b"a\r\n.\nb\r\n", b"a\rb\r\n", b"a\r\n.\r\r\nb\r\n", b"lf only\n",
     b"a\nb\rc\r\n", b"a\n\rb\r\n",  # as many CRs as LFs, but not all in pairs
 ])
@@ -388,7 +388,7 @@ def test_mtasts_parse_policy_and_matching():
 
 
 async def test_starttls_response_injection_is_discarded(mini_factory, test_ca):
-    """Reliability B.2 #11: bytes after the 220 to STARTTLS never count as replies inside TLS."""
+    """RFC 3207 §4.2: bytes after the 220 to STARTTLS never count as replies inside TLS."""
     server = await mini_factory(extensions=("8BITMIME",), tls_extensions=("8BITMIME", "SIZE 100000"),
                                 tls_context=test_ca.server_context(),
                                 inject_after_starttls=b"250-PIPELINING\r\n250 AUTH PLAIN\r\n")

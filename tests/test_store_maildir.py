@@ -487,7 +487,7 @@ async def test_fault_gives_reply_and_leaves_nothing(
     assert listing(root) == {"tmp": [], "new": [], "cur": []}
     assert store.stats.failed == 1
 
-    monkeypatch.undo()  # space is back: the store keeps serving (reliability.md B.5 #41)
+    monkeypatch.undo()  # space is back: the store keeps serving, no restart needed
     [p] = await store.deliver([Delivery(root, MSG)])
     assert p.read_bytes() == MSG
 

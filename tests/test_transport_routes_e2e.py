@@ -1,4 +1,4 @@
-"""The mission's example end to end: a route with ``minimum_attempts = 3`` to a submission relay.
+"""A typical setup end to end: a route with ``minimum_attempts = 3`` to a submission relay.
 
 Real peers on loopback, the real queue (time moved by a FakeClock), the installed transport
 plugins, DNS from the test DNS server via ``[dns] nameservers`` (the queue passes no resolver,

@@ -1,4 +1,4 @@
-"""Which account receives mail for an address (reference: mox section 6).
+"""Which account receives mail for an address, resolved as mox does.
 
 Lookup order for ``lp@domain``: postmaster at our host name (or without domain) goes to the
 postmaster account; the domain must be configured and enabled; the localpart is canonicalised

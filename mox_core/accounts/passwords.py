@@ -359,7 +359,7 @@ def _dummy_cram_md5() -> CramMD5State:
 
 def verify_password(creds: StoredCredentials | None, password: str) -> bool:
     """Check a PLAIN/LOGIN password. Unknown users (``creds`` None) cost the same scrypt run,
-    so response time does not tell whether an account exists (reliability.md B.2 #15)."""
+    so response time does not tell whether an account exists."""
     if creds is None or creds.password is None:
         _dummy_password_hash().verify(password)
         return False

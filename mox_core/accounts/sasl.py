@@ -397,7 +397,7 @@ class AuthFailureLimiter:
     """Failed logins per client IP (IPv6 per /64) in a sliding window; mox limitauth.
 
     Share one instance between all connections of a server: each connection is a new
-    :class:`MoxSMTP`. A successful login clears the IP's failures (reliability.md B.2 #14).
+    :class:`MoxSMTP`. A successful login clears the IP's failures.
     """
 
     def __init__(self, max_failures: int = 10, window: float = 60.0,

@@ -1,4 +1,5 @@
-"""Core's outgoing rate limiters (mox section 7), registered through the rate-limiter hook.
+"""Core's outgoing rate limiters (mox's per-account daily limits), registered through the
+rate-limiter hook.
 
 Both keep their counts in the outgoing queue's database (``queue/index.db``), written in the
 transaction that queues the submission, and read them inside the same write transaction, so

@@ -1,6 +1,6 @@
 """Core's route criteria, registered through the same hook as plugins' criteria.
 
-Reference: mox routes (domains.conf ``Routes``). ``example.com`` matches only that domain,
+As mox's routes (domains.conf ``Routes``): ``example.com`` matches only that domain,
 ``.example.com`` matches the domain and all its subdomains; ``.`` matches only the empty domain
 of IP-literal addresses. ``minimum_attempts = 3`` first applies on the 4th attempt.
 """

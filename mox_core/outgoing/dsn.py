@@ -1,4 +1,4 @@
-"""Delivery status notifications (RFC 3464) for mail our accounts sent (mox section 3 "DSNs").
+"""Delivery status notifications (RFC 3464) for mail our accounts sent, as mox's queue sends them.
 
 Why delivered locally rather than queued: the sender is one of our accounts, so the report goes
 straight into its Maildir with the durable store. That cannot bounce, cannot loop through the

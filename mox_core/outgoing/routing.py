@@ -1,4 +1,4 @@
-"""Which transport delivers an attempt: override, else routes, else direct (mox section 2).
+"""Which transport delivers an attempt: override, else routes, else direct (as in mox).
 
 Routes are evaluated for EVERY attempt, not once at queue time, because they depend on the
 number of attempts made (``minimum_attempts``) and because ``domains.toml`` reloads: a route

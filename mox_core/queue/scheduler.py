@@ -1,6 +1,6 @@
 """The delivery scheduler: picks due messages, routes them, calls transports, records results.
 
-Rules (mox section 3), and why:
+Rules (those of mox's queue), and why:
 
 - At most ``[queue] concurrency`` deliveries at once and, for direct delivery, at most one in
   flight per recipient domain, so one slow or greylisting domain cannot take every slot and we
@@ -17,8 +17,7 @@ Rules (mox section 3), and why:
 - Before each attempt, one transaction sets attempts+1, last_attempt=now, next_attempt=now +
   backoff and appends a "delivering..." result. A crash during delivery therefore leaves a
   message that is retried after its backoff, and a row is only removed after the transport
-  reported DELIVERED (or the message failed for good): duplicates are possible, losses not
-  (reliability.md A.5, last point).
+  reported DELIVERED (or the message failed for good): duplicates are possible, losses not.
 - Routes are evaluated at every attempt with the current config (domains.toml reloads).
 
 Time comes from a :class:`Clock`, so tests move time forward with :class:`FakeClock` instead

@@ -56,7 +56,7 @@ class AddressError(ValueError):
 
 
 # C0 controls except TAB, and DEL: a CR or LF in an address would become a new SMTP command or
-# header line (reliability B.3 #24); smtplib raises for them too (bpo-43124).
+# header line (command or header injection); smtplib raises for them too (bpo-43124).
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LOCAL_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
 _registry = HeaderRegistry()

@@ -73,7 +73,8 @@ def _lines(raw: bytes) -> list[bytes]:
 
     Why refuse rather than turn CR into CRLF (as qmail-remote does): a CR right before CRLF
     would become an empty line and could end the header early, silently changing the
-    message. The sender gets exit 65 and the message is saved (reliability B.1 #8).
+    message; a bare CR is also how SMTP smuggling starts. The sender gets exit 65 and the
+    message is saved.
     """
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":

@@ -3,10 +3,12 @@
 The session is given a connected ``(reader, writer)`` pair so that whoever dials (plain TCP, a
 SOCKS proxy) is not our concern. Built on asyncio streams rather than aiosmtplib because the
 details that matter here are the ones a general client hides: after STARTTLS the old plaintext
-reader and everything it buffered are thrown away (RFC 3207 §4.2, reliability B.2 #11); message
-bytes with a bare CR or LF are refused instead of "fixed" (B.1 #8); MAIL/RCPT/DATA are pipelined
-(RFC 2920) and each RCPT reply becomes a per-recipient result; 452 after the first RCPT starts
-a new transaction on the same connection (RFC 5321 §4.5.3.1.10).
+reader and everything it buffered are thrown away (RFC 3207 §4.2: the client discards what it
+learnt before TLS; bytes that arrived with the 220 may be a man in the middle's injected
+replies); message bytes with a bare CR or LF are refused instead of "fixed" (a next hop
+could read them as a line ending and see the data end early: SMTP smuggling); MAIL/RCPT/DATA
+are pipelined (RFC 2920) and each RCPT reply becomes a per-recipient result; 452 after the
+first RCPT starts a new transaction on the same connection (RFC 5321 §4.5.3.1.10).
 
 Errors: everything that goes wrong is an :class:`SMTPClientError` whose ``permanent`` flag the
 queue branches on: 5xx replies are permanent; 4xx, timeouts, lost connections and TLS failures
@@ -163,7 +165,7 @@ class SMTPClient:
 
     async def _command(self, line: str, command: str, *, secret: bool = False) -> Reply:
         """Send one command line and read its reply. ``secret`` lines (AUTH data) are logged
-        only at level traceauth (reference section 4, "Edge cases")."""
+        only at level traceauth, as mox does."""
         if moxlog.enabled("trace", "smtpclient"):
             shown = line
             if secret and not moxlog.enabled("traceauth", "smtpclient"):
@@ -281,7 +283,7 @@ class SMTPClient:
 
     async def _abort_auth(self, why: str) -> NoReturn:
         reply = await self._command("*", "auth")  # RFC 4954 §4: the server answers 501
-        # permanent iff the server then sent 5xx, as mox (reference section 4, Errors)
+        # permanent iff the server then sent 5xx, as mox does
         raise self._error(reply.code // 100 == 5, f"client aborted authentication: {why}", command="auth")
 
     # ---------------------------------------------------------------- transactions
@@ -295,7 +297,7 @@ class SMTPClient:
         per recipient (refused MAIL, lost connection, message refused before any transaction).
         A later transaction's failure (after RCPTMAX batching or a 452) becomes the results of
         the recipients not yet done. ``require_8bitmime``: smarthosts must announce 8BITMIME for
-        8-bit data (reference 1c); direct delivery sends anyway (1a).
+        8-bit data; direct delivery sends anyway (both as mox does).
         """
         self.data_sent = False
         if not recipients:
@@ -397,7 +399,8 @@ class SMTPClient:
         self._in_transaction = True
         for n, ((i, addr), reply) in enumerate(zip(batch, rcpt_replies)):
             # RFC 5321 §4.5.3.1.10: 452 after the first means "no more in this transaction";
-            # a 552 means the same without pipelining (historic 552 use, reference 1a)
+            # a 552 means the same without pipelining (RFC 821's code for too many recipients,
+            # which that section says to treat as temporary)
             if n > 0 and (reply.code == 452 or (reply.code == 552 and not pipelined)):
                 retry.append((i, addr))
                 continue

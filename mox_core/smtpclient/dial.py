@@ -6,7 +6,7 @@ MX loop but connects through a SOCKS5 proxy. Both hand a :data:`Dialer` to
 
 Why the address guard: MX and A records are controlled by whoever owns the recipient domain,
 so without it anyone could make us connect to 127.0.0.1:25 or to a cloud metadata address
-(reliability B.6 #46, SSRF via DNS). Tests on loopback set ``[testing] allow_private_targets``.
+(server-side request forgery through DNS). Tests on loopback set ``[testing] allow_private_targets``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Dialer = Callable[[str, str, int, float], Awaitable[Streams | socket.socket]]
 
 _READ_LIMIT = 64 * 1024
-_DNS_TIMEOUT = 30.0  # per lookup (reference 1a)
+_DNS_TIMEOUT = 30.0  # per lookup, as mox's direct delivery
 _SHARED_SPACE = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 carrier-grade NAT
 
 

@@ -1,6 +1,6 @@
 """Direct delivery: from a recipient domain to its MX hosts, and the loop over those hosts.
 
-Destination resolution follows mox (reference 1a): IP-literal recipients go to that IP; other
+Destination resolution follows mox's direct delivery: IP-literal recipients go to that IP; other
 domains have their CNAMEs followed, then MX looked up; a null MX (RFC 7505) fails permanently;
 no MX means the domain itself is the host (RFC 5321 §5.1, "implicit MX"). Hosts are tried in
 order of preference until one accepts or refuses permanently.
@@ -48,7 +48,7 @@ __all__ = [
 log = structlog.get_logger(component="smtpclient.mx")
 
 NULL_MX_TEXT = "domain does not accept email as indicated with single dot for mx record"
-_MAX_CNAMES = 16  # reference 1a step 2: the 16th iteration is an error
+_MAX_CNAMES = 16  # as mox: if the 16th CNAME lookup still finds a CNAME, the chain is too long
 _DNS_TIMEOUT = 30.0
 
 
@@ -237,7 +237,7 @@ class _Run:
             return [exc.result(r) for r in recipients]
         policy: Policy | None = None
         if dest.ip_literal is None and self.mtasts is not None:
-            try:  # reference 1a step 4: for the original domain, never the CNAME target
+            try:  # as mox: the policy of the recipient domain, never of its CNAME target
                 policy = await self.mtasts.get(dest.domain, self.resolver)
             except SMTPClientError as exc:
                 return [exc.result(r) for r in recipients]
@@ -284,8 +284,8 @@ class _Run:
         except SMTPTLSError as exc:
             if tls_mode is not TLSMode.OPPORTUNISTIC:
                 return [exc.result(r) for r in recipients], False
-            # reference 1a "Plaintext fallback": the TLS handshake failed and nothing requires
-            # TLS; connect again without it, once, to the address that answered
+            # plaintext fallback, as mox's direct delivery: the TLS handshake failed and nothing
+            # requires TLS; connect again without it, once, to the address that answered
             log.info("tls_failed_retrying_plaintext", host=host, error=str(exc))
             ip = self.dialed_ips[host][-1]
             try:
@@ -356,7 +356,8 @@ async def deliver_to_host(message: OutgoingMessage, *, host: str, port: int, ehl
                           allow_private: bool = True, ipv4: bool = True, ipv6: bool = True,
                           require_8bitmime: bool = True, sessions: SessionCache | None = None,
                           session_key: Hashable = None) -> list[RecipientResult]:
-    """Deliver all recipients to one named host: the smarthost transports (reference 1c).
+    """Deliver all recipients to one named host: the smarthost transports (mox's ``SMTP:``,
+    ``Submission:`` and ``Submissions:``).
 
     No MX, no MTA-STS, no plaintext fallback; the certificate is checked against ``host``
     when ``tls_mode`` verifies. Smarthosts may sit on private networks, so private targets

@@ -2,8 +2,9 @@
 
 Why hand-rolled: the exchange is tiny, and we must control details a generic library hides:
 CRAM-MD5 challenge checks, SCRAM server-signature verification before trusting a 235, the
-minimum SCRAM iteration count and salt size (reference section 4), and never offering PLAIN
-without TLS (reliability B.6 #47b). SCRAM arithmetic comes from ``scramp``.
+minimum SCRAM iteration count and salt size (as mox's client checks them), and never offering
+PLAIN without TLS (the password would cross the network in clear). SCRAM arithmetic comes from
+``scramp``.
 
 Channel binding (the ``-PLUS`` variants) is not implemented: Python's ``ssl`` only exposes
 ``tls-unique``, which does not exist for TLS 1.3 (RFC 9266), so configuring a ``-PLUS`` name is
@@ -38,12 +39,12 @@ __all__ = [
     "select_mechanism",
 ]
 
-#: Walked in order when a transport lists no mechanisms (reference section 1, Defaults).
-#: PLAIN is only used when listed explicitly.
+#: Walked in order when a transport lists no mechanisms: mox's default list without the ``-PLUS``
+#: variants. PLAIN is only used when listed explicitly (mox does not include it by default either).
 DEFAULT_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5")
 KNOWN_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN")
 
-# mox's SCRAM client checks (reference section 4): weak parameters mean a broken or hostile server.
+# mox's SCRAM client checks: weak parameters mean a broken or hostile server.
 _MIN_SCRAM_ITERATIONS = 2048
 _MIN_SCRAM_SALT = 8
 _MIN_SERVER_NONCE_EXTRA = 8
@@ -154,7 +155,7 @@ class CramMD5(Mechanism):
     def respond(self, challenge: bytes) -> bytes:
         if self._done:
             raise SASLError("server requested unexpected continuation of authentication")
-        # mox checks the form (reference section 4): <timestamp.x@hostname>
+        # mox checks the form: <timestamp.x@hostname>
         stamp, _, host = challenge.partition(b"@")
         if not _CRAM_CHALLENGE.match(challenge) or len(stamp) < 3 or len(host) < 2:
             raise SASLError(f"invalid challenge {challenge[:100]!r}")
@@ -250,7 +251,7 @@ def _make(name: str, creds: AuthCredentials) -> Mechanism:
 
 
 def select_mechanism(creds: AuthCredentials, offered: Iterable[str], *, tls: bool) -> Mechanism:
-    """The first configured mechanism the server announced (reference section 4).
+    """The first configured mechanism the server announced, as mox's SMTP client picks it.
 
     Raises :class:`NoMatchingMechanism` when none matches, :class:`PlainWithoutTLS` when PLAIN
     is the only match and the connection is not encrypted, ``ValueError`` for an unknown name
@@ -265,7 +266,7 @@ def select_mechanism(creds: AuthCredentials, offered: Iterable[str], *, tls: boo
         if name not in offered_up:
             continue
         if name == "PLAIN" and not tls:
-            plain_skipped = True  # reliability B.6 #47b: never PLAIN in the clear
+            plain_skipped = True  # never PLAIN in the clear: the password would be readable
             continue
         return _make(name, creds)
     if plain_skipped:

@@ -10,7 +10,7 @@ __all__ = ["TLSMode", "make_ssl_context"]
 
 
 class TLSMode(enum.Enum):
-    """How a session uses TLS (reference 1a "TLS mode", 1c)."""
+    """How a session uses TLS (the modes of mox's direct delivery and smarthost transports)."""
 
     SKIP = "skip"  # never STARTTLS (transport setting no_starttls)
     OPPORTUNISTIC = "opportunistic"  # STARTTLS if announced; certificate not checked

@@ -71,7 +71,7 @@ def parse_extensions(lines: Sequence[str]) -> Extensions:
             continue
         name, args = words[0].upper(), words[1:]
         ext.names.add(name)
-        if name in _FLAGS:  # parameters ignored (SMTPUTF8 may have some, reference 1a)
+        if name in _FLAGS:  # parameters ignored (a server may send some, e.g. after SMTPUTF8)
             setattr(ext, _FLAGS[name], True)
         elif name == "SIZE":
             ext.size = int(args[0]) if args and args[0].isdigit() else 0
@@ -101,8 +101,8 @@ def prepare_data(data: bytes) -> bytes:
     """DATA payload: dot-stuffed (RFC 5321 §4.5.2), ending in CRLF, plus ``.\\r\\n``.
 
     Raises ``ValueError`` for a bare CR or LF: such bytes could be read as a line ending by
-    the next hop and so end the data early (SMTP smuggling, reliability B.1 #8); fixing them
-    silently would change a signed message, so callers normalise line endings before queueing.
+    the next hop and so end the data early (SMTP smuggling); fixing them silently would change
+    a signed message, so callers normalise line endings before queueing.
     """
     m = None if only_crlf(data) else _BARE_CR_LF.search(data)  # the regex: 60 us per 2 KB
     if m:

@@ -1,7 +1,8 @@
 """Local mail storage: durable, all-or-nothing delivery into Maildirs with group commit.
 
-The SMTP server answers 250 only after ``await store.deliver(...)`` returned (reliability.md
-A.5); a :class:`StorageError` carries the 451/452 reply to give instead.
+The SMTP server answers 250 only after ``await store.deliver(...)`` returned, i.e. after the
+message's file was fsynced, renamed into ``new/`` and that directory fsynced; a
+:class:`StorageError` carries the 451/452 reply to give instead.
 """
 
 from mox_core.store.durable import (

@@ -1,20 +1,21 @@
 """Durable, all-or-nothing local delivery into Maildirs, with group commit.
 
-Why group commit (performance-notes.md point 4): a durable delivery costs flushes. Each file
-needs its own fsync, but the fsync of the ``new/`` directory it is renamed into can be shared:
-rename everything that is ready, then fsync each distinct ``new/`` once. File writes and
-their fsyncs run in a few threads in parallel (as ``asyncio.to_thread`` would run them); the
-rename + directory fsync step is done by one thread at a time for everything written so far.
-Nothing ever waits for a batch to fill: with one client each batch holds one delivery and the
-cost is that of a plain ``asyncio.to_thread(write + fsync + rename + dir fsync)``.
+Why group commit: a durable delivery costs flushes. Each file needs its own fsync, but the
+fsync of the ``new/`` directory it is renamed into can be shared: rename everything that is
+ready, then fsync each distinct ``new/`` once. File writes and their fsyncs run in a few
+threads in parallel (as ``asyncio.to_thread`` would run them); the rename + directory fsync
+step is done by one thread at a time for everything written so far. Nothing ever waits for a
+batch to fill: with one client each batch holds one delivery and the cost is that of a plain
+``asyncio.to_thread(write + fsync + rename + dir fsync)``.
 
-The rule (reliability.md A.5): a caller's future resolves only after its own files were
-fsynced, renamed, and every ``new/`` directory they were renamed into was fsynced. Only then
-may the SMTP server answer 250. On any error the caller gets a :class:`StorageError` and none
-of its files remains in any ``new/``.
+The durability rule: a caller's future resolves only after its own files were fsynced,
+renamed, and every ``new/`` directory they were renamed into was fsynced. Only then may the
+SMTP server answer 250. On any error the caller gets a :class:`StorageError` and none of its
+files remains in any ``new/``.
 
 A crash after a file's rename but before its directory fsync may leave the message on disk
-without a 250 having been sent; the client retries and the duplicate is accepted (A.5).
+without a 250 having been sent; the client retries and the duplicate is accepted: a duplicate
+is acceptable, losing acknowledged mail is not.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def publish_units(units: Sequence[_Unit], stats: StoreStats) -> None:
     A unit whose step fails is rolled back: its tmp files and already renamed files are
     unlinked, and the directories it was visible in are fsynced again (best effort: if that
     unlink is lost in a crash, the unacknowledged message reappears and the client's retry
-    duplicates it, which A.5 accepts; losing acknowledged mail it does not).
+    duplicates it, which is acceptable; losing acknowledged mail is not).
     """
     live = [u for u in units if u.error is None]
     stats.batches += 1

@@ -9,9 +9,9 @@ builds group commit on top of it. Everything here raises plain :class:`OSError`;
 turns that into a :class:`StorageError` with :meth:`StorageError.from_oserror`, because only
 the caller knows which files of a multi-recipient delivery must be rolled back.
 
-Durability (reliability.md A.5): a file is fsynced before it is renamed, and the directory it
-was renamed into is fsynced before anyone is told. Directories we create are fsynced in their
-parent, or a crash could lose a whole freshly created Maildir with acknowledged mail in it.
+Durability: a file is fsynced before it is renamed, and the directory it was renamed into is
+fsynced before anyone is told. Directories we create are fsynced in their parent, or a crash
+could lose a whole freshly created Maildir with acknowledged mail in it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 class StorageError(MoxError):
     """A delivery could not be made durable; nothing of it is visible in any ``new/``.
 
-    Carries the SMTP reply to give instead of 250 (reliability.md A.5 step 5). Always
+    Carries the SMTP reply to give instead of 250 (451 or 452). Always
     temporary: the client keeps the message and retries. ``errno`` and ``step`` are for the
     log only; the reply text deliberately leaves out paths and strerror.
     """
@@ -315,8 +315,8 @@ class Maildir:
     def clean_tmp(self, older_than: float = 36 * 3600, now: float | None = None) -> int:
         """Remove files in ``tmp/`` not modified for ``older_than`` seconds; return the count.
 
-        What a crash mid-write leaves behind (reliability.md B.5 #37). 36 hours is the Maildir
-        spec's number: long enough that no live delivery can still be writing the file.
+        What a crash mid-write leaves behind. 36 hours is the Maildir spec's number: long
+        enough that no live delivery can still be writing the file.
         """
         limit = (time.time() if now is None else now) - older_than
         removed = 0

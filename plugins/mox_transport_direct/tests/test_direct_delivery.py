@@ -69,7 +69,7 @@ async def test_delivers_to_mx_and_dot_stuffs(config, dns_server, dns_resolver, s
 
 
 async def test_bare_cr_or_lf_is_never_sent(config, dns_server, dns_resolver, smtp_sink_factory):
-    """Reliability B.1 #8: no bytes that a next hop could read as end of data."""
+    """SMTP smuggling: no bytes that a next hop could read as end of data."""
     sink = smtp_sink_factory(host=None, port=25)
     dns_server.add("dest.test", "MX", "10 mx.dest.test.")
     dns_server.add("mx.dest.test", "A", sink.host)
@@ -228,7 +228,7 @@ async def test_opportunistic_starttls_with_postfix(config, dns_server, dns_resol
 
 async def test_tls_handshake_failure_then_plaintext_retry(config, dns_server, dns_resolver, postfix_mx_factory):
     """Postfix offers STARTTLS but speaks only TLS 1.0/1.1, below our minimum of 1.2: the
-    handshake fails, and delivery is retried once without TLS (reference 1a)."""
+    handshake fails, and delivery is retried once without TLS (as mox's direct delivery)."""
     mx = postfix_mx_factory("dest.test", main_cf={
         "smtpd_tls_protocols": "!SSLv2, !SSLv3, !TLSv1.2, !TLSv1.3",
         "smtpd_tls_received_header": "yes", "smtpd_tls_loglevel": "1"})

@@ -1,6 +1,6 @@
 """The smtp transport: relay every message to one smarthost, without authentication.
 
-mox ``SMTP:`` (reference 1c). No MX lookup, no MTA-STS: the smarthost's name is resolved through
+As mox's ``SMTP:`` transport. No MX lookup, no MTA-STS: the smarthost's name is resolved through
 our own resolver (``[dns]`` in mox.toml), each of its addresses tried in turn, and one SMTP
 session delivers all recipients of the message. The session itself is the shared client's
 (:func:`mox_core.smtpclient.deliver_to_host`); this module only turns settings into TLS mode,
@@ -63,7 +63,7 @@ class SMTPTransport:
 
     @property
     def tls_mode(self) -> TLSMode:
-        """Reference 1c: STARTTLS required and verified unless configured down."""
+        """As mox's ``SMTP:`` transport: STARTTLS required and verified unless configured down."""
         if self.settings.no_starttls:
             return TLSMode.SKIP
         if self.settings.starttls_insecure_skip_verify:

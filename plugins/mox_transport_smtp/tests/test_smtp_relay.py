@@ -150,7 +150,7 @@ async def test_replies_classified_with_server_text(tmp_path, smtp_sink_factory, 
 
 
 async def test_requires_8bitmime_for_8bit_data(tmp_path, smtp_sink_factory, dns_server, dns_resolver):
-    """Reference 1c: a smarthost must announce 8BITMIME for 8-bit data (direct delivery sends anyway)."""
+    """As mox: a smarthost must announce 8BITMIME for 8-bit data (direct delivery sends anyway)."""
     sink = smtp_sink_factory(host="127.0.0.1", port=None, eightbitmime=False)
     dns_server.add("smarthost.test", "A", sink.host)
     cfg = smtp_config(tmp_path, "smarthost.test", sink.port, "no_starttls = true")

@@ -1,6 +1,6 @@
 """The socks transport: direct delivery with every SMTP connection made through a SOCKS5 proxy.
 
-mox ``Socks:`` (reference 1d). Everything but the TCP connect is direct delivery, shared with
+As mox's ``Socks:`` transport. Everything but the TCP connect is direct delivery, shared with
 the direct transport (:func:`mox_core.smtpclient.deliver_via_mx`): MX lookup, MTA-STS,
 opportunistic STARTTLS with the plaintext fallback, next MX on temporary failures. DNS is
 resolved here, with our own resolver; the proxy gets a CONNECT to ``<ip>:25`` (RFC 1928 §4,

@@ -1,6 +1,6 @@
 """The submission transports: hand every message to one smarthost as an authenticated client.
 
-mox ``Submission:`` / ``Submissions:`` (reference 1c and section 4). Like the smtp transport,
+As mox's ``Submission:`` / ``Submissions:`` transports. Like the smtp transport,
 no MX lookup: the smarthost's name is resolved through our own resolver and one SMTP session
 delivers all recipients. Unlike it, the session authenticates (RFC 4954) after TLS is up:
 
