@@ -124,7 +124,7 @@ def test_routes_explain_command(cfg):
     assert r.output.splitlines()[-1] == "transport: relay (kind queue_scripted), from global route #1"
 
 
-async def test_mission_example_minimum_attempts_3(tmp_path):
+async def test_direct_first_then_a_relay_from_the_fourth_attempt(tmp_path):
     """minimum_attempts = 3: attempts 1-3 go direct, the 4th through the other transport."""
     cfg = make_config(tmp_path, domains='[[routes]]\nminimum_attempts = 3\ntransport = "relay"\n')
     SCRIPT.default = (T, 451, "4.0.0", "later")
