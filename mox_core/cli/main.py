@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import tomllib
@@ -89,9 +90,17 @@ def serve(state: State) -> None:
     host = state.plugins_for_config()
     host.raise_for_errors()
     cfg = state.load_config(reapply_cli_level=False)
+    from mox_core.server import metricsdir
+
+    metricsdir.prepare(cfg.data_dir)  # before anything imports prometheus_client
     from mox_core.server.main import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.strerror:
+            raise MoxError(exc.strerror) from None  # "listener NAME: SERVICE on IP:PORT: why"
+        raise
 
 
 @cli.command("smtp-worker", hidden=True)
@@ -119,6 +128,25 @@ def smtp_worker(state: State, index: int, count: int, parent: int, channel: int,
         fd, name, service, ip = spec.split(":", 3)
         by_key[(unquote(name), service, ip)] = int(fd)
     run_loop(serve_worker(cfg, index, count, parent, channel, link, by_key, cpu))
+
+
+@cli.command("web-worker", hidden=True)
+@click.option("--parent", type=int, required=True)
+@click.option("--channel", type=int, required=True)
+@click.option("--socket", "sockets", multiple=True, metavar="FD:PORT:IP")
+@click.pass_obj
+def web_worker(state: State, parent: int, channel: int, sockets: tuple[str, ...]) -> None:
+    """Serve the web ports on sockets from mox serve (started by mox serve, not by hand)."""
+    from mox_core.server.main import run_loop
+    from mox_core.web.serve import serve_web
+
+    moxlog.configure(json=True)
+    cfg = state.load_config(reapply_cli_level=False)
+    by_addr = {}
+    for spec in sockets:
+        fd, port, ip = spec.split(":", 2)
+        by_addr[(ip, int(port))] = int(fd)
+    run_loop(serve_web(cfg, parent, channel, by_addr))
 
 
 @cli.command("setaccountpassword")

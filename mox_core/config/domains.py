@@ -7,6 +7,7 @@ reported at once; the result is None when there was any.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,7 +46,9 @@ def validate_dynamic(
     _routes(model, dyn, transports, plugins, file, problems)
     _web_handlers(model, dyn, plugins, file, problems)
     _rate_limiters(model, dyn, plugins, file, problems)
-    _domain_redirects(model, file, problems)
+    _domain_redirects(model, dyn, file, problems)
+    if static is not None:
+        _web_listeners(static, model, dyn, file, problems)
     return dyn if len(problems) == n else None
 
 
@@ -141,13 +144,33 @@ def _routes(model: DynamicConfig, dyn: Dynamic, transports: set[str] | None, plu
 
 def _web_handlers(model: DynamicConfig, dyn: Dynamic, plugins: PluginHost, file: str,
                   problems: list[ConfigProblem]) -> None:
+    """Each entry names exactly one kind; its path_regexp starts with ^ and compiles."""
     for i, raw in enumerate(model.web_handlers):
+        where = f"web_handlers[{i}]"
+        if "kind" not in raw:
+            problems.append(ConfigProblem(
+                file, f"{where}.kind", f"must have exactly one handler: kind is one of {plugins.webhandlers.known()}"
+            ))
+            continue
         table = plugins.webhandlers.validate_table(
-            raw, file, f"web_handlers[{i}]", problems, common_model=WebHandlerCommon,
-            common_keys=WEBHANDLER_COMMON_KEYS,
+            raw, file, where, problems, common_model=WebHandlerCommon, common_keys=WEBHANDLER_COMMON_KEYS,
         )
-        if table is not None:
-            dyn.web_handlers.append(WebHandlerEntry(i, table.name, table.common, table.settings))
+        if table is None:
+            continue
+        c = table.common
+        label = f"webhandler {c.domain} {c.path_regexp}"
+        if domain_or_none(c.domain) is None:
+            problems.append(ConfigProblem(file, f"{where}.domain", f"{label}: invalid domain"))
+            continue
+        if not c.path_regexp.startswith("^"):
+            problems.append(ConfigProblem(file, f"{where}.path_regexp", f"{label}: path regexp must start with a ^"))
+            continue
+        try:
+            re.compile(c.path_regexp)
+        except re.error as exc:
+            problems.append(ConfigProblem(file, f"{where}.path_regexp", f"{label}: compiling regexp: {exc}"))
+            continue
+        dyn.web_handlers.append(WebHandlerEntry(i, table.name, c, table.settings))
 
 
 def _rate_limiters(model: DynamicConfig, dyn: Dynamic, plugins: PluginHost, file: str,
@@ -158,11 +181,38 @@ def _rate_limiters(model: DynamicConfig, dyn: Dynamic, plugins: PluginHost, file
             dyn.rate_limiters[name] = RateLimiterEntry(name, table.name, table.settings)
 
 
-def _domain_redirects(model: DynamicConfig, file: str, problems: list[ConfigProblem]) -> None:
+def _domain_redirects(model: DynamicConfig, dyn: Dynamic, file: str, problems: list[ConfigProblem]) -> None:
+    """Every request for one domain redirected to another (always to HTTPS)."""
     for src, dst in model.web_domain_redirects.items():
-        for d in (src, dst):
-            if domain_or_none(d) is None:
-                problems.append(ConfigProblem(file, f"web_domain_redirects.{quote_key(src)}", f"invalid domain {d!r}"))
+        where = f"web_domain_redirects.{quote_key(src)}"
+        a, b = domain_or_none(src), domain_or_none(dst)
+        if a is None or b is None:
+            problems.append(ConfigProblem(file, where, f"invalid domain {src if a is None else dst!r}"))
+            continue
+        if a == b:
+            problems.append(ConfigProblem(file, where, f"will not redirect domain {src} to itself"))
+        elif a in dyn.web_redirects:
+            problems.append(ConfigProblem(file, where, f"duplicate redirect domain {src}"))
+        dyn.web_redirects[a] = b
+
+
+def _web_listeners(static: StaticConfig, model: DynamicConfig, dyn: Dynamic, file: str,
+                   problems: list[ConfigProblem]) -> None:
+    """What domains.toml asks of the web server needs a listener of mox.toml that serves it."""
+    services = {name for lst in static.listeners.values() for name, _ in lst.web_services()}
+    if (model.web_handlers or model.web_domain_redirects) and not services & {"webserver_http", "webserver_https"}:
+        problems.append(ConfigProblem(
+            file, "web_handlers" if model.web_handlers else "web_domain_redirects",
+            "web_domain_redirects or web_handlers configured but no listener with webserver_http or "
+            "webserver_https enabled (mox.toml)",
+        ))
+    if "mta_sts_https" not in services:
+        for name, dom in model.domains.items():
+            if dom.mta_sts is not None:
+                problems.append(ConfigProblem(
+                    file, f"domains.{quote_key(name)}.mta_sts",
+                    "MTA-STS policy configured but no listener with mta_sts_https enabled (mox.toml)",
+                ))
 
 
 def domain_or_none(d: str) -> str | None:

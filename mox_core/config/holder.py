@@ -46,6 +46,13 @@ class ConfigHolder:
             self._maybe_reload()
         return self._config
 
+    def check_now(self) -> Config:
+        """Look at domains.toml now, not at most once a second (told that it changed)."""
+        with self._lock:
+            self._checked = time.monotonic()
+            self._maybe_reload()
+        return self._config
+
     def _maybe_reload(self) -> None:
         cfg = self._config
         try:

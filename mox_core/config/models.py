@@ -7,11 +7,13 @@ validated by :mod:`mox_core.config.loader` against the registered kinds.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from mox_core.config.listeners import Listener
+from mox_core.config.modelbase import Model
 
 LogLevel = Literal["tracedata", "traceauth", "trace", "debug", "info", "warn", "error"]
 LOG_LEVELS: tuple[str, ...] = ("tracedata", "traceauth", "trace", "debug", "info", "warn", "error")
@@ -22,106 +24,10 @@ TRANSPORT_COMMON_KEYS = frozenset({"kind", "retry_intervals", "max_attempts", "d
 WEBHANDLER_COMMON_KEYS = frozenset({"kind", "log_name", "domain", "path_regexp", "dont_redirect_plaintext", "compress"})
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 # --------------------------------------------------------------------------------------------
 # mox.toml
-
-
-class TLSFiles(Model):
-    cert_file: Path = Field(description="PEM certificate chain, relative to the config directory.")
-    key_file: Path = Field(description="PEM private key, relative to the config directory.")
-
-
-class SMTPListener(Model):
-    enabled: bool = Field(False, description="Accept incoming mail from the internet with SMTP.")
-    port: int = Field(25, ge=1, le=65535, description="Port for incoming SMTP.")
-    no_starttls: bool = Field(False, description="Do not offer STARTTLS (needs no TLS files).")
-    require_starttls: bool = Field(False, description="Refuse MAIL FROM before STARTTLS.")
-
-
-class SubmissionListener(Model):
-    enabled: bool = Field(False, description="Accept mail from accounts, STARTTLS then AUTH.")
-    port: int = Field(587, ge=1, le=65535, description="Port for submission.")
-    no_require_starttls: bool = Field(
-        False, description="Allow AUTH without TLS. For tests on loopback only; never on a network."
-    )
-
-
-class SubmissionsListener(Model):
-    enabled: bool = Field(False, description="Accept mail from accounts over implicit TLS.")
-    port: int = Field(465, ge=1, le=65535, description="Port for submissions (implicit TLS).")
-
-
-class HTTPListener(Model):
-    enabled: bool = Field(False, description="Serve this on the listener.")
-    port: int = Field(80, ge=1, le=65535, description="TCP port.")
-    path: str = Field("/", description="Path prefix; must start and end with /.")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("path must start with /")
-        return v if v.endswith("/") else v + "/"
-
-
-class Listener(Model):
-    ips: list[str] = Field(description="IP addresses to listen on, e.g. [\"127.0.0.1\", \"::1\"].")
-    hostname: str | None = Field(None, description="Host name for this listener; default: hostname.")
-    tls: TLSFiles | None = Field(None, description="Certificate for STARTTLS and implicit TLS.")
-    smtp_max_message_size: int = Field(
-        104857600, ge=1024, description="Largest message accepted, in bytes (SIZE extension)."
-    )
-    smtp: SMTPListener = Field(default_factory=SMTPListener, description="Incoming SMTP (port 25).")
-    submission: SubmissionListener = Field(
-        default_factory=SubmissionListener, description="Submission (port 587)."
-    )
-    submissions: SubmissionsListener = Field(
-        default_factory=SubmissionsListener, description="Submissions (port 465)."
-    )
-    account_http: HTTPListener = Field(
-        default_factory=lambda: HTTPListener(port=80, path="/account/"),
-        description="Account pages over plain HTTP.",
-    )
-    admin_http: HTTPListener = Field(
-        default_factory=lambda: HTTPListener(port=80, path="/admin/"),
-        description="Admin pages over plain HTTP.",
-    )
-    webserver_http: HTTPListener = Field(
-        default_factory=lambda: HTTPListener(port=80), description="Web handlers over plain HTTP."
-    )
-    metrics_http: HTTPListener = Field(
-        default_factory=lambda: HTTPListener(port=8010, path="/metrics/"),
-        description="Prometheus metrics.",
-    )
-
-    @field_validator("ips")
-    @classmethod
-    def _ips(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one IP address is required")
-        for ip in v:
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
-                raise ValueError(f"bad ip {ip!r}") from None
-        return v
-
-    @model_validator(mode="after")
-    def _tls_needed(self) -> Listener:
-        if self.tls is None:
-            if self.submissions.enabled:
-                raise ValueError("submissions needs tls (cert_file and key_file)")
-            if self.submission.enabled and not self.submission.no_require_starttls:
-                raise ValueError(
-                    "submission requires STARTTLS and so needs tls (or no_require_starttls for tests)"
-                )
-            if self.smtp.enabled and self.smtp.require_starttls:
-                raise ValueError("smtp require_starttls needs tls")
-        return self
 
 
 class DNS(Model):
@@ -145,6 +51,27 @@ class Queue(Model):
         description="Seconds to wait after attempt 1, 2, ...; the last repeats.",
     )
     max_attempts: int = Field(8, ge=1, description="Attempts before a message fails with a DSN.")
+
+
+class HTTP(Model):
+    """Limits of the web server, for every web port."""
+
+    head_timeout: float = Field(30.0, gt=0, description="Seconds a client has to send a request's head "
+                                "(request line and headers); then 408 and the connection is closed.")
+    max_head: int = Field(16384, ge=1024, description="Largest request head in bytes; larger gets 431.")
+    keepalive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    body_idle_timeout: float = Field(60.0, gt=0, description="Seconds a request body may pause; then the "
+                                     "request is abandoned.")
+    max_request_body: int = Field(104857600, ge=0, description="Largest request body in bytes; larger gets 413.")
+
+
+class IMAPServer(Model):
+    """An IMAP server reading the accounts' Maildirs (e.g. Dovecot), for mail clients'
+    autoconfiguration; mox has no IMAP server of its own."""
+
+    host: str = Field(description="Host name mail clients connect to.")
+    port: int = Field(993, ge=1, le=65535, description="Port.")
+    tls: Literal["implicit", "starttls"] = Field("implicit", description="implicit TLS (993) or STARTTLS (143).")
 
 
 class Testing(Model):
@@ -192,6 +119,8 @@ class StaticConfig(Model):
         description="Outgoing transports by name; `kind` picks the plugin, default direct.",
     )
     queue: Queue = Field(default_factory=Queue, description="Outgoing queue.")
+    imap: IMAPServer | None = Field(None, description="IMAP server for the accounts, told to mail clients.")
+    http: HTTP = Field(default_factory=HTTP, description="Limits of the web server.")
     testing: Testing = Field(default_factory=Testing, description="Settings for test setups only.")
 
     @field_validator("hostname")
@@ -247,6 +176,33 @@ class DKIM(Model):
         return self
 
 
+class MTASTS(Model):
+    """The domain's MTA-STS policy (RFC 8461), served at
+    https://mta-sts.<domain>/.well-known/mta-sts.txt by listeners with mta_sts_https."""
+
+    policy_id: str = Field(
+        description="Identifies this version of the policy, 1-32 letters and digits; the "
+        "_mta-sts TXT record names it, and senders refetch the policy when it changes "
+        "(e.g. a date: \"20261206T120000\").",
+    )
+    mode: Literal["enforce", "testing", "none"] = Field(
+        "enforce", description="enforce: senders refuse our MX hosts without a valid certificate."
+    )
+    max_age: int = Field(86400, ge=1, le=31557600, description="Seconds senders may cache the policy.")
+    mx: list[str] = Field(
+        default_factory=list,
+        description="MX host names the policy allows (\"*.example.org\" allowed); empty: the "
+        "mail server's host name.",
+    )
+
+    @field_validator("policy_id")
+    @classmethod
+    def _policy_id(cls, v: str) -> str:
+        if not (1 <= len(v) <= 32 and v.isascii() and v.isalnum()):
+            raise ValueError("policy_id must be 1 to 32 letters and digits (RFC 8461 §3.1)")
+        return v
+
+
 class Domain(Model):
     description: str = Field("", description="Free text.")
     localpart_catchall_separator: str | None = Field(
@@ -258,6 +214,7 @@ class Domain(Model):
     localpart_case_sensitive: bool = Field(False, description="Match localparts with exact case.")
     disabled: bool = Field(False, description="Refuse mail for this domain with a temporary error.")
     dkim: DKIM = Field(default_factory=DKIM, description="DKIM signing.")
+    mta_sts: MTASTS | None = Field(None, description="MTA-STS policy for mail to this domain.")
     routes: list[dict[str, Any]] = Field(
         default_factory=list, description="Routes for mail from this domain."
     )

@@ -103,6 +103,7 @@ class Dynamic:
     addresses: dict[str, AddressDestination] = field(default_factory=dict)  # canonical -> dest
     catchalls: dict[str, AddressDestination] = field(default_factory=dict)  # ascii domain -> dest
     domains: dict[str, Domain] = field(default_factory=dict)  # ascii domain -> Domain
+    web_redirects: dict[str, str] = field(default_factory=dict)  # ascii domain -> ascii domain
 
 
 @dataclass

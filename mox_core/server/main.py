@@ -15,8 +15,10 @@ from mox_core.outgoing.ratelimit import RateLimits
 from mox_core.server.components import Components, clean_maildir_tmp, stop_on_signals
 from mox_core.server.ctl import CtlServer, socket_path
 from mox_core.server.handoff import WorkerSubmissions
+from mox_core.server.webprocess import WebProcess
 from mox_core.server.workers import SMTPWorkers, worker_count, worker_cpus
 from mox_core.smtpserver.listen import endpoints
+from mox_core.web.ports import web_ports
 
 log = structlog.get_logger(component="serve")
 T = TypeVar("T")
@@ -36,8 +38,19 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     ratelimits = RateLimits(parts.holder)
     auth_limiter = AuthFailureLimiter()
     workers = _workers(parts, ratelimits, auth_limiter)
+    ports = web_ports(config.static)
+    web = WebProcess(config.path, ports) if ports else None
+    # the sockets first, so a busy port stops the start right away
     if workers is not None:
-        workers.bind()  # first, so a busy port stops the start right away
+        workers.bind()
+    if web is not None:
+        try:
+            web.bind()
+        except OSError:
+            if workers is not None:
+                workers.close_sockets()
+            raise
+    if workers is not None:
         # the queue's lock and orphan cleanup here, before the workers open it; each worker
         # delivers to its share of the recipient domains and is woken for them
         await parts.queue.open(lock=True)
@@ -48,6 +61,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     await ctl.start()
 
     async def stop_feeding_the_queue() -> None:
+        if web is not None:
+            await web.stop()
         if workers is not None:
             await workers.stop()
             if workers.submissions is not None:
@@ -59,12 +74,15 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             await workers.start()
         else:
             await parts.start_listeners(queue=parts.queue, ratelimits=ratelimits, auth_limiter=auth_limiter)
+        if web is not None:
+            await web.start()
     except BaseException:
         await parts.close(before_queue=stop_feeding_the_queue)
         raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path), pid=os.getpid(),
              listeners=len(workers.endpoints) if workers is not None else len(parts.listeners),
-             smtp_workers=workers.count if workers is not None else 0)
+             smtp_workers=workers.count if workers is not None else 0,
+             web_ports=sorted({wp.port for wp in ports}))
     if started is not None:
         started.set()
     parts.start_reloading(stop)

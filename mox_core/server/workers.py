@@ -46,11 +46,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -61,6 +58,7 @@ from mox_core.config.resolved import Config
 from mox_core.errors import MoxError
 from mox_core.queue.pick import partition_of
 from mox_core.queue.scheduler import Scheduler
+from mox_core.server.children import die_with_parent, spawn_child, stop_processes
 from mox_core.server.components import Components, stop_on_signals
 from mox_core.server.handoff import MainLink, WorkerSubmissions
 from mox_core.smtpserver.listen import bind_shared
@@ -73,7 +71,6 @@ MAX_KICK_LINE = 4096
 # quiet spell wakes its worker at once, the others of a burst together at the end of the spell.
 KICK_INTERVAL = 0.02
 RESTART_DELAY = 1.0
-READY_TIMEOUT = 60.0
 
 
 def worker_cpus(count: int, cpus: set[int] | None = None) -> list[int] | None:
@@ -167,31 +164,27 @@ class SMTPWorkers:
                "--link", str(link_theirs.fileno()),
                *(["--cpu", str(self.cpus[index])] if self.cpus else []),
                *[a for s in spec for a in ("--socket", s)]]
-        try:
-            proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
-        except BaseException:
-            link_ours.close()
-            raise
-        finally:
-            theirs.close()
-            link_theirs.close()
-        if self.submissions is not None:
-            self.submissions.attach(index, link_ours)
-        else:
-            link_ours.close()
-        self._procs[index] = proc
         reader, writer = await asyncio.open_connection(sock=ours)
         self._channels[index] = writer
+
+        attached = False
+
+        def started(proc: asyncio.subprocess.Process) -> None:
+            nonlocal attached
+            self._procs[index] = proc
+            attached = self.submissions is not None
+            if self.submissions is not None:
+                self.submissions.attach(index, link_ours)
+            else:
+                link_ours.close()
+
         try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                line = await reader.readline()
-        except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            code = await proc.wait()
-            raise MoxError(f"smtp worker {index} did not start (exit status {code}); see its log above")
+            proc = await spawn_child(cmd, fds, reader, f"smtp worker {index}", child_ends=(theirs, link_theirs),
+                                     started=started)
+        except BaseException:
+            if not attached:
+                link_ours.close()
+            raise
         log.info("smtp_worker_started", worker=index, pid=proc.pid,
                  **({"cpu": self.cpus[index]} if self.cpus else {}))
 
@@ -276,19 +269,7 @@ class SMTPWorkers:
             if timer is not None:
                 timer.cancel()
                 self._kick_timer[i] = None
-        procs = [p for p in self._procs if p is not None and p.returncode is None]
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-        for p in procs:
-            try:
-                async with asyncio.timeout(timeout):
-                    await p.wait()
-            except TimeoutError:
-                log.error("smtp_worker_kill", pid=p.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                await p.wait()
+        await stop_processes([p for p in self._procs if p is not None], timeout)
         for ch in self._channels:
             if ch is not None:
                 ch.close()
@@ -297,16 +278,6 @@ class SMTPWorkers:
 
 # ---------------------------------------------------------------------------------------------
 # The worker process
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when the main process dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # died before the prctl
-        os._exit(1)
 
 
 async def _read_channel(channel: socket.socket, stop: asyncio.Event, scheduler: Scheduler) -> None:
@@ -338,7 +309,7 @@ async def serve_worker(config: Config, index: int, count: int, parent: int, chan
     main process (submissions are queued by the main process, over the link), and deliver
     queued messages to this worker's share of the recipient domains; only on ``cpu`` when
     given (before any thread starts: they all inherit it)."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     if cpu is not None:
         try:
             os.sched_setaffinity(0, {cpu})

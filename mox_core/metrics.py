@@ -1,0 +1,95 @@
+"""Prometheus metrics of mox, served on listeners with ``metrics_http``.
+
+``mox serve`` runs in several processes (SMTP workers, the web process, the main process);
+the numbers a scrape shows are the whole server's: ``mox serve`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a directory of its data directory before any of them imports
+this module (:func:`mox_core.server.metricsdir.prepare`), each process writes its counts there
+(prometheus-client's multiprocess mode) and the metrics endpoint adds them up (:func:`collect`). Without that variable (tests, other
+commands) the metrics are those of the process.
+
+Metric names follow mox's where mox has them (``mox_httpserver_*``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
+
+__all__ = [
+    "HTTP_BUCKETS",
+    "auth_failures",
+    "collect",
+    "deliveries",
+    "http_request_duration",
+    "http_response_duration",
+    "process_exited",
+    "smtp_messages",
+    "smtp_sessions",
+]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# mox's buckets for both HTTP histograms, in seconds
+HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 20, 30, 60, 120)
+_HTTP_LABELS = ("handler", "proto", "method", "code")
+
+http_request_duration = Histogram(
+    "mox_httpserver_request_duration_seconds",
+    "HTTP requests: time until the status line was written.",
+    _HTTP_LABELS, buckets=HTTP_BUCKETS,
+)
+http_response_duration = Histogram(
+    "mox_httpserver_response_duration_seconds",
+    "HTTP requests: time until the whole response was sent.",
+    _HTTP_LABELS, buckets=HTTP_BUCKETS,
+)
+
+smtp_messages = Counter(
+    "mox_smtpserver_messages_total",
+    "Messages offered to the SMTP listeners: result accepted or rejected, and why "
+    "(reason: delivered, queued, or the kind of refusal).",
+    ("listener", "service", "result", "reason"),
+)
+smtp_sessions = Gauge(
+    "mox_smtpserver_sessions",
+    "SMTP sessions open now.",
+    ("listener", "service"), multiprocess_mode="livesum",
+)
+auth_failures = Counter(
+    "mox_smtpserver_auth_failures_total",
+    "Failed SMTP logins (wrong password, unknown user, aborted, throttled).",
+    ("listener", "service"),
+)
+deliveries = Counter(
+    "mox_queue_deliveries_total",
+    "Delivery attempts of queued messages, per recipient: result delivered, temporary "
+    "(tried again later) or permanent (a DSN goes to the sender).",
+    ("transport", "result"),
+)
+
+
+def process_exited(pid: int) -> None:
+    """Drop the live gauges of a process that ended (a worker that died or stopped)."""
+    if os.environ.get(MULTIPROC_ENV):
+        _multiprocess.mark_process_dead(pid)
+
+
+def collect(extra: Iterable[object] = ()) -> bytes:
+    """The text exposition of every process's metrics, plus the collectors ``extra``
+    (computed at the time of the scrape, e.g. the queue's size)."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    out = generate_latest(registry)
+    extra = list(extra)
+    if extra:
+        scraped = CollectorRegistry()
+        for c in extra:
+            scraped.register(c)  # type: ignore[arg-type]
+        out += generate_latest(scraped)
+    return out
