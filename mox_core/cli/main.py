@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,51 +13,11 @@ import structlog
 
 from mox_core import __version__
 from mox_core import logging as moxlog
-from mox_core.config.loader import find_config_path, load_config
-from mox_core.config.resolved import Config
+from mox_core.cli.state import State
 from mox_core.errors import ConfigError, MoxError
 from mox_core.plugins.host import PluginHost
 
 log = structlog.get_logger(component="cli")
-
-
-class State:
-    """Global options, shared by every subcommand through the click context."""
-
-    def __init__(self, config: str | None, loglevel: str | None, host: PluginHost):
-        self.config_option = config
-        self.loglevel = loglevel
-        self.host = host
-
-    @property
-    def config_path(self) -> Path:
-        return find_config_path(self.config_option)
-
-    def plugins_for_config(self) -> PluginHost:
-        """The plugin host, reloaded if mox.toml disables plugins by name."""
-        disabled = _peek_disabled_plugins(self.config_path)
-        if disabled:
-            self.host = PluginHost.load(disabled)
-        return self.host
-
-    def load_config(self, *, reapply_cli_level: bool = True) -> Config:
-        """Load the config; except for serve, the command-line level stays the default level."""
-        cfg = load_config(self.config_path, self.plugins_for_config())
-        moxlog.set_levels(cfg.static.log_level, dict(cfg.static.package_log_levels))
-        if reapply_cli_level:
-            moxlog.set_levels(self.loglevel or "info")
-        log.debug("config_loaded", path=str(cfg.path), domains=len(cfg.dynamic.domains))
-        return cfg
-
-
-def _peek_disabled_plugins(path: Path) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
-        return []
-    value = raw.get("disabled_plugins", [])
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -240,7 +199,7 @@ def plugins_list(state: State, as_json: bool, show_all: bool) -> None:
 
 @cli.group("config")
 def config_group() -> None:
-    """Check and describe the config files."""
+    """Check, describe and change the config files."""
 
 
 @config_group.command("check")
@@ -268,9 +227,11 @@ def config_describe(state: State) -> None:
 
 # --------------------------------------------------------------------------------------------
 
+from mox_core.cli.configedit import register as _register_config_edits  # noqa: E402
 from mox_core.cli.queue import register as _register_queue_commands  # noqa: E402
 from mox_core.sendmail.command import sendmail_command  # noqa: E402
 
+_register_config_edits(config_group)
 _register_queue_commands(cli)
 cli.add_command(sendmail_command)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from mox_core.config.generation import Generation
 from mox_core.config.loader import reload_dynamic
 from mox_core.config.resolved import Config
 from mox_core.errors import ConfigError
@@ -27,15 +28,21 @@ log = structlog.get_logger(component="config")
 class ConfigHolder:
     """Holds the active :class:`Config`; reloads ``domains.toml`` when it changes."""
 
-    def __init__(self, config: Config, *, interval: float = 1.0):
+    def __init__(self, config: Config, *, interval: float = 1.0, generation: Generation | None = None):
         self._config = config
         self._interval = interval
         self._checked = time.monotonic()
+        # mox's own writes of domains.toml apply at once (generation.py); None: only polling
+        self._generation = generation
+        self._seen = generation.current() if generation is not None else 0
         self._failed_mtime: float | None = None
         self._lock = threading.Lock()
         self.listeners: list[Callable[[Config], None]] = []  # run after a successful reload
 
     def get(self) -> Config:
+        gen = self._generation
+        if gen is not None and gen.current() != self._seen:
+            return self._reload_generation(gen)
         now = time.monotonic()
         if now - self._checked < self._interval:
             return self._config
@@ -44,6 +51,15 @@ class ConfigHolder:
                 return self._config
             self._checked = now
             self._maybe_reload()
+        return self._config
+
+    def _reload_generation(self, gen: Generation) -> Config:
+        with self._lock:
+            n = gen.current()
+            if n != self._seen:
+                self._seen = n
+                self._checked = time.monotonic()
+                self._maybe_reload()
         return self._config
 
     def check_now(self) -> Config:
@@ -83,3 +99,5 @@ class ConfigHolder:
         with self._lock:
             self._config = config
             self._failed_mtime = None
+            if self._generation is not None:
+                self._seen = self._generation.current()

@@ -34,6 +34,7 @@ import dns.asyncresolver
 import structlog
 
 from mox_core.config.resolved import Config
+from mox_core.metrics import METRICS
 from mox_core.outgoing import dsn
 from mox_core.outgoing.routing import (
     Resolution,
@@ -381,7 +382,9 @@ class Scheduler:
         update: list[tuple[int, dict[str, Any]]] = []
         failed: list[tuple[QueuedMessage, RecipientResult]] = []
         delayed: list[tuple[QueuedMessage, RecipientResult]] = []
+        transport = res.name or "direct"  # the implicit default: direct delivery
         for m, r in zip(rows, results, strict=True):
+            METRICS.deliveries.labels(transport, r.status.value).inc()
             entry = _result_entry(r, start, end, res.name)
             fields = dict(msg_id=m.id, recipient=m.recipient, transport=res.name,
                           attempt=m.attempts, code=r.code, enhanced_code=r.enhanced_code,

@@ -21,6 +21,7 @@ import structlog
 
 from mox_core.accounts.db import AccountCredentials
 from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.config.generation import Generation
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
@@ -41,7 +42,8 @@ class Components:
     """
 
     def __init__(self, config: Config, *, partition: tuple[int, int] | None = None) -> None:
-        self.holder = ConfigHolder(config)
+        self.generation = Generation(config.data_dir)
+        self.holder = ConfigHolder(config, generation=self.generation)
         self.resolver = make_resolver(config.static.dns)
         install_spf_lookup(self.resolver)
         self.store = MaildirStore()

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from mox_core import metrics
+from mox_core.metrics import METRICS
 from mox_core.web.request import header
 
 __all__ = ["Exchange"]
@@ -78,8 +78,8 @@ class Exchange:
         status = self.status or 500
         labels = (self.handler, self.proto, _method(self.scope), str(status))
         first = (self.started_at or end) - self.start
-        metrics.http_request_duration.labels(*labels).observe(first)
-        metrics.http_response_duration.labels(*labels).observe(end - self.start)
+        METRICS.http_request_duration.labels(*labels).observe(first)
+        METRICS.http_response_duration.labels(*labels).observe(end - self.start)
         scope = self.scope
         fields: dict[str, Any] = {
             "httpaccess": "", "handler": self.handler, "method": _method(scope),

@@ -34,6 +34,7 @@ import structlog
 from mox_core import metrics
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
+from mox_core.metrics import METRICS
 from mox_core.plugins.kinds import ASGIApp
 from mox_core.web import wellknown
 from mox_core.web.accesslog import Exchange
@@ -122,7 +123,7 @@ class WebApp:
         ip = client_ip(scope, port.forwarded)
         if port.rate_limited and not self.limiters[id(port)].allow(ip):
             labels = ("(ratelimited)", "https" if port.tls else "http", scope.get("method", "get").lower(), "429")
-            metrics.http_request_duration.labels(*labels).observe(0)
+            METRICS.http_request_duration.labels(*labels).observe(0)
             await send_text(send, 429, "429 - too many auth attempts")
             return
         ex = Exchange(scope, send, port.tls)

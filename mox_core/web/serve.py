@@ -24,6 +24,7 @@ import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mox_core.config.generation import Generation
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.plugins.kinds import ASGIApp
@@ -141,7 +142,7 @@ async def serve_web(config: Config, parent: int, channel_fd: int, sockets: Mappi
     structlog.contextvars.bind_contextvars(process="web")
     stop = asyncio.Event()
     stop_on_signals(stop)
-    holder = ConfigHolder(config)
+    holder = ConfigHolder(config, generation=Generation(config.data_dir))
     limits = config.static.http
     GuardedHttpProtocol.head_timeout = limits.head_timeout
     GuardedHttpProtocol.max_head = limits.max_head
