@@ -265,9 +265,8 @@ class WebApp:
             if app is None:
                 await send_text(ex.send, 404, "404 - not found")
                 return True
-            sub = dict(scope)
+            sub = dict(scope)  # mounted as ASGI mounts: root_path set, path kept whole
             sub["root_path"] = scope.get("root_path", "") + base.rstrip("/")
-            sub["path"] = path[len(base) - 1:]
             await app(sub, receive, ex.send)
             return True
         return False
