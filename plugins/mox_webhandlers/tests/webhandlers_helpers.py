@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import re
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,16 +131,24 @@ async def call(app: Any, path: str, *, method: str = "GET", headers: list[tuple[
     return Result(start[0]["status"], list(start[0].get("headers", [])), data, messages)
 
 
+def _bound() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _server(app: Any, **options: Any) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio",
+                                         timeout_graceful_shutdown=1, **options))
+
+
 @contextlib.asynccontextmanager
 async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
     """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in this event loop; yields
     "127.0.0.1:PORT"."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio",
-                            timeout_graceful_shutdown=2, **options)
-    server = uvicorn.Server(config)
+    sock = _bound()
+    server = _server(app, **options)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -151,13 +162,46 @@ async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
         sock.close()
 
 
+class ThreadServer:
+    """``app`` served by uvicorn on 127.0.0.1 in a thread of its own (with its own event
+    loop), for servers shared by the tests of a module: ``.hostport``, ``.stop()``."""
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.sock = _bound()
+        self.hostport = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = _server(app, **options)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+class Switch:
+    """An ASGI app that passes everything to ``.app``, set by each test: one front server for
+    the handler apps of a module's tests."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+
+
 class Backend:
     """A backend on 127.0.0.1 that answers what it received (HTTP: JSON, status 201;
     websocket: echoes), and records every request in ``seen``."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
-        self.ws_closed: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self.ws_closed: queue.Queue[tuple[int, str]] = queue.Queue()  # filled in the server's thread
         self.app = Starlette(routes=[
             Route("/redirect-me", self.redirect, methods=["GET"]),
             Route("/slow", self.slow, methods=["GET"]),
@@ -167,6 +211,17 @@ class Backend:
             Route("/{path:path}", self.echo, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
         ])
         self.location = ""
+        self.hostport = ""
+
+    def reset(self) -> None:
+        self.seen.clear()
+        self.location = ""
+        while not self.ws_closed.empty():
+            self.ws_closed.get_nowait()
+
+    async def closed(self) -> tuple[int, str]:
+        """The code and reason of the next websocket close the backend saw."""
+        return await asyncio.to_thread(self.ws_closed.get, True, 5)
 
     def record(self, scope: dict[str, Any]) -> dict[str, Any]:
         seen = {"type": scope["type"], "method": scope.get("method", "GET"), "path": scope["path"],
@@ -188,7 +243,7 @@ class Backend:
 
     async def slow(self, request: Request) -> Response:
         self.record(request.scope)
-        await asyncio.sleep(30)
+        await asyncio.sleep(1.5)
         return PlainTextResponse("late")
 
     async def stream(self, request: Request) -> Response:
@@ -217,7 +272,7 @@ class Backend:
             while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
-                    await self.ws_closed.put((message.get("code", 1005), message.get("reason") or ""))
+                    self.ws_closed.put((message.get("code", 1005), message.get("reason") or ""))
                     return
                 if message.get("text") is not None:
                     text = message["text"]
@@ -229,16 +284,21 @@ class Backend:
                 else:
                     await websocket.send_bytes(b"echo:" + message["bytes"])
         except WebSocketDisconnect as exc:
-            await self.ws_closed.put((exc.code, exc.reason or ""))
+            self.ws_closed.put((exc.code, exc.reason or ""))
 
 
 async def raw_request(hostport: str, request: bytes) -> bytes:
     """Send ``request`` as is over a new connection and read the answer until the server
     closes (requests should say Connection: close)."""
+    return await asyncio.to_thread(raw_request_sync, hostport, request)
+
+
+def raw_request_sync(hostport: str, request: bytes) -> bytes:
     host, port = hostport.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return data
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
