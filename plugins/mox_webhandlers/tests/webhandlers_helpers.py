@@ -139,8 +139,10 @@ def _bound() -> socket.socket:
 
 
 def _server(app: Any, **options: Any) -> uvicorn.Server:
+    # proxy_headers off: uvicorn would otherwise take the client's address from X-Forwarded-For
+    # of connections from 127.0.0.1 (as mox's web server must not either)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio",
-                                         timeout_graceful_shutdown=1, **options))
+                                         timeout_graceful_shutdown=1, proxy_headers=False, **options))
 
 
 @contextlib.asynccontextmanager
