@@ -27,8 +27,7 @@ def servers():
     running = [ThreadServer(backend.app), ThreadServer(evil.app), ThreadServer(front)]
     backend.hostport, evil.hostport, front.hostport = (s.hostport for s in running)
     yield backend, evil, front
-    for s in running:
-        s.stop()
+    ThreadServer.stop_all(running)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import tomllib
 import pytest
 
 from mox_core.errors import ConfigError
-from mox_core.plugins.host import PluginHost
 from mox_core.testconfig import listed_plugin, load
+from plugins.mox_webhandlers.tests.webhandlers_helpers import plugin_host
 
 
 def test_plugin_is_installed():
@@ -21,12 +21,12 @@ def test_plugin_is_installed():
 
 def _problems(tmp_path, entry: str) -> list[str]:
     with pytest.raises(ConfigError) as exc:
-        load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry)
+        load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
     return [f"{p.path}: {p.message}" for p in exc.value.problems]
 
 
 def _ok(tmp_path, entry: str):
-    cfg = load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry)
+    cfg = load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
     [handler] = cfg.dynamic.web_handlers
     return handler.settings
 
@@ -90,7 +90,7 @@ def test_valid_settings_and_defaults(tmp_path):
 def test_describe_documents_every_setting():
     from mox_core.config.describe import describe
 
-    text = describe(PluginHost.load())
+    text = describe(plugin_host())
     domains = text.split("# ===== domains.toml")[1].split("\n", 1)[1]
     tomllib.loads(domains)
     for kind in ("static", "redirect", "forward", "internal"):

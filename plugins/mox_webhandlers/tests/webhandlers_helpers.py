@@ -28,14 +28,22 @@ from mox_core.plugins.kinds import WebHandlerContext
 from mox_core.testconfig import load
 
 DECLINED = 599  # what the test wrapper answers when the handler declined
+_HOST: list[PluginHost] = []
+
+
+def plugin_host() -> PluginHost:
+    """The installed plugins, loaded once for all tests."""
+    if not _HOST:
+        _HOST.append(PluginHost.load())
+    return _HOST[0]
 
 
 def build(tmp_path, entry: str, services: dict[str, Any] | None = None) -> Any:
     """The app of the single ``[[web_handlers]]`` entry in ``entry`` (TOML keys after the
     table header), wrapped as core calls it."""
-    cfg = load(tmp_path, domains="[[web_handlers]]\n" + entry)
+    cfg = load(tmp_path, domains="[[web_handlers]]\n" + entry, host=plugin_host())
     [handler] = cfg.dynamic.web_handlers
-    kind = PluginHost.load().webhandlers[handler.kind]
+    kind = plugin_host().webhandlers[handler.kind]
     ctx = WebHandlerContext(domain=handler.common.domain, path_regexp=handler.common.path_regexp,
                             log_name=handler.common.log_name or "0", internal_services=services or {})
     return AsCore(kind.app_factory(handler.settings, ctx), handler.common.path_regexp)
@@ -184,6 +192,14 @@ class ThreadServer:
         self.thread.join(10)
         self.sock.close()
 
+    @staticmethod
+    def stop_all(servers: list[ThreadServer]) -> None:
+        """Stop ``servers`` at once (each takes a few tenths of a second)."""
+        for s in servers:
+            s.server.should_exit = True
+        for s in servers:
+            s.stop()
+
 
 class Switch:
     """An ASGI app that passes everything to ``.app``, set by each test: one front server for
@@ -245,7 +261,7 @@ class Backend:
 
     async def slow(self, request: Request) -> Response:
         self.record(request.scope)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(0.8)  # longer than the tests' HEADER_TIMEOUT; short for the shutdown
         return PlainTextResponse("late")
 
     async def stream(self, request: Request) -> Response:
