@@ -43,9 +43,32 @@ def open_file(path: str) -> int:
     return os.open(path, _OPEN_FLAGS)
 
 
-def list_dir(path: str) -> list[os.DirEntry[str]]:
-    with os.scandir(path) as it:
-        return list(it)
+def list_dir(path: str, root: str) -> list[tuple[str, os.stat_result]]:
+    """Name and lstat of the entries of directory ``path``, read from a descriptor that is
+    checked to be under ``root`` (the real root) after opening."""
+    fd = os.open(path, _OPEN_FLAGS | getattr(os, "O_DIRECTORY", 0))
+    try:
+        check_opened(fd, root)
+        with os.scandir(fd) as it:
+            return [(e.name, e.stat(follow_symlinks=False)) for e in it]
+    finally:
+        os.close(fd)
+
+
+def under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_opened(fd: int, root: str) -> None:
+    """Raise Outside when what ``fd`` refers to is not under ``root``: a directory of the path
+    may have been replaced by a symlink between the check of the path and the open. (Where
+    /proc is missing, the check of the path is all there is.)"""
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return
+    if not under(opened, root):
+        raise Outside(opened)
 
 
 class Outside(Exception):
@@ -60,11 +83,12 @@ class Found:
     path: str = ""
     file: OpenFile | None = None
     error: str = ""
+    root: str = ""  # the real root
 
 
-def resolve(root: str, rel: str) -> str:
-    """The real path ``rel`` names under ``root``; Outside when it is not under the real root,
-    FileNotFoundError for a NUL byte."""
+def resolve(root: str, rel: str) -> tuple[str, str]:
+    """The real root and the real path ``rel`` names under it; Outside when that is not under
+    the real root, FileNotFoundError for a NUL byte."""
     if "\x00" in rel:
         raise FileNotFoundError(errno.ENOENT, "NUL in path")
     parts = []
@@ -76,9 +100,9 @@ def resolve(root: str, rel: str) -> str:
         parts.append(seg)
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, *parts))
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+    if not under(real, real_root):
         raise Outside(rel)
-    return real
+    return real_root, real
 
 
 def _classify(exc: OSError | ValueError) -> Found:
@@ -92,10 +116,10 @@ def _classify(exc: OSError | ValueError) -> Found:
 def lookup(root: str, rel: str) -> Found:
     """Find ``rel`` under ``root``: a directory, or a regular file opened for reading."""
     try:
-        path = resolve(root, rel)
+        real_root, path = resolve(root, rel)
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
-            return Found("dir", path)
+            return Found("dir", path, root=real_root)
         if not stat.S_ISREG(st.st_mode):
             return Found("missing")
         fd = open_file(path)
@@ -104,14 +128,18 @@ def lookup(root: str, rel: str) -> Found:
     except (OSError, ValueError) as exc:
         return _classify(exc)
     try:
+        check_opened(fd, real_root)
         fst = os.fstat(fd)
         if not stat.S_ISREG(fst.st_mode):
             os.close(fd)
             return Found("missing")
+    except Outside:
+        os.close(fd)
+        return Found("outside")
     except OSError as exc:
         os.close(fd)
         return _classify(exc)
-    return Found("file", path, OpenFile(fd, fst, os.path.basename(path)))
+    return Found("file", path, OpenFile(fd, fst, os.path.basename(path)), root=real_root)
 
 
 def _size(st: os.stat_result) -> tuple[str, bool]:
@@ -119,17 +147,16 @@ def _size(st: os.stat_result) -> tuple[str, bool]:
     return (str(int(mb)), True) if mb >= 10 else (f"{mb:.2f}", False)
 
 
-def listing(path: str, at_root: bool) -> bytes:
+def listing(path: str, root: str, at_root: bool) -> bytes:
     """The HTML listing of directory ``path``, as mox's: ``..`` (unless at /), the entries
     sorted by name, directories with a trailing slash, size in MB and modification time in
     UTC. Symlinks are shown as themselves (not followed)."""
     rows = [] if at_root else [("..", "", False, "", "0 bytes")]
-    for e in list_dir(path):
-        st = e.stat(follow_symlinks=False)
+    for name, st in list_dir(path, root):
         is_dir = stat.S_ISDIR(st.st_mode)
         size, pad = ("", False) if is_dir else _size(st)
         modified = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(st.st_mtime))
-        rows.append((e.name + ("/" if is_dir else ""), size, pad, modified, f"{st.st_size} bytes"))
+        rows.append((name + ("/" if is_dir else ""), size, pad, modified, f"{st.st_size} bytes"))
     rows.sort(key=lambda r: os.fsencode(r[0]))
     out = [_LIST_HEAD]
     if not rows:
@@ -218,7 +245,7 @@ class _Static:
             if not path.endswith("/"):
                 await self.redirect_dir(scope, send, path)
             else:
-                await self.directory(scope, send, path, rel, found.path)
+                await self.directory(scope, send, path, rel, found)
         elif path.endswith("/"):
             await self.not_found(scope, send)  # a file asked for as a directory
         else:
@@ -230,7 +257,7 @@ class _Static:
             location += "?" + escape_query(scope["query_string"])
         await respond(scope, send, 307, "", [(b"location", location.encode())])
 
-    async def directory(self, scope: dict[str, Any], send: Any, path: str, rel: str, dirpath: str) -> None:
+    async def directory(self, scope: dict[str, Any], send: Any, path: str, rel: str, found: Found) -> None:
         # looked up from the root again: an index.html symlink must stay under the root too
         index = await anyio.to_thread.run_sync(lookup, self.root, rel.rstrip("/") + "/index.html")
         try:
@@ -244,14 +271,17 @@ class _Static:
                 if not self.settings.continue_not_found:
                     await respond(scope, send, 403, "403 - permission denied")
             else:
-                await self.send_listing(scope, send, path, dirpath)
+                await self.send_listing(scope, send, path, found.path, found.root)
         finally:
             if index.file is not None:
                 os.close(index.file.fd)
 
-    async def send_listing(self, scope: dict[str, Any], send: Any, path: str, dirpath: str) -> None:
+    async def send_listing(self, scope: dict[str, Any], send: Any, path: str, dirpath: str, root: str) -> None:
         try:
-            body = await anyio.to_thread.run_sync(listing, dirpath, path == "/")
+            body = await anyio.to_thread.run_sync(listing, dirpath, root, path == "/")
+        except Outside:
+            await respond(scope, send, 404, "404 - not found")
+            return
         except OSError as exc:
             found = _classify(exc)
             status, text = (403, "403 - permission denied") if found.kind == "denied" else \

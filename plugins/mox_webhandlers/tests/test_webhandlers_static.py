@@ -285,10 +285,10 @@ async def test_permission_denied(tmp_path, site, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(path)
 
-    def list_dir(path):
+    def list_dir(path, root):
         if path.endswith("sub"):
             raise PermissionError(13, "Permission denied")
-        return real_list(path)
+        return real_list(path, root)
 
     monkeypatch.setattr(mod, "open_file", open_file)
     monkeypatch.setattr(mod, "list_dir", list_dir)
@@ -383,3 +383,17 @@ async def test_websocket_requests_are_refused_or_declined(tmp_path, site):
     sent.clear()
     await static(tmp_path, site, "continue_not_found = true").app(scope, None, send)
     assert sent == []
+
+
+async def test_a_file_swapped_after_the_check_is_not_served(tmp_path, site, monkeypatch):
+    """A directory of the path replaced by a symlink between the path check and the open:
+    simulated by opening the outside file; the opened descriptor is checked too."""
+    from mox_webhandlers import static as mod
+
+    real_open = mod.open_file
+    monkeypatch.setattr(mod, "open_file", lambda path: real_open(str(tmp_path / "secret.txt")))
+    r = await call(static(tmp_path, site), "/a.txt")
+    assert r.status == 404 and SECRET not in r.body
+    with pytest.raises(mod.Outside):
+        mod.list_dir(str(tmp_path / "outside"), str(site))
+    assert [name for name, _ in mod.list_dir(str(site / "sub" / "deeper"), str(site))] == []
