@@ -163,6 +163,13 @@ class Forward:
             self._loop = loop
         return self._client
 
+    async def aclose(self) -> None:
+        """Close the kept-alive backend connections; for a server that drops this app (on a
+        reload of domains.toml). A later request opens new ones."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
             from mox_webhandlers.forward_ws import forward_websocket

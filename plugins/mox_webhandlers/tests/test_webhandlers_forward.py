@@ -234,3 +234,12 @@ async def test_proxy_environment_is_ignored(tmp_path, backend, evil, monkeypatch
     async with client(forward(tmp_path, f"http://{backend.hostport}/")) as c:
         assert (await c.get("/via-env")).status_code == 201
     assert backend.seen[-1]["raw_path"] == "/via-env"
+
+
+async def test_aclose_releases_connections_and_the_app_still_works(tmp_path, backend):
+    app = forward(tmp_path, f"http://{backend.hostport}/")
+    assert (await call(app, "/one")).status == 201
+    await app.app.aclose()
+    assert app.app._client is None
+    assert (await call(app, "/two")).status == 201
+    await app.app.aclose()
