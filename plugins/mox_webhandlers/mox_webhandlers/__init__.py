@@ -1,3 +1,4 @@
-"""mox web handlers plugin: static files, redirects and a reverse proxy."""
+"""mox web handlers plugin: static files, redirects, a reverse proxy (websockets too) and
+mox's internal services under a path."""
 
 __version__ = "0.1.0"

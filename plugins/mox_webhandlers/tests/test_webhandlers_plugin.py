@@ -1,117 +1,101 @@
-"""The web handlers plugin is installed, its kinds validate, static and redirect serve."""
+"""The web handlers plugin is installed, registers its four kinds, and their settings are
+validated with mox's messages and described by ``mox config describe``."""
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
-from starlette.testclient import TestClient
 
 from mox_core.errors import ConfigError
-from mox_core.plugins.host import PluginHost
-from mox_core.plugins.kinds import WebHandlerContext
 from mox_core.testconfig import listed_plugin, load
+from plugins.mox_webhandlers.tests.webhandlers_helpers import plugin_host
 
 
 def test_plugin_is_installed():
     info = listed_plugin("webhandlers")
     assert info["status"] == "ok"
-    assert sorted(info["kinds"]) == ["webhandler:redirect", "webhandler:reverse_proxy", "webhandler:static"]
+    assert sorted(info["kinds"]) == ["webhandler:forward", "webhandler:internal", "webhandler:redirect",
+                                     "webhandler:static"]
 
 
-def _app(tmp_path, body):
-    cfg = load(tmp_path, domains=body)
-    [entry] = cfg.dynamic.web_handlers
-    kind = PluginHost.load().webhandlers[entry.kind]
-    ctx = WebHandlerContext(domain=entry.common.domain, path_regexp=entry.common.path_regexp, log_name="")
-    return TestClient(kind.app_factory(entry.settings, ctx))
-
-
-def test_static_serves_files_and_refuses_traversal(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "index.html").write_text("hello")
-    (tmp_path / "secret.txt").write_text("secret")
-    client = _app(tmp_path, f'[[web_handlers]]\nkind = "static"\ndomain = "example.org"\nroot = "{root}"\n')
-    assert client.get("/").text == "hello"
-    r = client.get("/../secret.txt")
-    assert r.status_code == 404 and "secret" not in r.text
-    assert client.get("/%2e%2e/secret.txt").status_code == 404
-
-
-def test_redirect_with_base_url_and_replace(tmp_path):
-    client = _app(tmp_path, '''
-        [[web_handlers]]
-        kind = "redirect"
-        domain = "example.org"
-        base_url = "https://www.example.org"
-        orig_path_regexp = "^/old/(.*)$"
-        replace_path = "/new/$1"
-    ''')
-    r = client.get("/old/page?x=1", follow_redirects=False)
-    assert r.status_code == 308
-    assert r.headers["location"] == "https://www.example.org/new/page?x=1"
-    assert client.get("/other", follow_redirects=False).status_code == 404
-
-
-def test_redirect_needs_a_target(tmp_path):
+def _problems(tmp_path, entry: str) -> list[str]:
     with pytest.raises(ConfigError) as exc:
-        load(tmp_path, domains='[[web_handlers]]\nkind = "redirect"\ndomain = "example.org"\nreplace_path = "/x"\n')
-    assert "orig_path_regexp and replace_path must be set together" in exc.value.problems[0].message
+        load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
+    return [f"{p.path}: {p.message}" for p in exc.value.problems]
 
 
-@pytest.fixture
-def backend():
-    """A real HTTP server on 127.0.0.1 that answers with what it received."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Echo(BaseHTTPRequestHandler):
-        def _answer(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.dumps({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                               "body": self.rfile.read(length).decode()}).encode()
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def _ok(tmp_path, entry: str):
+    cfg = load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
+    [handler] = cfg.dynamic.web_handlers
+    return handler.settings
 
 
-def test_reverse_proxy_forwards_with_x_forwarded_headers(tmp_path, backend):
-    client = _app(tmp_path, f'''
-        [[web_handlers]]
-        kind = "reverse_proxy"
-        domain = "example.org"
-        path_regexp = "^/app/"
-        url = "{backend}/base/?k=v"
-        strip_path = true
-        response_headers = {{ "X-Served-By" = "mox" }}
-    ''')
-    r = client.post("/app/x/y?q=1", content=b"payload",
-                    headers={"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6", "Host": "example.org"})
-    assert r.status_code == 201 and r.headers["x-served-by"] == "mox"
-    seen = r.json()
-    assert seen["method"] == "POST" and seen["body"] == "payload"
-    assert seen["path"] == "/base/x/y?k=v&q=1"
-    headers = {k.lower(): v for k, v in seen["headers"].items()}
-    assert headers["x-forwarded-host"] == "example.org" and headers["host"] == "example.org"
-    assert headers["x-forwarded-for"] != "6.6.6.6" and "forwarded" not in headers
+@pytest.mark.parametrize(("entry", "message"), [
+    ('kind = "static"\nroot = "www"\nstrip_prefix = "files"',
+     "static: prefix to strip files must start with a slash"),
+    ('kind = "static"\nroot = "www"\nresponse_headers = { " X-A" = "1" }', 'static: bad header " X-A"'),
+    ('kind = "static"\nroot = "www"\nresponse_headers = { "" = "1" }', 'static: bad header ""'),
+    ('kind = "static"\nroot = "www"\nresponse_headers = { "X A" = "1" }', 'static: bad header "X A"'),
+    ('kind = "static"\nroot = "www"\nresponse_headers = { "X-A" = "1\\r\\nSet-Cookie: x=1" }',
+     'static: bad value for header "X-A": must not contain CR, LF or NUL'),
+    ('kind = "static"\nroot = "www"\nresponse_headers = { "Content-Length" = "1" }',
+     'static: header "Content-Length" is set by the server, not in config'),
+    ('kind = "static"', "root: Field required"),
+    ('kind = "static"\nroot = "www"\nlist = true', "list: unknown key"),
+    ('kind = "redirect"\nreplace_path = "/x"',
+     "redirect: must have either both orig_path_regexp and replace_path, or neither"),
+    ('kind = "redirect"\norig_path_regexp = "^/x"',
+     "redirect: must have either both orig_path_regexp and replace_path, or neither"),
+    ('kind = "redirect"', "redirect: must have at least one of base_url and orig_path_regexp+replace_path"),
+    ('kind = "redirect"\nbase_url = "https://example.com/path"', "redirect: base_url must have empty path"),
+    ('kind = "redirect"\nbase_url = "https://example.com"\nstatus_code = 200',
+     "redirect: invalid redirect status code 200"),
+    ('kind = "redirect"\nbase_url = "https://example.com"\nstatus_code = 400',
+     "redirect: invalid redirect status code 400"),
+    ('kind = "redirect"\norig_path_regexp = "(x"\nreplace_path = "/"', "redirect: compiling regexp (x: "),
+    ('kind = "redirect"\nbase_url = "https://exa mple.com"', "must not contain spaces or control characters"),
+    ('kind = "redirect"\nbase_url = "ftp://example.com"', "must be http://host, https://host or //host"),
+    ('kind = "forward"\nurl = "ftp://backend/"', "forward: url ftp://backend/ must be http:// or https:// with a host"),
+    ('kind = "forward"\nurl = "http:///x"', "must be http:// or https:// with a host"),
+    ('kind = "forward"\nurl = "backend:8080"', "must be http:// or https:// with a host"),
+    ('kind = "forward"\nurl = "http://u:p@backend/"', "must not contain a user name or password"),
+    ('kind = "forward"\nurl = "http://backend:99999/"', "forward: parsing url http://backend:99999/: "),
+    ('kind = "forward"\nurl = "http://backend/"\nresponse_headers = { "X-A " = "1" }', 'forward: bad header "X-A "'),
+    ('kind = "internal"\nbase_path = "/admin"\nservice = "admin"',
+     'internal service: base path "/admin" must start and end with /'),
+    ('kind = "internal"\nbase_path = "admin/"\nservice = "admin"',
+     'internal service: base path "admin/" must start and end with /'),
+    ('kind = "internal"\nbase_path = "/x/"\nservice = "webmail"', 'internal service: unknown service "webmail"'),
+    ('kind = "reverse_proxy"\nurl = "http://backend/"', "unknown web handler kind 'reverse_proxy'"),
+])
+def test_config_errors(tmp_path, entry, message):
+    problems = _problems(tmp_path, entry)
+    assert any(message in p for p in problems), problems
 
 
-def test_reverse_proxy_backend_down_is_502(tmp_path):
-    from mox_core.testpeers import free_port
+def test_valid_settings_and_defaults(tmp_path):
+    s = _ok(tmp_path, 'kind = "static"\nroot = "www"')
+    assert (s.strip_prefix, s.list_files, s.continue_not_found, s.response_headers) == ("", False, False, {})
+    s = _ok(tmp_path, 'kind = "redirect"\nbase_url = "//example.com"')
+    assert s.status_code == 308
+    s = _ok(tmp_path, 'kind = "redirect"\norig_path_regexp = "^/a(.*)"\nreplace_path = "/b$1"\nstatus_code = 301')
+    assert s.status_code == 301
+    s = _ok(tmp_path, 'kind = "forward"\nurl = "http://127.0.0.1:8080/"')
+    assert (s.strip_path, s.response_headers) == (False, {})
+    s = _ok(tmp_path, 'kind = "internal"\nbase_path = "/admin/"\nservice = "admin"')
+    assert s.service == "admin"
 
-    client = _app(tmp_path, f'[[web_handlers]]\nkind = "reverse_proxy"\ndomain = "example.org"\n'
-                            f'url = "http://127.0.0.1:{free_port()}/"\n')
-    r = client.get("/")
-    assert (r.status_code, r.text) == (502, "502 - bad gateway")
+
+def test_describe_documents_every_setting():
+    from mox_core.config.describe import describe
+
+    text = describe(plugin_host())
+    domains = text.split("# ===== domains.toml")[1].split("\n", 1)[1]
+    tomllib.loads(domains)
+    for kind in ("static", "redirect", "forward", "internal"):
+        assert f"# Web handler kind '{kind}' from plugin webhandlers." in text
+    for key in ("root", "strip_prefix", "list_files", "continue_not_found", "response_headers", "base_url",
+                "orig_path_regexp", "replace_path", "status_code", "url", "strip_path", "base_path", "service"):
+        assert f"\n{key} = " in domains or f"\n# {key} = " in domains, key
+    assert "# Which of mox's web applications: account, admin." in text
