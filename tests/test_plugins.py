@@ -22,7 +22,8 @@ SHIPPED = {
     "transport_smtp": ("mox-transport-smtp", ["transport:smtp"]),
     "transport_submission": ("mox-transport-submission", ["transport:submission", "transport:submissions"]),
     "transport_socks": ("mox-transport-socks", ["transport:socks"]),
-    "webhandlers": ("mox-webhandlers", ["webhandler:redirect", "webhandler:reverse_proxy", "webhandler:static"]),
+    "webhandlers": ("mox-webhandlers", ["webhandler:forward", "webhandler:internal", "webhandler:redirect",
+                                        "webhandler:static"]),
 }
 
 
@@ -115,8 +116,8 @@ def test_registered_rate_limiter_checks_and_records(bare_host: PluginHost, tmp_p
 
 async def test_registered_webhandler_builds_an_asgi_app(bare_host: PluginHost, tmp_path):
     bare_host.register(every_hook, "every_hook")
-    cfg = load(tmp_path, domains='[[web_handlers]]\nkind = "hello"\ndomain = "example.org"\ngreeting = "hi"\n',
-               host=bare_host)
+    cfg = load(tmp_path, '[listeners.web]\nips = ["127.0.0.1"]\n[listeners.web.webserver_http]\nenabled = true\n',
+               '[[web_handlers]]\nkind = "hello"\ndomain = "example.org"\ngreeting = "hi"\n', host=bare_host)
     [entry] = cfg.dynamic.web_handlers
     app = bare_host.webhandlers["hello"].app_factory(entry.settings, WebHandlerContext("example.org", "^/", ""))
     sent = []

@@ -122,7 +122,6 @@ def test_dont_redirect_plaintext_serves_plain_http(web):
     assert r.status_code == 200 and r.text == "<p>hello</p>\n"
 
 
-@pytest.mark.xfail(strict=True, reason="static's continue_not_found must decline (web handlers plugin, in progress)")
 def test_handlers_are_tried_in_config_order_and_a_declining_one_passes_on(web, tmp_path):
     first = tmp_path / "first"
     first.mkdir()

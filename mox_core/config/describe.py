@@ -35,6 +35,8 @@ EXAMPLES: dict[str, Any] = {
     "root": "/var/www/example",
     "url": "https://www.example.org/",
     "base_url": "https://www.example.org/",
+    "base_path": "/admin/",
+    "service": "admin",
 }
 
 

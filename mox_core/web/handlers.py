@@ -5,6 +5,7 @@ flight finishes with the ones it started with.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,9 +45,40 @@ class HandlerSet:
 
     def get(self, config: Config) -> list[Handler]:
         if self._key is not config.dynamic:
+            old = self._handlers
             self._handlers = build(config, self.internal_services)
             self._key = config.dynamic
+            _close_later(old)
         return self._handlers
+
+
+CLOSE_REPLACED_AFTER = 60.0
+
+
+def _close_later(handlers: list[Handler]) -> None:
+    """Close the apps of a replaced config (those with ``aclose``, e.g. a proxy's kept-alive
+    backend connections) once the requests they serve have had time to end."""
+    closers = [h.app.aclose for h in handlers if callable(getattr(h.app, "aclose", None))]
+    if not closers:
+        return
+
+    async def close() -> None:
+        await asyncio.sleep(CLOSE_REPLACED_AFTER)
+        for aclose in closers:
+            try:
+                await aclose()
+            except Exception as exc:  # a plugin's close failing must not matter
+                log.warning("web_handler_close_failed", error=str(exc))
+
+    try:
+        task = asyncio.get_running_loop().create_task(close())
+    except RuntimeError:  # no loop (a test building handlers directly)
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 def build(config: Config, internal_services: Mapping[str, ASGIApp]) -> list[Handler]:

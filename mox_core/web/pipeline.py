@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import structlog
 
@@ -147,9 +147,15 @@ class WebApp:
 
     async def _route(self, scope: Scope, receive: Receive, ex: Exchange, port: WebPort) -> None:
         send = ex.send
+        path = scope.get("path", "/") or "/"
+        host_value = header(scope, b"host")
+        if path.startswith(("http://", "https://")):
+            # absolute-form request target (RFC 9112 §3.2.2): its host replaces the Host header
+            target = urlsplit(path)
+            path, host_value = target.path or "/", target.netloc
         try:
-            path = clean_path(scope.get("path", "/") or "/")
-            host = parse_host(header(scope, b"host"))
+            path = clean_path(path)
+            host = parse_host(host_value)
         except BadRequest as exc:
             ex.handler = "(badrequest)"
             await _reject(scope, send, 400, f"400 - bad request: {exc}")
@@ -233,7 +239,7 @@ class WebApp:
             if not port.tls and not h.dont_redirect_plaintext:
                 await _redirect(scope, send, 308, f"https://{h.domain}{_path_query(scope)}")
                 return True
-            scope["mox"] = {"handler": h.name, "match": m.span()}
+            scope["mox"] = {"handler": h.name, "match": m.span(), "ws_bytes": [0, 0]}
             out = send
             if h.compress and scope["type"] == "http" and accepts_gzip(header(scope, b"accept-encoding")):
                 out = compressing_send(send)

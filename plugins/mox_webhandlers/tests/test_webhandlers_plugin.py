@@ -9,7 +9,7 @@ import pytest
 
 from mox_core.errors import ConfigError
 from mox_core.testconfig import listed_plugin, load
-from plugins.mox_webhandlers.tests.webhandlers_helpers import plugin_host
+from plugins.mox_webhandlers.tests.webhandlers_helpers import WEB_LISTENER, plugin_host
 
 
 def test_plugin_is_installed():
@@ -21,12 +21,12 @@ def test_plugin_is_installed():
 
 def _problems(tmp_path, entry: str) -> list[str]:
     with pytest.raises(ConfigError) as exc:
-        load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
+        load(tmp_path, WEB_LISTENER, '[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
     return [f"{p.path}: {p.message}" for p in exc.value.problems]
 
 
 def _ok(tmp_path, entry: str):
-    cfg = load(tmp_path, domains='[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
+    cfg = load(tmp_path, WEB_LISTENER, '[[web_handlers]]\ndomain = "example.org"\n' + entry, host=plugin_host())
     [handler] = cfg.dynamic.web_handlers
     return handler.settings
 

@@ -31,6 +31,16 @@ DECLINED = 599  # what the test wrapper answers when the handler declined
 _HOST: list[PluginHost] = []
 
 
+# web handlers need a listener that serves them (a config error otherwise)
+WEB_LISTENER = """
+[listeners.web]
+ips = ["127.0.0.1"]
+[listeners.web.webserver_http]
+enabled = true
+port = 8080
+"""
+
+
 def plugin_host() -> PluginHost:
     """The installed plugins, loaded once for all tests."""
     if not _HOST:
@@ -41,7 +51,7 @@ def plugin_host() -> PluginHost:
 def build(tmp_path, entry: str, services: dict[str, Any] | None = None) -> Any:
     """The app of the single ``[[web_handlers]]`` entry in ``entry`` (TOML keys after the
     table header), wrapped as core calls it."""
-    cfg = load(tmp_path, domains="[[web_handlers]]\n" + entry, host=plugin_host())
+    cfg = load(tmp_path, WEB_LISTENER, "[[web_handlers]]\n" + entry, host=plugin_host())
     [handler] = cfg.dynamic.web_handlers
     kind = plugin_host().webhandlers[handler.kind]
     ctx = WebHandlerContext(domain=handler.common.domain, path_regexp=handler.common.path_regexp,
