@@ -411,3 +411,95 @@ def test_the_web_process_is_started_again_when_it_dies(web):
             pass
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_forward_and_a_websocket_echo_through_mox_serve(web):
+    import asyncio
+
+    import websockets
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    from plugins.mox_webhandlers.tests.webhandlers_helpers import ThreadServer
+
+    async def echo(request):
+        return JSONResponse({"path": request.url.path, "query": request.url.query,
+                             "xff": request.headers.get("x-forwarded-for"),
+                             "xfh": request.headers.get("x-forwarded-host"),
+                             "xfp": request.headers.get("x-forwarded-proto"),
+                             "spoofed": request.headers.get("x-forwarded-server")})
+
+    async def ws_echo(ws):
+        await ws.accept()
+        while True:
+            msg = await ws.receive_text()
+            await ws.send_text("echo " + msg)
+
+    backend = ThreadServer(Starlette(routes=[WebSocketRoute("/base/ws", ws_echo), Route("/{p:path}", echo)]))
+    try:
+        domains = DOMAINS + f"""
+[[web_handlers]]
+kind = "forward"
+domain = "app.example.org"
+path_regexp = "^/app/"
+url = "http://{backend.hostport}/base/"
+strip_path = true
+dont_redirect_plaintext = true
+"""
+        w = web(domains=domains)
+        r = w.get("/app/x/y?q=1", host="app.example.org",
+                  headers={"x-forwarded-for": "6.6.6.6", "x-forwarded-server": "evil"})
+        assert r.status_code == 200
+        got = r.json()
+        assert got["path"] == "/base/x/y" and got["query"] == "q=1"
+        assert got["xff"] == "127.0.0.1" and got["xfh"] == "app.example.org" and got["xfp"] == "http"
+        assert got["spoofed"] is None  # incoming X-Forwarded-* are dropped
+
+        async def talk() -> list[str]:
+            # the Host header from the URL, the connection to loopback (no DNS)
+            async with websockets.connect(f"ws://app.example.org:{w.http_port}/app/ws",
+                                          host="127.0.0.1", port=w.http_port) as c:
+                out = []
+                for text in ("one", "two"):
+                    await c.send(text)
+                    out.append(await c.recv())
+                return out
+
+        assert asyncio.run(talk()) == ["echo one", "echo two"]  # /app/ws -> the backend's /base/ws
+    finally:
+        backend.stop()
+
+
+def test_a_third_party_handler_kind_serves_requests_through_mox_serve(web, fake_dist):
+    site = fake_dist("mox-webhandler-hello", {"webhandler_hello": "mox_webhandler_hello"}, {
+        "mox_webhandler_hello": '''
+            from pydantic import BaseModel, ConfigDict
+            from mox_core import hookimpl
+            from mox_core.api import WebHandlerKind
+
+            class Settings(BaseModel):
+                model_config = ConfigDict(extra="forbid")
+                greeting: str
+
+            def factory(settings, ctx):
+                async def app(scope, receive, send):
+                    body = f"{settings.greeting} from {ctx.domain} at {scope['path']}".encode()
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": body})
+                return app
+
+            @hookimpl
+            def mox_register_webhandlers():
+                return [WebHandlerKind("hello", Settings, factory, "Says hello.")]
+        '''})
+    import os
+
+    os.environ["PYTHONPATH"] = f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    try:
+        w = web(domains=DOMAINS + '\n[[web_handlers]]\nkind = "hello"\ndomain = "hi.example.org"\ngreeting = "hej"\n')
+        r = w.get("/there", host="hi.example.org", tls=True)
+        assert r.status_code == 200 and r.text == "hej from hi.example.org at /there"
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
