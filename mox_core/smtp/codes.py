@@ -30,22 +30,12 @@ __all__ = [
     "MESSAGE_TOO_BIG",
     "MUST_STARTTLS",
     "NUL_IN_DATA",
-    "OK",
     "SIZE_TOO_BIG",
     "STARTTLS_AFTER_AUTH",
     "TLS_ALREADY_ACTIVE",
     "TOO_MANY_RECIPIENTS",
-    "reply",
 ]
 
-
-def reply(code: int, enhanced: str, text: str) -> str:
-    """Build one reply line such as ``"550 5.1.1 no such user"`` (no CRLF)."""
-    return f"{code} {enhanced} {text}"
-
-
-# RFC 5321 §4.2.2, RFC 3463 X.0.0.
-OK = "250 2.0.0 OK"
 
 # Generic temporary failure for unexpected errors in a policy object (mox: queue errors give
 # 451 4.3.0). RFC 5321 §4.2.2 (451 local error), RFC 3463 X.3.0 (mail system, other).

@@ -51,7 +51,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from mox_core import afterreply, errors
+from mox_core import afterreply
 from mox_core import logging as mox_logging
 from mox_core.accounts.sasl import (
     DEFAULT_AUTH_LIMITER,
@@ -84,8 +84,6 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _FAST_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
-
-_SMTPReject: type[Exception] | None = getattr(errors, "SMTPReject", None)
 
 
 # ---- once-per-class introspection ----------------------------------------------------------
@@ -415,15 +413,9 @@ class MoxSMTP(SMTP):
                 await self.push(await self._exception_status(error))
 
     async def _exception_status(self, error: Exception) -> str:
-        """Reply for an exception from a policy hook (STYLE.md §5)."""
-        if _SMTPReject is not None and isinstance(error, _SMTPReject):
-            code, enhanced = getattr(error, "code", 451), getattr(error, "enhanced_code", None)
-            message = getattr(error, "message", str(error))
-            if getattr(error, "user_error", True):
-                log.info("smtp_rejected", code=code, message=message)
-            else:
-                log.error("smtp_rejected", code=code, message=message, exc_info=error)
-            return f"{code} {enhanced} {message}" if enhanced else f"{code} {message}"
+        """Reply for an exception from a policy hook: what the handler's ``handle_exception``
+        returns, else a temporary 451 with the traceback in the log (an unexpected error never
+        refuses a message permanently: the client keeps it and retries)."""
         hook = self._handle_hooks.get("exception")
         if hook is not None:
             try:
