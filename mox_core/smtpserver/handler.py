@@ -29,6 +29,7 @@ from mox_core.checks import authres
 from mox_core.config.load import ConfigHolder
 from mox_core.outgoing import dkimsign
 from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
+from mox_core.smtp import codes
 from mox_core.smtp.domain import to_ascii, to_unicode
 from mox_core.smtpserver.fromheader import lean_from_address
 from mox_core.store import Delivery, StorageError
@@ -126,10 +127,10 @@ class Handler:
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
-            return "501 5.1.7 bad sender address"
+            return codes.BAD_SENDER_ADDRESS
         if self.submission:
             if not session.authenticated:
-                return "530 5.7.0 authentication required"
+                return codes.AUTH_REQUIRED
             if address and address != "<>":
                 account = self._account_of(session)
                 try:
@@ -137,57 +138,57 @@ class Handler:
                 except (AddressNotFound, ValueError):
                     owner = None
                 if owner != account:
-                    return "550 5.7.1 mail from address must belong to the authenticated account"
+                    return codes.SENDER_NOT_OWNED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         _tx(envelope).recipients.clear()
-        return "250 2.1.0 sender ok"
+        return codes.SENDER_OK
 
     # -- RCPT -----------------------------------------------------------------------------
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
-            return "501 5.1.3 bad recipient address"
+            return codes.BAD_RECIPIENT_ADDRESS
         cfg = self.holder.get()
         addr = _strip_source_route(address)
         try:
             lp, domain = split_address(addr)
         except ValueError:
-            return "501 5.1.3 bad recipient address"
+            return codes.BAD_RECIPIENT_ADDRESS
         tx = _tx(envelope)
         local = bool(domain) and not domain.startswith("[") and is_local_domain(cfg, domain)
         if not local and not (lp.lower() == "postmaster" and (not domain or domain.lower() == cfg.static.hostname)):
             if not self.submission:
-                return "550 5.7.1 relaying not permitted"
+                return codes.RELAY_DENIED
             if not domain or "!" in lp or "%" in lp or domain.startswith("["):
-                return "550 5.1.3 bad recipient address for outgoing mail"
+                return codes.BAD_OUTGOING_RECIPIENT
             try:
                 to_ascii(domain)
             except ValueError:
-                return "501 5.1.3 bad recipient domain"
+                return codes.BAD_RECIPIENT_DOMAIN
             if self.queue is None:
-                return "451 4.3.0 outgoing queue not available, try again later"
+                return codes.QUEUE_UNAVAILABLE
             tx.recipients.append(Recipient(addr, None))
             envelope.rcpt_tos.append(addr)
             envelope.rcpt_options.extend(rcpt_options)
-            return "250 2.1.5 recipient ok"
+            return codes.RECIPIENT_OK
         try:
             resolved = lookup(cfg, addr)
         except AddressNotFound as exc:
             if exc.reason == "domain_disabled":
-                return "450 4.2.1 recipient domain temporarily disabled"
-            return "550 5.1.1 no such user"
+                return codes.RECIPIENT_DOMAIN_DISABLED
+            return codes.NO_SUCH_USER
         dest = resolved.destination
         if dest is not None and dest.smtp_error:
             code, _, text = dest.smtp_error.partition(" ")
             if code == "421":
-                return f"451 4.3.0 {text or 'error processing'}"
-            return f"550 5.1.1 {text or 'no such user(s)'}"
+                return codes.destination_deferred(text)
+            return codes.destination_refused(text)
         tx.recipients.append(Recipient(addr, resolved))
         envelope.rcpt_tos.append(addr)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 recipient ok"
+        return codes.RECIPIENT_OK
 
     # -- DATA -----------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class Handler:
         end = data.find(b"\r\n\r\n")
         head = data[: end + 2] if end >= 0 else data
         if len(_RECEIVED.findall(head)) > MAX_HOPS:
-            return "554 5.4.6 too many hops"
+            return codes.TOO_MANY_HOPS
         from_domain = ""
         if self.submission:
             problem, from_domain = self._check_from(session, head)
@@ -236,7 +237,7 @@ class Handler:
         queued = {"account": account, "queue_ids": queue_ids} if queue_ids else {}
         afterreply.later(log.info, "message_accepted", service=self.service, msgid=msgid, size=len(data),
                          local=len(local), remote=len(remote), mail_from=envelope.mail_from, **queued)
-        return f"250 2.0.0 message queued as {msgid}"
+        return codes.message_queued(msgid)
 
     async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
                      data: bytes, remote: list[Recipient], deliveries: list[Delivery],
@@ -283,21 +284,21 @@ class Handler:
             msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
             froms = msg.get_all("From") or []
             if len(froms) != 1:
-                return "550 5.7.1 message must have exactly one From header", ""
+                return codes.FROM_NOT_ONE_HEADER, ""
             try:
                 header = froms[0]
                 addrs = list(header.addresses)
             except Exception:
-                return "550 5.7.1 bad From header", ""
+                return codes.FROM_HEADER_BAD, ""
             if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
-                return "550 5.7.1 From header must have exactly one valid address", ""
+                return codes.FROM_NOT_ONE_ADDRESS, ""
             addr = addrs[0].addr_spec
         try:
             owner = lookup(self.holder.get(), addr).account
         except (AddressNotFound, ValueError):
             owner = None
         if owner != self._account_of(session):
-            return "550 5.7.1 From address must belong to the authenticated account", ""
+            return codes.FROM_NOT_OWNED, ""
         return None, split_address(addr)[1]
 
     def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:

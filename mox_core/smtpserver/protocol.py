@@ -339,7 +339,7 @@ class MoxSMTP(SMTP):
 
     async def _command_loop(self) -> None:
         self._trace = mox_logging.enabled("trace", "smtpserver")
-        await self.push(f"220 {self.hostname} {self.__ident__}")
+        await self.push(codes.greeting(self.hostname, self.__ident__))
         reader = self._reader
         bogus_budget = BOGUS_LIMIT
         while self.transport is not None:
@@ -355,13 +355,13 @@ class MoxSMTP(SMTP):
                 if self._trace:
                     log.trace("smtp_command", line=sanitize(line))
                 if not line:
-                    await self.push("500 Error: bad syntax")
+                    await self.push(codes.BAD_SYNTAX)
                     continue
                 command_bytes, _, arg_bytes = line.partition(b" ")
                 try:
                     command = command_bytes.upper().decode("ascii")
                 except UnicodeDecodeError:
-                    await self.push("500 Error: bad syntax")
+                    await self.push(codes.BAD_SYNTAX)
                     continue
                 max_size = (self.command_size_limits.get(command, self.command_size_limit)
                             if self.session.extended_smtp else self.command_size_limit)
@@ -378,10 +378,10 @@ class MoxSMTP(SMTP):
                         arg = arg_bytes.decode("utf-8" if self.enable_SMTPUTF8 else "ascii")
                     except UnicodeDecodeError:
                         await self.push(codes.BAD_UTF8 if self.enable_SMTPUTF8
-                                        else "500 Error: strict ASCII mode")
+                                        else codes.STRICT_ASCII)
                         continue
                 if not self._tls_handshake_okay and command != "QUIT":
-                    await self.push("554 Command refused due to lack of security")
+                    await self.push(codes.SECURITY_REFUSED)
                     continue
                 if (self.require_starttls and not self._tls_protocol
                         and command not in ALLOWED_BEFORE_STARTTLS):
@@ -391,10 +391,10 @@ class MoxSMTP(SMTP):
                 if method is None:
                     bogus_budget -= 1
                     if bogus_budget < 1:
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        await self.push(codes.TOO_MANY_UNRECOGNIZED)
                         self._close()
                         return
-                    await self.push(f'500 Error: command "{command}" not recognized')
+                    await self.push(codes.unrecognized_command(command))
                     continue
                 self._reset_timeout()
                 await method(self, arg)
@@ -431,7 +431,7 @@ class MoxSMTP(SMTP):
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
-            await self.push("501 Syntax: EHLO hostname")
+            await self.push(codes.EHLO_SYNTAX)
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -503,21 +503,21 @@ class MoxSMTP(SMTP):
         return addr, rest
 
     def _syntax_error(self, keyword: str) -> str:
-        text = f"501 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}: <address>"
-        return text + " [SP <mail-parameters>]" if self.session.extended_smtp else text
+        if keyword == "FROM:":
+            return codes.MAIL_SYNTAX_EXTENDED if self.session.extended_smtp else codes.MAIL_SYNTAX
+        return codes.RCPT_SYNTAX_EXTENDED if self.session.extended_smtp else codes.RCPT_SYNTAX
 
     def _parse_path(self, arg: str | None, keyword: str) -> tuple[str, list[str]] | str:
         """MAIL/RCPT argument (``FROM:<addr> params``): the address and the options as
         aiosmtpd gives them to hooks (upper case); or the error reply."""
-        syntaxerr = self._syntax_error(keyword)
         arg = self._strip_command_keyword(keyword, arg) if arg is not None else None
         if arg is None:
-            return syntaxerr
+            return self._syntax_error(keyword)
         address, rest = self._getaddr(arg)
         if address is None:
-            return "553 5.1.3 Error: malformed address"
+            return codes.MALFORMED_ADDRESS
         if not address or (not self.session.extended_smtp and rest):
-            return syntaxerr
+            return self._syntax_error(keyword)
         return address, rest.upper().split() if rest else []
 
     def _parse_params(self, options: list[str], keyword: str) -> dict[str, Any] | str:
@@ -536,14 +536,14 @@ class MoxSMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         envelope = self.envelope
         if not self.session.host_name:
-            await self.push("503 Error: send HELO first")
+            await self.push(codes.HELO_FIRST)
             return
         parsed = self._parse_path(arg, "FROM:")
         if isinstance(parsed, str):
             await self.push(parsed)
             return
         if envelope.mail_from:
-            await self.push("503 Error: nested MAIL command")
+            await self.push(codes.NESTED_MAIL)
             return
         address, mail_options = parsed
         params = self._parse_params(mail_options, "FROM:")
@@ -551,14 +551,14 @@ class MoxSMTP(SMTP):
             await self.push(params)
             return
         if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            await self.push("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+            await self.push(codes.BAD_BODY)
             return
         smtputf8 = params.pop("SMTPUTF8", False)
         if smtputf8 is not True and smtputf8 is not False:
-            await self.push("501 Error: SMTPUTF8 takes no arguments")
+            await self.push(codes.SMTPUTF8_WITH_ARGUMENT)
             return
         if smtputf8 and not self.enable_SMTPUTF8:
-            await self.push("501 Error: SMTPUTF8 disabled")
+            await self.push(codes.SMTPUTF8_DISABLED)
             return
         envelope.smtp_utf8 = smtputf8
         size = params.pop("SIZE", None)
@@ -570,23 +570,23 @@ class MoxSMTP(SMTP):
                 await self.push(codes.SIZE_TOO_BIG)
                 return
         if params:
-            await self.push("555 MAIL FROM parameters not recognized or not implemented")
+            await self.push(codes.MAIL_PARAMETERS_UNKNOWN)
             return
         status = await self._call_handler_hook("MAIL", address, mail_options)
         if status is MISSING:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
-            status = "250 OK"
+            status = codes.OK
         await self.push(status)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         envelope = self.envelope
         if not self.session.host_name:
-            await self.push("503 Error: send HELO first")
+            await self.push(codes.HELO_FIRST)
             return
         if not envelope.mail_from:
-            await self.push("503 Error: need MAIL command")
+            await self.push(codes.NEED_MAIL)
             return
         if len(envelope.rcpt_tos) >= self.max_recipients:
             await self.push(codes.TOO_MANY_RECIPIENTS)
@@ -601,13 +601,13 @@ class MoxSMTP(SMTP):
             await self.push(params)
             return
         if params:  # no RCPT parameters are supported
-            await self.push("555 RCPT TO parameters not recognized or not implemented")
+            await self.push(codes.RCPT_PARAMETERS_UNKNOWN)
             return
         status = await self._call_handler_hook("RCPT", address, rcpt_options)
         if status is MISSING:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
-            status = "250 OK"
+            status = codes.OK
         await self.push(status)
 
     # ---- DATA ------------------------------------------------------------------------------
@@ -615,15 +615,15 @@ class MoxSMTP(SMTP):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if not self.session.host_name:
-            await self.push("503 Error: send HELO first")
+            await self.push(codes.HELO_FIRST)
             return
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.push(codes.NEED_RCPT)
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            await self.push(codes.DATA_SYNTAX)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(codes.START_DATA)
         self._in_data = True
         self._data_deadline = self.loop.time() + self._data_timeout
         self._reset_timeout(min(self._timeout_duration, self._data_timeout))
@@ -639,7 +639,7 @@ class MoxSMTP(SMTP):
             self.envelope.content = self.envelope.original_content = result
             self._reset_timeout()
             status = await self._call_handler_hook("DATA")
-            await self.push("250 OK" if status is MISSING else status)
+            await self.push(codes.OK if status is MISSING else status)
         finally:
             self._set_post_data_state()
 
@@ -702,10 +702,10 @@ class MoxSMTP(SMTP):
     async def smtp_AUTH(self, arg: str | None) -> None:
         session = self.session
         if not session.host_name:
-            await self.push("503 Error: send EHLO first")
+            await self.push(codes.EHLO_FIRST)
             return
         if not session.extended_smtp:
-            await self.push("500 Error: command 'AUTH' not recognized")
+            await self.push(codes.AUTH_NOT_RECOGNIZED)
             return
         if not self.auth_mechanisms or self.credential_store is None:
             await self.push(codes.AUTH_NOT_ENABLED)
@@ -768,7 +768,7 @@ class MoxSMTP(SMTP):
 
     async def _auth_response(self, challenge: bytes) -> bytes | None:
         """Send ``334 base64(challenge)``, read the client's line (RFC 4954 §4)."""
-        await self.push(b"334 " + base64.b64encode(challenge))
+        await self.push(codes.auth_challenge(base64.b64encode(challenge)))
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
