@@ -1,48 +1,64 @@
 """SMTP protocol: aiosmtpd's ``SMTP`` with a lean command path, a chunked DATA reader and AUTH.
 
 The policy (accept or reject senders, recipients, messages) stays in an aiosmtpd handler
-object with the usual async ``handle_MAIL``/``handle_RCPT``/``handle_DATA`` hooks; this class
-only speaks the protocol. What it changes in aiosmtpd 1.4.6, and why:
+object with the usual async ``handle_MAIL``/``handle_RCPT``/``handle_DATA`` hooks
+(:class:`mox_core.smtpserver.handler.Handler`); :class:`MoxSMTP` only speaks the protocol.
+Its commands live in four modules: this one (connection, timeouts, the command loop, EHLO,
+STARTTLS), :mod:`.mailrcpt` (MAIL, RCPT), :mod:`.datareader` (DATA) and :mod:`.auth` (AUTH).
+The reply texts are :mod:`mox_core.smtp.codes`.
 
-* Speed (reference/performance-notes.md): aiosmtpd runs ``inspect.getmembers``/``dir`` over
+Why a subclass of aiosmtpd's ``SMTP``, and what it costs
+---------------------------------------------------------
+MoxSMTP reuses aiosmtpd's connection lifecycle (``connection_made``, ``connection_lost``,
+``eof_received``), its STARTTLS upgrade (``smtp_STARTTLS`` switches the transport and
+``connection_made`` then empties the reader buffer, which is the fix for CVE-2024-34083:
+plaintext commands pipelined after STARTTLS are dropped, not run inside TLS), its session and
+envelope objects, the handler-hook call, and the simple commands HELO, NOOP, RSET, QUIT, HELP,
+VRFY, EXPN. Those are the parts where aiosmtpd's code is right and not slow; rewriting them
+would mean owning the TLS switch and its security fix.
+
+The cost: ``SMTP.__init__`` is not called (it does per-connection introspection, see below),
+so ``MoxSMTP.__init__`` sets every attribute aiosmtpd's ``__init__`` sets, which are private
+to aiosmtpd and may change in any release. So pyproject.toml pins aiosmtpd to the tested
+version (``==1.4.6``), and tests/test_aiosmtpd_guard.py fails, naming the attribute or method,
+when aiosmtpd's ``__init__`` sets an attribute MoxSMTP does not, or when a method MoxSMTP
+inherits, calls or overrides changes its signature or its code. Moving to a new aiosmtpd:
+bump the pin, run that test, read the changes it names, adapt MoxSMTP, update its records.
+
+What MoxSMTP changes in aiosmtpd 1.4.6, and why:
+
+* Speed: aiosmtpd runs ``inspect.getmembers``/``dir`` over
   server and handler on every connection and builds a ``typing.Protocol`` class plus an
   ``email`` header parse for every MAIL/RCPT. Here the introspection is done once per class,
   and ``<local@domain>`` addresses (nearly all of them) are parsed with one regex; anything
   else goes through the same ``email`` parser aiosmtpd uses, so results are identical.
   Command transcripts are only logged when the ``trace`` level is on.
-* DATA is read in big pieces (``readuntil(CRLF.CRLF)``, at most 64 KiB buffered) instead of
-  line by line, then dot-unstuffed in one pass (RFC 5321 §4.5.2). Only CRLF.CRLF ends the
-  data; a bare CR or LF anywhere (every SMTP smuggling form) or a NUL rejects the message
-  after the real end, so a message is never split in two (reliability.md B.1).
+* DATA is read in big pieces instead of line by line, and only CRLF.CRLF ends it: a bare CR
+  or LF (every SMTP smuggling form) or a NUL rejects the message after its real end, so a
+  message is never split in two (:mod:`.datareader`).
 * SIZE, a recipient limit (452 4.5.3), 500 5.5.2 for long lines, an idle timeout that sends
   421, and a total DATA deadline.
 * AUTH with PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 and SCRAM-SHA-256 from
-  :mod:`mox_core.accounts.sasl`, only after TLS by default, with failed logins throttled per IP
-  (mox limitauth: 10 per minute, then ``421`` and close; from the 4th failure on a
-  connection each failure waits (n-3) × ``auth_failure_delay``).
-* STARTTLS: aiosmtpd 1.4.6 already drops plaintext bytes pipelined after ``STARTTLS``
-  (CVE-2024-34083) when TLS comes up; we keep that and refuse a second STARTTLS.
+  :mod:`mox_core.accounts.sasl`, only after TLS by default, with failed logins throttled per
+  client address (:mod:`.auth`).
+* STARTTLS: aiosmtpd's, as above; a second STARTTLS, or one after AUTH, is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import inspect
 import re
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from email._header_value_parser import get_addr_spec, get_angle_addr
 from typing import Any
 
 import structlog
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
     BOGUS_LIMIT,
-    MISSING,
     SMTP,
     TLSSetupException,
     login_always_fail,
@@ -53,17 +69,11 @@ from aiosmtpd.smtp import (
 
 from mox_core import afterreply
 from mox_core import logging as mox_logging
-from mox_core.accounts.sasl import (
-    DEFAULT_AUTH_LIMITER,
-    MECHANISMS,
-    AuthFailureLimiter,
-    CredentialStore,
-    Mechanism,
-    Step,
-    new_mechanism,
-)
+from mox_core.accounts.sasl import DEFAULT_AUTH_LIMITER, MECHANISMS, AuthFailureLimiter, CredentialStore
 from mox_core.smtp import codes
-from mox_core.smtp.lines import only_crlf
+from mox_core.smtpserver.auth import AUTH_LINE_LIMIT, AuthCommand
+from mox_core.smtpserver.datareader import DataCommand
+from mox_core.smtpserver.mailrcpt import MailRcptCommands
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MoxSMTP"]
 
@@ -73,17 +83,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 2**25  # aiosmtpd's default, 32 MiB
 # StreamReader limit: the most a command line may buffer before we give up, and the size of
 # the pieces DATA is read in. The reader pauses the socket at twice this.
 READER_LIMIT = 64 * 1024
-# RFC 4954 §4: AUTH command and continuation lines may be 12288 octets.
-AUTH_LINE_LIMIT = 12288
-TERMINATOR = b"\r\n.\r\n"
 # C0 controls except TAB, and DEL: never valid in a command (CR would inject into Received).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-# RFC 5321 §4.1.2 Dot-string / atext (ASCII). Addresses made only of these match the fast
-# path; for them the email package returns exactly the text between the brackets.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_FAST_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
 
 
 # ---- once-per-class introspection ----------------------------------------------------------
@@ -141,43 +142,7 @@ def _running_loop() -> asyncio.AbstractEventLoop:
         return make_loop()
 
 
-class _DataCollector:
-    """Collects raw DATA pieces; stops storing once the message is certainly too big.
-
-    The unstuffed message is ``size - dots - 3`` bytes, ``dots`` counting CRLF "." in CRLF +
-    data (the terminator's dot among them). Below the limit in received bytes nothing needs
-    counting; past it, the dots are counted (from then on piece by piece), and when even
-    ``size - dots - 2`` exceeds the limit the message is too big and storing stops.
-    """
-
-    __slots__ = ("counting", "dots", "limit", "pieces", "size", "tail", "too_big")
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit or 0
-        self.pieces: list[bytes] = []
-        self.size = 0
-        self.counting = False  # dots counted so far (only once size passed the limit)
-        self.dots = 0
-        self.tail = b"\r\n"  # last two bytes of CRLF + data
-        self.too_big = False
-
-    def add(self, piece: bytes) -> None:
-        self.size += len(piece)
-        if not self.too_big:
-            if self.counting:
-                self.dots += piece.count(b"\r\n.") + (self.tail + piece[:2]).count(b"\r\n.")
-            self.pieces.append(piece)
-            if self.limit and self.size - 2 > self.limit:
-                if not self.counting:
-                    self.counting = True
-                    self.dots = (b"\r\n" + b"".join(self.pieces)).count(b"\r\n.")
-                if self.size - self.dots - 2 > self.limit:
-                    self.too_big = True
-                    self.pieces = []
-        self.tail = (self.tail + piece[-2:])[-2:]
-
-
-class MoxSMTP(SMTP):
+class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
     """aiosmtpd SMTP protocol for mox; create one per connection (``loop.create_server``).
 
     :param handler: the policy object with aiosmtpd ``handle_*`` hooks (``handle_MAIL``,
@@ -228,7 +193,10 @@ class MoxSMTP(SMTP):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # SMTP.__init__ is deliberately not called: it does per-connection introspection.
-        # Everything aiosmtpd's inherited methods read is set here instead.
+        # Every attribute it sets is set here instead, so that no inherited method finds one
+        # missing (tests/test_aiosmtpd_guard.py checks). Not set: _call_limit_base and
+        # _call_limit_default, which aiosmtpd sets only with a command call limit and reads
+        # only in its _handle_client, replaced here.
         self.loop = loop or _running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(limit=READER_LIMIT, loop=self.loop),
@@ -468,329 +436,3 @@ class MoxSMTP(SMTP):
         # aiosmtpd switches the transport; connection_made() then clears the reader buffer,
         # dropping anything the client pipelined after STARTTLS in plaintext (RFC 3207 §5).
         await SMTP.smtp_STARTTLS(self, arg)
-
-    # ---- MAIL, RCPT ------------------------------------------------------------------------
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Parse ``<address> params`` as aiosmtpd does, fast for plain dot-atom addresses."""
-        if not arg:
-            return "", ""
-        m = _FAST_ADDRESS.match(arg)
-        if m is not None:
-            rest = arg[m.end():]
-            if rest and (rest[0] not in " \t" or "(" in rest):
-                return self._getaddr_slow(arg)  # a comment or odd spacing: let email decide
-            addr, rest = m.group(1), rest.lstrip()  # email's get_cfws strips the same way
-        elif arg.startswith("<>"):
-            return "<>", arg[2:]  # email keeps the text after "<>" unstripped
-        else:
-            return self._getaddr_slow(arg)
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, rest
-
-    def _getaddr_slow(self, arg: str) -> tuple[str | None, str | None]:
-        try:
-            if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
-            else:
-                address, rest = get_addr_spec(arg)
-            addr = address.addr_spec
-        except Exception:  # HeaderParseError, and IndexError for input like "<"
-            return None, None
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, rest
-
-    def _syntax_error(self, keyword: str) -> str:
-        if keyword == "FROM:":
-            return codes.MAIL_SYNTAX_EXTENDED if self.session.extended_smtp else codes.MAIL_SYNTAX
-        return codes.RCPT_SYNTAX_EXTENDED if self.session.extended_smtp else codes.RCPT_SYNTAX
-
-    def _parse_path(self, arg: str | None, keyword: str) -> tuple[str, list[str]] | str:
-        """MAIL/RCPT argument (``FROM:<addr> params``): the address and the options as
-        aiosmtpd gives them to hooks (upper case); or the error reply."""
-        arg = self._strip_command_keyword(keyword, arg) if arg is not None else None
-        if arg is None:
-            return self._syntax_error(keyword)
-        address, rest = self._getaddr(arg)
-        if address is None:
-            return codes.MALFORMED_ADDRESS
-        if not address or (not self.session.extended_smtp and rest):
-            return self._syntax_error(keyword)
-        return address, rest.upper().split() if rest else []
-
-    def _parse_params(self, options: list[str], keyword: str) -> dict[str, Any] | str:
-        """RFC 5321 §4.1.2 esmtp-params as a dict; or the error reply (501)."""
-        params: dict[str, Any] = {}
-        for word in options:
-            key, eq, value = word.partition("=")
-            if not key.isalnum() or (eq and not value):
-                return self._syntax_error(keyword)
-            if key in params:
-                return codes.DUPLICATE_PARAMETER
-            params[key] = value if eq else True
-        return params
-
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        envelope = self.envelope
-        if not self.session.host_name:
-            await self.push(codes.HELO_FIRST)
-            return
-        parsed = self._parse_path(arg, "FROM:")
-        if isinstance(parsed, str):
-            await self.push(parsed)
-            return
-        if envelope.mail_from:
-            await self.push(codes.NESTED_MAIL)
-            return
-        address, mail_options = parsed
-        params = self._parse_params(mail_options, "FROM:")
-        if isinstance(params, str):
-            await self.push(params)
-            return
-        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            await self.push(codes.BAD_BODY)
-            return
-        smtputf8 = params.pop("SMTPUTF8", False)
-        if smtputf8 is not True and smtputf8 is not False:
-            await self.push(codes.SMTPUTF8_WITH_ARGUMENT)
-            return
-        if smtputf8 and not self.enable_SMTPUTF8:
-            await self.push(codes.SMTPUTF8_DISABLED)
-            return
-        envelope.smtp_utf8 = smtputf8
-        size = params.pop("SIZE", None)
-        if size is not None:
-            if size is True or not (size.isascii() and size.isdigit()):
-                await self.push(self._syntax_error("FROM:"))
-                return
-            if self.data_size_limit and int(size) > self.data_size_limit:
-                await self.push(codes.SIZE_TOO_BIG)
-                return
-        if params:
-            await self.push(codes.MAIL_PARAMETERS_UNKNOWN)
-            return
-        status = await self._call_handler_hook("MAIL", address, mail_options)
-        if status is MISSING:
-            envelope.mail_from = address
-            envelope.mail_options.extend(mail_options)
-            status = codes.OK
-        await self.push(status)
-
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        envelope = self.envelope
-        if not self.session.host_name:
-            await self.push(codes.HELO_FIRST)
-            return
-        if not envelope.mail_from:
-            await self.push(codes.NEED_MAIL)
-            return
-        if len(envelope.rcpt_tos) >= self.max_recipients:
-            await self.push(codes.TOO_MANY_RECIPIENTS)
-            return
-        parsed = self._parse_path(arg, "TO:")
-        if isinstance(parsed, str):
-            await self.push(parsed)
-            return
-        address, rcpt_options = parsed
-        params = self._parse_params(rcpt_options, "TO:")
-        if isinstance(params, str):
-            await self.push(params)
-            return
-        if params:  # no RCPT parameters are supported
-            await self.push(codes.RCPT_PARAMETERS_UNKNOWN)
-            return
-        status = await self._call_handler_hook("RCPT", address, rcpt_options)
-        if status is MISSING:
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-            status = codes.OK
-        await self.push(status)
-
-    # ---- DATA ------------------------------------------------------------------------------
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if not self.session.host_name:
-            await self.push(codes.HELO_FIRST)
-            return
-        if not self.envelope.rcpt_tos:
-            await self.push(codes.NEED_RCPT)
-            return
-        if arg:
-            await self.push(codes.DATA_SYNTAX)
-            return
-        await self.push(codes.START_DATA)
-        self._in_data = True
-        self._data_deadline = self.loop.time() + self._data_timeout
-        self._reset_timeout(min(self._timeout_duration, self._data_timeout))
-        try:
-            result = await self._read_data()
-        finally:
-            self._in_data = False
-        try:
-            if isinstance(result, str):
-                log.info("smtp_data_rejected", peer=self._peer_ip(), reply=result)
-                await self.push(result)
-                return
-            self.envelope.content = self.envelope.original_content = result
-            self._reset_timeout()
-            status = await self._call_handler_hook("DATA")
-            await self.push(codes.OK if status is MISSING else status)
-        finally:
-            self._set_post_data_state()
-
-    async def _read_data(self) -> bytes | str:
-        """Read message data up to CRLF.CRLF; return the unstuffed message or an error reply.
-
-        Bytes after the terminator stay in the reader for the next command (pipelining).
-        """
-        reader = self._reader
-        collector = _DataCollector(self.data_size_limit)
-        # The CRLF ending the DATA line can be the start of the terminator (an empty message
-        # is just ".\r\n"), and readuntil() cannot see bytes already consumed. So while the
-        # stream so far ends in a prefix of CRLF.CRLF, read single bytes; after that no
-        # terminator can straddle what was read and what readuntil() scans.
-        recent = b"\r\n"
-        while not recent.endswith(TERMINATOR):
-            if not recent.endswith((b"\r", b"\r\n", b"\r\n.")):
-                break
-            byte = await reader.readexactly(1)
-            collector.add(byte)
-            recent = (recent + byte)[-5:]
-        else:
-            return self._finish_data(collector)
-        while True:
-            try:
-                piece = await reader.readuntil(TERMINATOR)
-            except asyncio.LimitOverrunError as exc:
-                # No terminator in the buffered bytes: take all but the last 4 (they may start
-                # it) and keep going. Over the size limit the collector discards them.
-                collector.add(await reader.readexactly(exc.consumed))
-                continue
-            collector.add(piece)
-            return self._finish_data(collector)
-
-    def _finish_data(self, collector: _DataCollector) -> bytes | str:
-        if collector.too_big:
-            return codes.MESSAGE_TOO_BIG
-        pieces = collector.pieces
-        if len(pieces[-1]) >= 3:
-            pieces[-1] = pieces[-1][:-3]  # drop ".\r\n"; its CRLF ends the last line
-            raw = b"".join(pieces)
-        else:
-            raw = b"".join(pieces)[:-3]
-        if not only_crlf(raw):
-            return codes.BAD_LINE_ENDING_IN_DATA
-        if b"\x00" in raw:
-            return codes.NUL_IN_DATA
-        content = raw
-        if content.rfind(b"\r\n.") >= 0:  # a stuffed line (rfind: twice as fast as find here)
-            content = content.replace(b"\r\n.", b"\r\n")
-        if content[:1] == b".":
-            content = content[1:]
-        if self.data_size_limit and len(content) > self.data_size_limit:
-            return codes.MESSAGE_TOO_BIG
-        return content
-
-    # ---- AUTH ------------------------------------------------------------------------------
-
-    @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        session = self.session
-        if not session.host_name:
-            await self.push(codes.EHLO_FIRST)
-            return
-        if not session.extended_smtp:
-            await self.push(codes.AUTH_NOT_RECOGNIZED)
-            return
-        if not self.auth_mechanisms or self.credential_store is None:
-            await self.push(codes.AUTH_NOT_ENABLED)
-            return
-        if self._auth_require_tls and not self._tls_protocol:
-            await self.push(codes.AUTH_ENCRYPTION_REQUIRED)
-            return
-        ip = self._peer_ip()
-        if self.auth_limiter.blocked(ip):
-            log.info("auth_throttled", peer=ip)
-            await self.push(codes.AUTH_THROTTLED)
-            self._close()
-            return
-        if session.authenticated:
-            await self.push(codes.AUTH_ALREADY_DONE)
-            return
-        if self.envelope.mail_from:
-            await self.push(codes.AUTH_DURING_MAIL)
-            return
-        args = arg.split() if arg else []
-        if not 1 <= len(args) <= 2:
-            await self.push(codes.AUTH_SYNTAX)
-            return
-        name = args[0].upper()
-        if name not in self.auth_mechanisms:
-            await self.push(codes.AUTH_UNKNOWN_MECHANISM)
-            return
-        initial: bytes | None = None
-        if len(args) == 2:
-            initial = b"" if args[1] == "=" else _b64decode(args[1])  # RFC 4954 §4: "=" is empty
-            if initial is None:
-                await self.push(codes.AUTH_BAD_BASE64)
-                return
-        mech = new_mechanism(name, self.credential_store, hostname=self.hostname)
-        step = await self._mech_call(mech, mech.start, initial)
-        while step.is_challenge:
-            response = await self._auth_response(step.data)
-            if response is None:
-                return  # cancelled or unreadable; already answered
-            step = await self._mech_call(mech, mech.step, response)
-        if step.is_success:
-            session.authenticated = True
-            session.auth_data = step.username
-            self.auth_limiter.succeeded(ip)
-            afterreply.later(log.info, "auth_success", peer=ip, mechanism=name, username=step.username)
-            await self.push(codes.AUTH_SUCCESS)
-            return
-        self._auth_failures += 1
-        self.auth_limiter.failed(ip)
-        log.info("auth_failed", peer=ip, mechanism=name, reason=step.reason)
-        if self._auth_failures > 3 and self.auth_failure_delay > 0:
-            await asyncio.sleep((self._auth_failures - 3) * self.auth_failure_delay)
-        await self.push(codes.AUTH_BAD_BASE64 if step.malformed else codes.AUTH_BAD_CREDENTIALS)
-
-    async def _mech_call(self, mech: Mechanism, fn: Callable[[Any], Step], arg: Any) -> Step:
-        """Run a mechanism step; password hashing (PLAIN, LOGIN) goes to a worker thread."""
-        if mech.cpu_heavy:
-            return await asyncio.to_thread(fn, arg)
-        return fn(arg)
-
-    async def _auth_response(self, challenge: bytes) -> bytes | None:
-        """Send ``334 base64(challenge)``, read the client's line (RFC 4954 §4)."""
-        await self.push(codes.auth_challenge(base64.b64encode(challenge)))
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            await self.push(codes.LINE_TOO_LONG)
-            self._close()
-            return None
-        self._reset_timeout()
-        line = line.strip()
-        if len(line) > AUTH_LINE_LIMIT:
-            await self.push(codes.LINE_TOO_LONG)
-            return None
-        if line == b"*":
-            await self.push(codes.AUTH_ABORTED)
-            return None
-        decoded = _b64decode(line)
-        if decoded is None:
-            await self.push(codes.AUTH_BAD_BASE64)
-        return decoded
-
-
-def _b64decode(data: str | bytes) -> bytes | None:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        return None
