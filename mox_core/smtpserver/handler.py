@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
+import dns.resolver
 import structlog
 
 from mox_core import afterreply
@@ -28,11 +29,17 @@ from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_doma
 from mox_core.checks import authres
 from mox_core.config.load import ConfigHolder
 from mox_core.outgoing import dkimsign
-from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
+from mox_core.outgoing.ratelimit import RateLimited
 from mox_core.smtp import codes
 from mox_core.smtp.domain import to_ascii, to_unicode
 from mox_core.smtpserver.fromheader import lean_from_address
+from mox_core.smtpserver.interfaces import MessageStore, OutgoingQueue, RateLimitToken, SubmissionRateLimits
 from mox_core.store import Delivery, StorageError
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import Envelope, Session
+
+    from mox_core.smtpserver.protocol import MoxSMTP
 
 log = structlog.get_logger(component="smtpserver")
 
@@ -70,7 +77,7 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-def _tx(envelope: Any) -> Transaction:
+def _tx(envelope: Envelope) -> Transaction:
     tx = getattr(envelope, "mox", None)
     if tx is None:
         tx = Transaction()
@@ -78,7 +85,7 @@ def _tx(envelope: Any) -> Transaction:
     return tx
 
 
-def _sender(envelope: Any) -> str:
+def _sender(envelope: Envelope) -> str:
     """The envelope sender, "" for the null sender (aiosmtpd keeps it as "<>")."""
     mail_from = envelope.mail_from or ""
     return "" if mail_from == "<>" else mail_from
@@ -109,8 +116,9 @@ class Handler:
         there is none: such recipients then get a temporary error, never accept-and-drop.
     """
 
-    def __init__(self, holder: ConfigHolder, store: Any, service: str, *, resolver: Any = None,
-                 queue: Any = None, hostname: str | None = None, ratelimits: Any = None):
+    def __init__(self, holder: ConfigHolder, store: MessageStore, service: str, *,
+                 resolver: dns.resolver.Resolver | None = None, queue: OutgoingQueue | None = None,
+                 hostname: str | None = None, ratelimits: SubmissionRateLimits | None = None):
         assert service in ("smtp", "submission")
         self.holder = holder
         self.store = store
@@ -124,7 +132,7 @@ class Handler:
 
     # -- MAIL -----------------------------------------------------------------------------
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+    async def handle_MAIL(self, server: MoxSMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
             return codes.BAD_SENDER_ADDRESS
@@ -146,7 +154,7 @@ class Handler:
 
     # -- RCPT -----------------------------------------------------------------------------
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+    async def handle_RCPT(self, server: MoxSMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
             return codes.BAD_RECIPIENT_ADDRESS
@@ -192,7 +200,7 @@ class Handler:
 
     # -- DATA -----------------------------------------------------------------------------
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: MoxSMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.content if isinstance(envelope.content, bytes) else envelope.original_content
         tx = _tx(envelope)
         end = data.find(b"\r\n\r\n")
@@ -220,7 +228,7 @@ class Handler:
             prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
             deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
         account = self._account_of(session) if self.submission else None
-        rate = None
+        rate: RateLimitToken | None = None
         if account is not None and self.ratelimits is not None:
             rate = self.ratelimits.prepare(
                 account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
@@ -239,9 +247,9 @@ class Handler:
                          local=len(local), remote=len(remote), mail_from=envelope.mail_from, **queued)
         return codes.message_queued(msgid)
 
-    async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
+    async def _store(self, envelope: Envelope, account: str | None, from_domain: str, received: bytes,
                      data: bytes, remote: list[Recipient], deliveries: list[Delivery],
-                     rate: RateLimitCheck | None = None) -> list[int]:
+                     rate: RateLimitToken | None = None) -> list[int]:
         """Make the message durable: queue (with local copies) or local delivery only; the
         new queue ids. The queue checks and counts ``rate`` in the transaction that queues the
         message."""
@@ -266,7 +274,7 @@ class Handler:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _account_of(self, session: Any) -> str | None:
+    def _account_of(self, session: Session) -> str | None:
         """The account of the authenticated login name (an address or the account name)."""
         from mox_core.accounts.db import account_for_login
 
@@ -277,7 +285,7 @@ class Handler:
             return None
         return account_for_login(self.holder.get(), user)
 
-    def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
+    def _check_from(self, session: Session, head: bytes) -> tuple[str | None, str]:
         """The message From must be one address of the authenticated account: (error, domain)."""
         addr = lean_from_address(head)
         if addr is None:
@@ -301,7 +309,7 @@ class Handler:
             return codes.FROM_NOT_OWNED, ""
         return None, split_address(addr)[1]
 
-    def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:
+    def _received(self, server: MoxSMTP, session: Session, ip: str, helo: str, msgid: str) -> bytes:
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         transport = getattr(server, "transport", None)
         if session.ssl is not None or (transport is not None and transport.get_extra_info("ssl_object")):

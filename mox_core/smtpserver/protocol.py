@@ -91,7 +91,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _SMTP_FUNCS: dict[type, dict[str, Callable[..., Any]]] = {}
 _HOOK_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
-_EHLO_ARITY: dict[Any, int] = {}
+_EHLO_ARITY: dict[object, int] = {}
 
 
 def _smtp_functions(cls: type) -> dict[str, Callable[..., Any]]:
@@ -102,7 +102,7 @@ def _smtp_functions(cls: type) -> dict[str, Callable[..., Any]]:
     return funcs
 
 
-def _handler_hooks(handler: Any) -> dict[str, Callable[..., Any]]:
+def _handler_hooks(handler: object) -> dict[str, Callable[..., Any]]:
     """The handler's ``handle_*`` hooks, as aiosmtpd finds them with ``dir`` (class names are
     cached; attributes set on the instance itself are looked at every time, it is cheap)."""
     cls = type(handler)
@@ -174,7 +174,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
 
     def __init__(
         self,
-        handler: Any,
+        handler: object,
         *,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         max_recipients: int = 1000,
