@@ -107,13 +107,14 @@ INTERNAL_ERROR = "451 4.3.0 internal error, try again later"
 # RFC 3463 X.5.2 (syntax error).
 LINE_TOO_LONG = "500 5.5.2 line too long"
 
-# Bare CR, NUL or other control characters inside a command line (header injection into
-# Received from HELO, reliability catalogue B.24). RFC 5321 §2.3.8, §4.2.2 (501 syntax error
-# in parameters), RFC 3463 X.5.2.
+# Bare CR, NUL or other control characters inside a command line: refused so that none can
+# reach a header we write (a CR in the HELO name would start a new header line after our
+# Received). RFC 5321 §2.3.8, §4.2.2 (501 syntax error in parameters), RFC 3463 X.5.2.
 COMMAND_CONTROL_CHARS = "501 5.5.2 control characters not allowed in command"
 
-# Invalid UTF-8 in a command line when SMTPUTF8 is on (reliability catalogue B.33; Postfix
-# "bad UTF-8 syntax"). RFC 6531 §3.3, RFC 3463 X.5.2.
+# Invalid UTF-8 in a command line when SMTPUTF8 is on: refused rather than decoded with
+# replacement characters into an address (Postfix answers "bad UTF-8 syntax" too).
+# RFC 6531 §3.3, RFC 3463 X.5.2.
 BAD_UTF8 = "500 5.5.2 invalid UTF-8 in command"
 
 # A MAIL parameter given twice (mox answers 501). RFC 5321 §4.1.1.11, RFC 3463 X.5.4
@@ -147,8 +148,8 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
 BAD_LINE_ENDING_IN_DATA = "554 5.6.0 bare carriage return or linefeed in message"
 
 # NUL in message data. RFC 5322 §3.5/§2.3 and RFC 6152 §3 (8bit data has no NUL); we do not
-# offer BINARYMIME. A NUL next to a dot is a smuggling form against servers that strip NUL
-# (smtpsmug "nullbefore/nullafter"). RFC 3463 X.6.0.
+# offer BINARYMIME. A NUL next to the final dot is an SMTP smuggling form against servers
+# that strip NULs (".\0" or "\0." on a line of its own). RFC 3463 X.6.0.
 NUL_IN_DATA = "554 5.6.0 NUL character in message"
 
 # Idle timeout: RFC 5321 §4.5.3.2 (server timeout at least 5 minutes, then 421),
@@ -188,9 +189,9 @@ AUTH_DURING_MAIL = "503 5.5.1 no AUTH during mail transaction"
 # AUTH on a listener without a credential store. RFC 5321 §4.2.4 (502 not implemented).
 AUTH_NOT_ENABLED = "502 5.5.1 authentication not enabled"
 
-# Too many failed logins from this IP in the last minute (mox limitauth: 10/min, answers
-# "421 4.7.0 too many auth failures" and closes). RFC 5321 §3.8 (421 closes the channel),
-# RFC 3463 X.7.0 (security, other).
+# Too many failed logins from this IP in the last minute (10, as mox allows; mox also answers
+# 421 4.7.0 and closes). RFC 5321 §3.8 (421 closes the channel), RFC 3463 X.7.0 (security,
+# other).
 AUTH_THROTTLED = "421 4.7.0 too many authentication failures"
 
 # ---- policy: senders, recipients, messages (smtpserver/handler.py) ------------------------
