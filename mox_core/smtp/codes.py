@@ -37,6 +37,7 @@ __all__ = [
     "BAD_UTF8",
     "COMMAND_CONTROL_CHARS",
     "DATA_SYNTAX",
+    "DEFAULT_OK",
     "DUPLICATE_PARAMETER",
     "EHLO_FIRST",
     "EHLO_SYNTAX",
@@ -59,7 +60,6 @@ __all__ = [
     "NESTED_MAIL",
     "NO_SUCH_USER",
     "NUL_IN_DATA",
-    "OK",
     "QUEUE_UNAVAILABLE",
     "RCPT_PARAMETERS_UNKNOWN",
     "RCPT_SYNTAX",
@@ -280,8 +280,9 @@ def greeting(hostname: str, ident: str) -> str:
     return f"220 {hostname} {ident}"
 
 
-# aiosmtpd's 250 when no handler hook answers MAIL, RCPT or DATA itself.
-OK = "250 OK"
+# aiosmtpd's 250 when no handler hook answers MAIL, RCPT or DATA itself (mox's Handler always
+# answers with its own: SENDER_OK, RECIPIENT_OK, message_queued).
+DEFAULT_OK = "250 OK"
 
 # An empty command line, or a command verb that is not ASCII. RFC 5321 §4.2.2 (500).
 BAD_SYNTAX = "500 Error: bad syntax"

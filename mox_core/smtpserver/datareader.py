@@ -110,7 +110,7 @@ class DataCommand:
             self.envelope.content = self.envelope.original_content = result
             self._reset_timeout()
             status = await self._call_handler_hook("DATA")
-            await self.push(codes.OK if status is MISSING else status)
+            await self.push(codes.DEFAULT_OK if status is MISSING else status)
         finally:
             self._set_post_data_state()
 

@@ -149,7 +149,7 @@ class MailRcptCommands:
         if status is MISSING:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
-            status = codes.OK
+            status = codes.DEFAULT_OK
         await self.push(status)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
@@ -180,5 +180,5 @@ class MailRcptCommands:
         if status is MISSING:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
-            status = codes.OK
+            status = codes.DEFAULT_OK
         await self.push(status)
