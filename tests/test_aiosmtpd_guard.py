@@ -265,7 +265,9 @@ def test_overrides_accept_aiosmtpds_calls() -> None:
         ours = getattr(MoxSMTP, name)
         if name == "__init__" or not inspect.isfunction(theirs) or ours is theirs:
             continue
-        assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(theirs), name
+        assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(theirs), (
+            f"MoxSMTP.{name} is {'not ' * (not inspect.iscoroutinefunction(ours))}async, "
+            f"aiosmtpd's SMTP.{name} is {'not ' * (not inspect.iscoroutinefunction(theirs))}async")
         params = list(inspect.signature(theirs).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         required = [p for p in positional if p.default is p.empty]
