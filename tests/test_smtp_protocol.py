@@ -31,7 +31,7 @@ from mox_core import afterreply
 from mox_core.accounts.passwords import StoredCredentials, make_credentials
 from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.smtp import codes
-from mox_core.smtpserver import protocol
+from mox_core.smtpserver import datareader, protocol
 from mox_core.smtpserver.protocol import MoxSMTP
 
 USER, PASSWORD = "alice@example.org", "s3cret-pw"
@@ -158,7 +158,7 @@ class Raw:
         self.sock.settimeout(seconds)
         try:
             data = self.sock.recv(4096)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return True
         self.buf += data
         return False
@@ -375,7 +375,7 @@ async def test_read_data_at_every_split_point() -> None:
                 proto._reader = reader
                 bounds = [0, *cut, len(data)]
                 task = asyncio.ensure_future(proto._read_data())
-                for a, b in zip(bounds, bounds[1:]):
+                for a, b in zip(bounds, bounds[1:], strict=False):
                     await asyncio.sleep(0)
                     reader.feed_data(data[a:b])
                 result = await asyncio.wait_for(task, 2)
@@ -395,7 +395,7 @@ def test_size_limit_counts_stuffed_dots_only_past_the_limit(chunk: int) -> None:
     wire = stuff(body)  # with the terminator
     assert len(wire) == len(body) + 300 + 3
     for limit, too_big in ((len(body), False), (len(body) - 1, None), (len(body) // 3, True)):
-        collector = protocol._DataCollector(limit)
+        collector = datareader._DataCollector(limit)
         for i in range(0, len(wire), chunk):
             collector.add(wire[i:i + chunk])
         if too_big is not None:

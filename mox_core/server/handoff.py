@@ -46,6 +46,7 @@ import structlog
 from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.outgoing.ratelimit import RateLimited
 from mox_core.plugins.kinds import RateLimitDecision
+from mox_core.smtp import codes
 from mox_core.store import Delivery, StorageError
 
 log = structlog.get_logger(component="smtpserver")
@@ -67,8 +68,8 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], lis
 
 
 def _unavailable() -> StorageError:
-    return StorageError(451, "4.3.0", "outgoing queue not available, try again later",
-                        step="handoff")
+    code, enhanced, text = codes.split(codes.QUEUE_UNAVAILABLE)
+    return StorageError(code, enhanced, text, step="handoff")
 
 
 class RateLimitRequest(NamedTuple):

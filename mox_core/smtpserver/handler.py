@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
+import dns.resolver
 import structlog
 
 from mox_core import afterreply
@@ -28,10 +29,17 @@ from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_doma
 from mox_core.checks import authres
 from mox_core.config.holder import ConfigHolder
 from mox_core.outgoing import dkimsign
-from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
+from mox_core.outgoing.ratelimit import RateLimited
+from mox_core.smtp import codes
 from mox_core.smtp.domain import to_ascii, to_unicode
 from mox_core.smtpserver.fromheader import lean_from_address
+from mox_core.smtpserver.interfaces import MessageStore, OutgoingQueue, RateLimitToken, SubmissionRateLimits
 from mox_core.store import Delivery, StorageError
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import Envelope, Session
+
+    from mox_core.smtpserver.protocol import MoxSMTP
 
 log = structlog.get_logger(component="smtpserver")
 
@@ -69,7 +77,7 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-def _tx(envelope: Any) -> Transaction:
+def _tx(envelope: Envelope) -> Transaction:
     tx = getattr(envelope, "mox", None)
     if tx is None:
         tx = Transaction()
@@ -77,7 +85,7 @@ def _tx(envelope: Any) -> Transaction:
     return tx
 
 
-def _sender(envelope: Any) -> str:
+def _sender(envelope: Envelope) -> str:
     """The envelope sender, "" for the null sender (aiosmtpd keeps it as "<>")."""
     mail_from = envelope.mail_from or ""
     return "" if mail_from == "<>" else mail_from
@@ -108,8 +116,9 @@ class Handler:
         there is none: such recipients then get a temporary error, never accept-and-drop.
     """
 
-    def __init__(self, holder: ConfigHolder, store: Any, service: str, *, resolver: Any = None,
-                 queue: Any = None, hostname: str | None = None, ratelimits: Any = None):
+    def __init__(self, holder: ConfigHolder, store: MessageStore, service: str, *,
+                 resolver: dns.resolver.Resolver | None = None, queue: OutgoingQueue | None = None,
+                 hostname: str | None = None, ratelimits: SubmissionRateLimits | None = None):
         assert service in ("smtp", "submission")
         self.holder = holder
         self.store = store
@@ -123,13 +132,13 @@ class Handler:
 
     # -- MAIL -----------------------------------------------------------------------------
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+    async def handle_MAIL(self, server: MoxSMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
-            return "501 5.1.7 bad sender address"
+            return codes.BAD_SENDER_ADDRESS
         if self.submission:
             if not session.authenticated:
-                return "530 5.7.0 authentication required"
+                return codes.AUTH_REQUIRED
             if address and address != "<>":
                 account = self._account_of(session)
                 try:
@@ -137,67 +146,67 @@ class Handler:
                 except (AddressNotFound, ValueError):
                     owner = None
                 if owner != account:
-                    return "550 5.7.1 mail from address must belong to the authenticated account"
+                    return codes.SENDER_NOT_OWNED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         _tx(envelope).recipients.clear()
-        return "250 2.1.0 sender ok"
+        return codes.SENDER_OK
 
     # -- RCPT -----------------------------------------------------------------------------
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+    async def handle_RCPT(self, server: MoxSMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
-            return "501 5.1.3 bad recipient address"
+            return codes.BAD_RECIPIENT_ADDRESS
         cfg = self.holder.get()
         addr = _strip_source_route(address)
         try:
             lp, domain = split_address(addr)
         except ValueError:
-            return "501 5.1.3 bad recipient address"
+            return codes.BAD_RECIPIENT_ADDRESS
         tx = _tx(envelope)
         local = bool(domain) and not domain.startswith("[") and is_local_domain(cfg, domain)
         if not local and not (lp.lower() == "postmaster" and (not domain or domain.lower() == cfg.static.hostname)):
             if not self.submission:
-                return "550 5.7.1 relaying not permitted"
+                return codes.RELAY_DENIED
             if not domain or "!" in lp or "%" in lp or domain.startswith("["):
-                return "550 5.1.3 bad recipient address for outgoing mail"
+                return codes.BAD_OUTGOING_RECIPIENT
             try:
                 to_ascii(domain)
             except ValueError:
-                return "501 5.1.3 bad recipient domain"
+                return codes.BAD_RECIPIENT_DOMAIN
             if self.queue is None:
-                return "451 4.3.0 outgoing queue not available, try again later"
+                return codes.QUEUE_UNAVAILABLE
             tx.recipients.append(Recipient(addr, None))
             envelope.rcpt_tos.append(addr)
             envelope.rcpt_options.extend(rcpt_options)
-            return "250 2.1.5 recipient ok"
+            return codes.RECIPIENT_OK
         try:
             resolved = lookup(cfg, addr)
         except AddressNotFound as exc:
             if exc.reason == "domain_disabled":
-                return "450 4.2.1 recipient domain temporarily disabled"
-            return "550 5.1.1 no such user"
+                return codes.RECIPIENT_DOMAIN_DISABLED
+            return codes.NO_SUCH_USER
         dest = resolved.destination
         if dest is not None and dest.smtp_error:
             code, _, text = dest.smtp_error.partition(" ")
             if code == "421":
-                return f"451 4.3.0 {text or 'error processing'}"
-            return f"550 5.1.1 {text or 'no such user(s)'}"
+                return codes.destination_deferred(text)
+            return codes.destination_refused(text)
         tx.recipients.append(Recipient(addr, resolved))
         envelope.rcpt_tos.append(addr)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 recipient ok"
+        return codes.RECIPIENT_OK
 
     # -- DATA -----------------------------------------------------------------------------
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: MoxSMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.content if isinstance(envelope.content, bytes) else envelope.original_content
         tx = _tx(envelope)
         end = data.find(b"\r\n\r\n")
         head = data[: end + 2] if end >= 0 else data
         if len(_RECEIVED.findall(head)) > MAX_HOPS:
-            return "554 5.4.6 too many hops"
+            return codes.TOO_MANY_HOPS
         from_domain = ""
         if self.submission:
             problem, from_domain = self._check_from(session, head)
@@ -219,7 +228,7 @@ class Handler:
             prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
             deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
         account = self._account_of(session) if self.submission else None
-        rate = None
+        rate: RateLimitToken | None = None
         if account is not None and self.ratelimits is not None:
             rate = self.ratelimits.prepare(
                 account, _sender(envelope), [_canonical(r.address) for r in tx.recipients], len(data))
@@ -236,11 +245,11 @@ class Handler:
         queued = {"account": account, "queue_ids": queue_ids} if queue_ids else {}
         afterreply.later(log.info, "message_accepted", service=self.service, msgid=msgid, size=len(data),
                          local=len(local), remote=len(remote), mail_from=envelope.mail_from, **queued)
-        return f"250 2.0.0 message queued as {msgid}"
+        return codes.message_queued(msgid)
 
-    async def _store(self, envelope: Any, account: str | None, from_domain: str, received: bytes,
+    async def _store(self, envelope: Envelope, account: str | None, from_domain: str, received: bytes,
                      data: bytes, remote: list[Recipient], deliveries: list[Delivery],
-                     rate: RateLimitCheck | None = None) -> list[int]:
+                     rate: RateLimitToken | None = None) -> list[int]:
         """Make the message durable: queue (with local copies) or local delivery only; the
         new queue ids. The queue checks and counts ``rate`` in the transaction that queues the
         message."""
@@ -265,7 +274,7 @@ class Handler:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _account_of(self, session: Any) -> str | None:
+    def _account_of(self, session: Session) -> str | None:
         """The account of the authenticated login name (an address or the account name)."""
         from mox_core.accounts.db import account_for_login
 
@@ -276,31 +285,31 @@ class Handler:
             return None
         return account_for_login(self.holder.get(), user)
 
-    def _check_from(self, session: Any, head: bytes) -> tuple[str | None, str]:
+    def _check_from(self, session: Session, head: bytes) -> tuple[str | None, str]:
         """The message From must be one address of the authenticated account: (error, domain)."""
         addr = lean_from_address(head)
         if addr is None:
             msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
             froms = msg.get_all("From") or []
             if len(froms) != 1:
-                return "550 5.7.1 message must have exactly one From header", ""
+                return codes.FROM_NOT_ONE_HEADER, ""
             try:
                 header = froms[0]
                 addrs = list(header.addresses)
             except Exception:
-                return "550 5.7.1 bad From header", ""
+                return codes.FROM_HEADER_BAD, ""
             if len(addrs) != 1 or header.defects or not addrs[0].addr_spec or "@" not in addrs[0].addr_spec:
-                return "550 5.7.1 From header must have exactly one valid address", ""
+                return codes.FROM_NOT_ONE_ADDRESS, ""
             addr = addrs[0].addr_spec
         try:
             owner = lookup(self.holder.get(), addr).account
         except (AddressNotFound, ValueError):
             owner = None
         if owner != self._account_of(session):
-            return "550 5.7.1 From address must belong to the authenticated account", ""
+            return codes.FROM_NOT_OWNED, ""
         return None, split_address(addr)[1]
 
-    def _received(self, server: Any, session: Any, ip: str, helo: str, msgid: str) -> bytes:
+    def _received(self, server: MoxSMTP, session: Session, ip: str, helo: str, msgid: str) -> bytes:
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         transport = getattr(server, "transport", None)
         if session.ssl is not None or (transport is not None and transport.get_extra_info("ssl_object")):

@@ -13,13 +13,19 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
+import dns.resolver
 import structlog
 
+from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.models import Listener
 from mox_core.smtpserver.handler import Handler
+from mox_core.smtpserver.interfaces import CredentialStore, MessageStore, OutgoingQueue, SubmissionRateLimits
+
+if TYPE_CHECKING:
+    from mox_core.smtpserver.protocol import MoxSMTP
 
 log = structlog.get_logger(component="smtpserver")
 
@@ -45,33 +51,43 @@ class Listening:
     server: asyncio.base_events.Server
 
 
-def _services(lst: Listener, tls: ssl.SSLContext | None,
-              credentials: Any) -> list[tuple[str, int, dict[str, Any], ssl.SSLContext | None]]:
+class _ServiceOptions(TypedDict):
+    """The MoxSMTP arguments that differ between the services."""
+
+    tls_context: ssl.SSLContext | None
+    require_starttls: bool
+    auth_require_tls: bool
+    credential_store: CredentialStore | None
+
+
+def _services(lst: Listener, tls: ssl.SSLContext | None, credentials: CredentialStore | None,
+              ) -> list[tuple[str, int, _ServiceOptions, ssl.SSLContext | None]]:
     """(service, port, MoxSMTP options, implicit TLS context) of each enabled service."""
     services = []
     if lst.smtp.enabled:
-        services.append(("smtp", lst.smtp.port, dict(
+        services.append(("smtp", lst.smtp.port, _ServiceOptions(
             tls_context=None if lst.smtp.no_starttls else tls,
             require_starttls=lst.smtp.require_starttls, auth_require_tls=True,
             credential_store=None,
         ), None))
     if lst.submission.enabled:
-        services.append(("submission", lst.submission.port, dict(
+        services.append(("submission", lst.submission.port, _ServiceOptions(
             tls_context=tls, require_starttls=not lst.submission.no_require_starttls,
             auth_require_tls=not lst.submission.no_require_starttls,
             credential_store=credentials,
         ), None))
     if lst.submissions.enabled:
-        services.append(("submissions", lst.submissions.port, dict(
+        services.append(("submissions", lst.submissions.port, _ServiceOptions(
             tls_context=None, require_starttls=False, auth_require_tls=False,
             credential_store=credentials,
         ), tls))
     return services
 
 
-def _factory(holder: ConfigHolder, lst: Listener, service: str, options: dict[str, Any], *,
-             store: Any, resolver: Any, queue: Any, auth_limiter: Any,
-             ratelimits: Any) -> Callable[[], Any]:
+def _factory(holder: ConfigHolder, lst: Listener, service: str, options: _ServiceOptions, *,
+             store: MessageStore, resolver: dns.resolver.Resolver | None, queue: OutgoingQueue | None,
+             auth_limiter: AuthFailureLimiter | None,
+             ratelimits: SubmissionRateLimits | None) -> Callable[[], MoxSMTP]:
     from mox_core.smtpserver.protocol import MoxSMTP
 
     hostname = lst.hostname or holder.get().static.hostname
@@ -94,8 +110,10 @@ def endpoints(holder: ConfigHolder) -> list[tuple[str, str, str, int]]:
             for service, port, _, _ in _services(lst, None, None) for ip in lst.ips]
 
 
-async def start_listeners(holder: ConfigHolder, *, store: Any, credentials: Any, resolver: Any,
-                          queue: Any = None, auth_limiter: Any = None, ratelimits: Any = None,
+async def start_listeners(holder: ConfigHolder, *, store: MessageStore, credentials: CredentialStore | None,
+                          resolver: dns.resolver.Resolver | None, queue: OutgoingQueue | None = None,
+                          auth_limiter: AuthFailureLimiter | None = None,
+                          ratelimits: SubmissionRateLimits | None = None,
                           services: frozenset[str] | None = None,
                           sockets: dict[tuple[str, str, str], list[socket.socket]] | None = None,
                           ) -> list[Listening]:
