@@ -26,6 +26,7 @@ from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.dns.resolver import install_spf_lookup, make_async_resolver, make_resolver
 from mox_core.queue import Queue
+from mox_core.smtpserver.interfaces import OutgoingQueue, SubmissionRateLimits
 from mox_core.smtpserver.listen import Listening, start_listeners
 from mox_core.store import Maildir, MaildirStore
 
@@ -53,7 +54,8 @@ class Components:
         self.listeners: list[Listening] = []
         self._reloader: asyncio.Task[None] | None = None
 
-    async def start_listeners(self, *, queue, ratelimits, auth_limiter: AuthFailureLimiter,
+    async def start_listeners(self, *, queue: OutgoingQueue, ratelimits: SubmissionRateLimits,
+                              auth_limiter: AuthFailureLimiter,
                               sockets: dict[tuple[str, str, str], list[socket.socket]] | None = None,
                               ) -> list[Listening]:
         """The SMTP, submission and submissions listeners of mox.toml with this process's

@@ -44,8 +44,9 @@ from typing import Any, NamedTuple
 import structlog
 
 from mox_core.accounts.sasl import AuthFailureLimiter
-from mox_core.outgoing.ratelimit import RateLimited
+from mox_core.outgoing.ratelimit import RateLimited, RateLimits
 from mox_core.plugins.kinds import RateLimitDecision
+from mox_core.queue import Queue
 from mox_core.smtp import codes
 from mox_core.store import Delivery, StorageError
 
@@ -90,7 +91,7 @@ class WorkerSubmissions:
     """The main process's side of the workers' links: queue their submissions, count their
     failed logins. ``attach`` each worker's end of a new link (``SMTPWorkers`` does)."""
 
-    def __init__(self, queue: Any, ratelimits: Any, auth_limiter: AuthFailureLimiter):
+    def __init__(self, queue: Queue, ratelimits: RateLimits, auth_limiter: AuthFailureLimiter):
         self.queue = queue
         self.ratelimits = ratelimits
         self.auth_limiter = auth_limiter
