@@ -175,8 +175,13 @@ def test_killed_worker_is_replaced_and_its_backlog_still_served(mox2):
     exited = log_events(mox2, "smtp_worker_exited")
     assert [e["pid"] for e in exited] == [pids[0]]
     # the replacement runs on its predecessor's CPU, the one its sockets get connections from
-    by_pid = {e["pid"]: e for e in log_events(mox2, "smtp_worker_started")}
     replacement = [p for p in new if p not in pids]
+
+    def started() -> dict | None:  # the process runs before it logs that it is ready
+        by_pid = {e["pid"]: e for e in log_events(mox2, "smtp_worker_started")}
+        return by_pid if replacement[0] in by_pid else None
+
+    by_pid = wait_for(started, timeout=20, what="the replacement's smtp_worker_started")
     assert by_pid[replacement[0]]["cpu"] == by_pid[pids[0]]["cpu"]
     assert allowed_cpus(replacement[0]) == {by_pid[pids[0]]["cpu"]}
 
