@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["HTTP_BUCKETS", "METRICS", "collect", "process_exited"]
+__all__ = ["HTTP_BUCKETS", "METRICS", "ServiceMetrics", "collect", "process_exited"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -82,6 +82,29 @@ class Metrics:
 
 
 METRICS = Metrics()
+
+
+class ServiceMetrics:
+    """The counts of one SMTP service of one listener (``local``/``submission``), with the
+    labelled series looked up once: on the path of every session and message."""
+
+    __slots__ = ("auth_failures", "listener", "service", "sessions", "_messages")
+
+    def __init__(self, listener: str, service: str) -> None:
+        self.listener = listener
+        self.service = service
+        self.sessions = METRICS.smtp_sessions.labels(listener, service)
+        self.auth_failures = METRICS.auth_failures.labels(listener, service)
+        self._messages: dict[tuple[str, str], Counter] = {}
+
+    def message(self, result: str, reason: str) -> None:
+        """Count a message ``accepted`` (reason ``delivered`` or ``queued``) or ``rejected``
+        (reason: what was wrong, e.g. ``relay_denied``, ``no_such_user``, ``storage``)."""
+        child = self._messages.get((result, reason))
+        if child is None:
+            child = self._messages[(result, reason)] = METRICS.smtp_messages.labels(
+                self.listener, self.service, result, reason)
+        child.inc()
 
 
 def process_exited(pid: int) -> None:

@@ -28,6 +28,8 @@ from mox_core.smtp import codes
 if TYPE_CHECKING:
     from aiosmtpd.smtp import Envelope, Session
 
+    from mox_core.metrics import ServiceMetrics
+
 __all__ = ["AUTH_LINE_LIMIT", "AuthCommand"]
 
 log = structlog.get_logger(component="smtpserver")
@@ -50,6 +52,7 @@ class AuthCommand:
     auth_limiter: AuthFailureLimiter
     auth_failure_delay: float
     _auth_failures: int
+    metrics: ServiceMetrics | None
     _auth_require_tls: bool
     _reader: asyncio.StreamReader
     _tls_protocol: object | None  # aiosmtpd's SSLProtocol once STARTTLS has completed
@@ -111,6 +114,8 @@ class AuthCommand:
             return
         self._auth_failures += 1
         self.auth_limiter.failed(ip)
+        if self.metrics is not None:
+            self.metrics.auth_failures.inc()
         log.info("auth_failed", peer=ip, mechanism=name, reason=step.reason)
         if self._auth_failures > 3 and self.auth_failure_delay > 0:
             await asyncio.sleep((self._auth_failures - 3) * self.auth_failure_delay)

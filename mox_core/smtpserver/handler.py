@@ -28,6 +28,7 @@ from mox_core import afterreply
 from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.checks import authres
 from mox_core.config.holder import ConfigHolder
+from mox_core.metrics import ServiceMetrics
 from mox_core.outgoing import dkimsign
 from mox_core.outgoing.ratelimit import RateLimited
 from mox_core.smtp import codes
@@ -118,8 +119,10 @@ class Handler:
 
     def __init__(self, holder: ConfigHolder, store: MessageStore, service: str, *,
                  resolver: dns.resolver.Resolver | None = None, queue: OutgoingQueue | None = None,
-                 hostname: str | None = None, ratelimits: SubmissionRateLimits | None = None):
+                 hostname: str | None = None, ratelimits: SubmissionRateLimits | None = None,
+                 metrics: ServiceMetrics | None = None):
         assert service in ("smtp", "submission")
+        self.metrics = metrics or ServiceMetrics("", service)
         self.holder = holder
         self.store = store
         self.service = service
@@ -138,6 +141,7 @@ class Handler:
             return codes.BAD_SENDER_ADDRESS
         if self.submission:
             if not session.authenticated:
+                self.metrics.message("rejected", "auth_required")
                 return codes.AUTH_REQUIRED
             if address and address != "<>":
                 account = self._account_of(session)
@@ -146,6 +150,7 @@ class Handler:
                 except (AddressNotFound, ValueError):
                     owner = None
                 if owner != account:
+                    self.metrics.message("rejected", "sender_not_owned")
                     return codes.SENDER_NOT_OWNED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -168,6 +173,7 @@ class Handler:
         local = bool(domain) and not domain.startswith("[") and is_local_domain(cfg, domain)
         if not local and not (lp.lower() == "postmaster" and (not domain or domain.lower() == cfg.static.hostname)):
             if not self.submission:
+                self.metrics.message("rejected", "relay_denied")
                 return codes.RELAY_DENIED
             if not domain or "!" in lp or "%" in lp or domain.startswith("["):
                 return codes.BAD_OUTGOING_RECIPIENT
@@ -185,7 +191,9 @@ class Handler:
             resolved = lookup(cfg, addr)
         except AddressNotFound as exc:
             if exc.reason == "domain_disabled":
+                self.metrics.message("rejected", "domain_disabled")
                 return codes.RECIPIENT_DOMAIN_DISABLED
+            self.metrics.message("rejected", "no_such_user")
             return codes.NO_SUCH_USER
         dest = resolved.destination
         if dest is not None and dest.smtp_error:
@@ -206,11 +214,13 @@ class Handler:
         end = data.find(b"\r\n\r\n")
         head = data[: end + 2] if end >= 0 else data
         if len(_RECEIVED.findall(head)) > MAX_HOPS:
+            self.metrics.message("rejected", "too_many_hops")
             return codes.TOO_MANY_HOPS
         from_domain = ""
         if self.submission:
             problem, from_domain = self._check_from(session, head)
             if problem:
+                self.metrics.message("rejected", "from_header")
                 return problem
         peer_ip = session.peer[0] if session.peer else "127.0.0.1"
         helo = session.host_name or ""
@@ -236,10 +246,13 @@ class Handler:
             queue_ids = await self._store(envelope, account, from_domain, received, data, remote,
                                           deliveries, rate)
         except RateLimited as exc:
+            self.metrics.message("rejected", "rate_limited")
             return exc.reply
         except StorageError as exc:
+            self.metrics.message("rejected", "storage")
             log.error("delivery_storage_error", error=str(exc), code=exc.code)
             return exc.reply
+        self.metrics.message("accepted", "queued" if queue_ids else "delivered")
         # one line per accepted message, written after the 250 (afterreply.py); for the queue
         # it is also the line of the add, with the ids `mox queue list` shows
         queued = {"account": account, "queue_ids": queue_ids} if queue_ids else {}

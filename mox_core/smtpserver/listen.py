@@ -21,6 +21,7 @@ import structlog
 from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.models import Listener
+from mox_core.metrics import ServiceMetrics
 from mox_core.smtpserver.handler import Handler
 from mox_core.smtpserver.interfaces import CredentialStore, MessageStore, OutgoingQueue, SubmissionRateLimits
 
@@ -84,21 +85,22 @@ def _services(lst: Listener, tls: ssl.SSLContext | None, credentials: Credential
     return services
 
 
-def _factory(holder: ConfigHolder, lst: Listener, service: str, options: _ServiceOptions, *,
+def _factory(holder: ConfigHolder, listener: str, lst: Listener, service: str, options: _ServiceOptions, *,
              store: MessageStore, resolver: dns.resolver.Resolver | None, queue: OutgoingQueue | None,
              auth_limiter: AuthFailureLimiter | None,
              ratelimits: SubmissionRateLimits | None) -> Callable[[], MoxSMTP]:
     from mox_core.smtpserver.protocol import MoxSMTP
 
     hostname = lst.hostname or holder.get().static.hostname
+    counts = ServiceMetrics(listener, service)
     handler = Handler(holder, store, "smtp" if service == "smtp" else "submission",
                       resolver=resolver if service == "smtp" else None, queue=queue,
-                      hostname=hostname, ratelimits=ratelimits)
+                      hostname=hostname, ratelimits=ratelimits, metrics=counts)
     size = lst.smtp_max_message_size
 
     def factory() -> MoxSMTP:
         return MoxSMTP(handler, hostname=hostname, max_message_size=size,
-                       auth_limiter=auth_limiter, **options)
+                       auth_limiter=auth_limiter, metrics=counts, **options)
 
     return factory
 
@@ -131,7 +133,7 @@ async def start_listeners(holder: ConfigHolder, *, store: MessageStore, credenti
         for service, port, options, implicit_tls in _services(lst, tls, credentials):
             if services is not None and service not in services:
                 continue
-            factory = _factory(holder, lst, service, options, store=store, resolver=resolver,
+            factory = _factory(holder, name, lst, service, options, store=store, resolver=resolver,
                                queue=queue, auth_limiter=auth_limiter, ratelimits=ratelimits)
             for ip in lst.ips:
                 try:

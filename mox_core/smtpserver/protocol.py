@@ -70,6 +70,7 @@ from aiosmtpd.smtp import (
 from mox_core import afterreply
 from mox_core import logging as mox_logging
 from mox_core.accounts.sasl import DEFAULT_AUTH_LIMITER, MECHANISMS, AuthFailureLimiter, CredentialStore
+from mox_core.metrics import ServiceMetrics
 from mox_core.smtp import codes
 from mox_core.smtpserver.auth import AUTH_LINE_LIMIT, AuthCommand
 from mox_core.smtpserver.datareader import DataCommand
@@ -168,6 +169,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         process-wide one (10 failures per IP per minute).
     :param auth_failure_delay: seconds per failure beyond the third on one connection to wait
         before answering 535 (mox); 0 disables.
+    :param metrics: the counts of this listener's service (sessions open, failed logins).
     :param enable_smtputf8: offer SMTPUTF8 (RFC 6531); commands are then decoded as UTF-8.
     :param ident: text after the host name in the 220 greeting.
     """
@@ -188,6 +190,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         auth_mechanisms: Iterable[str] | None = None,
         auth_limiter: AuthFailureLimiter | None = None,
         auth_failure_delay: float = 1.0,
+        metrics: ServiceMetrics | None = None,
         enable_smtputf8: bool = True,
         ident: str = "ESMTP",
         loop: asyncio.AbstractEventLoop | None = None,
@@ -245,6 +248,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         self._smtp_methods = _smtp_functions(type(self))
         self._trace = False
         self._after_reply = afterreply.Pending(None)  # afterreply.later() of this session
+        self.metrics = metrics  # sessions open, failed logins (mox_core.metrics)
 
     # ---- timeouts --------------------------------------------------------------------------
 
@@ -300,9 +304,14 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
 
     async def _handle_client(self) -> None:
         self._after_reply = afterreply.collect()
+        sessions = self.metrics.sessions if self.metrics is not None else None
+        if sessions is not None:
+            sessions.inc()
         try:
             await self._command_loop()
         finally:
+            if sessions is not None:
+                sessions.dec()
             afterreply.run(self._after_reply)  # what a session ending without a reply left
 
     async def _command_loop(self) -> None:
