@@ -53,8 +53,8 @@ from common import (
     variant_mox,
 )
 
-from mox_core.testpeers import make_private_dir
-from mox_core.testpeers.sink import SmtpSink
+from mox_testpeers import make_private_dir
+from mox_testpeers.sink import SmtpSink
 
 # label, sessions, body bytes, messages per measurement at --scale 1 (about 1.5-4 s each)
 CASES = [

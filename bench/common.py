@@ -23,7 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from mox_core.testpeers import free_port, make_private_dir, wait_banner
+from mox_testpeers import free_port, make_private_dir, wait_banner
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -35,7 +35,7 @@ from pathlib import Path
 from accept import Bench
 from common import ACCOUNT_ADDR, LOCAL_RCPT, PASSWORD, REMOTE_RCPT, SENDER, log, make_message, rotate
 
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 INCOMING = ["connect/220", "HELO", "MAIL", "RCPT", "DATA/354", "data/250", "QUIT"]
 SUBMISSION = ["connect/220", "EHLO", "AUTH/334", "AUTH/235", "MAIL", "RCPT", "DATA/354", "data/250", "QUIT"]

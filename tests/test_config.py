@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from mox_core.config.load import ConfigHolder, find_config_path, load_config
 from mox_core.errors import ConfigError
-from mox_core.testconfig import load, write_config
+from mox_core.testing import load, write_config
 from tests.conftest import run_mox
 
 

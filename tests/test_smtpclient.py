@@ -2,7 +2,7 @@
 
 Peers: a scripted asyncio SMTP server (for what real servers will not do: inject bytes after
 STARTTLS, count RCPTs per transaction, show the exact DATA bytes), the private Postfix
-smarthost with Cyrus SASL and a Postfix MX (mox_core.testing fixtures), the loopback DNS
+smarthost with Cyrus SASL and a Postfix MX (mox_testpeers fixtures), the loopback DNS
 server, and an HTTPS server with a throwaway CA made by the openssl CLI. All on 127.0.0.0/8.
 """
 
@@ -44,7 +44,7 @@ from mox_core.smtpclient.client import Reply, parse_extensions
 from mox_core.smtpclient.dial import order_ips
 from mox_core.smtpclient.mtasts import Policy, PolicyError, parse_policy, parse_record
 from mox_core.smtpclient.mx import NULL_MX_TEXT
-from mox_core.testpeers import wait_for
+from mox_testpeers import wait_for
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT
 
@@ -636,7 +636,7 @@ def _smarthost_session(sh, **options):
 @pytest.fixture(scope="module")
 def smarthost():
     """One private Postfix smarthost for this module (starting one takes a while)."""
-    from mox_core.testpeers.postfix import PostfixSmarthost
+    from mox_testpeers.postfix import PostfixSmarthost
 
     sh = PostfixSmarthost(implicit_tls=True).start()
     yield sh

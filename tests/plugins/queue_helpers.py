@@ -15,7 +15,7 @@ import pytest
 from mox_core.config.load import Config, ConfigHolder
 from mox_core.plugins.host import PluginHost
 from mox_core.queue import FakeClock, Queue
-from mox_core.testconfig import load
+from mox_core.testing import load
 from tests.plugins import queue_scripted
 
 STATIC = """\

@@ -15,8 +15,8 @@ import pytest
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.smtpclient import Timeouts
-from mox_core.testconfig import load
-from mox_core.testpeers import reserve
+from mox_core.testing import load
+from mox_testpeers import reserve
 from mox_transport_socks.transport import SocksTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 from mox_core.errors import ConfigError
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import WebHandlerContext
-from mox_core.testconfig import listed_plugin, load
+from mox_core.testing import listed_plugin, load
 
 
 def test_plugin_is_installed():
@@ -109,7 +109,7 @@ def test_reverse_proxy_forwards_with_x_forwarded_headers(tmp_path, backend):
 
 
 def test_reverse_proxy_backend_down_is_502(tmp_path):
-    from mox_core.testpeers import free_port
+    from mox_testpeers import free_port
 
     client = _app(tmp_path, f'[[web_handlers]]\nkind = "reverse_proxy"\ndomain = "example.org"\n'
                             f'url = "http://127.0.0.1:{free_port()}/"\n')

@@ -1,12 +1,14 @@
-"""Real network peers for tests, all on 127.0.0.0/8.
+"""Real network peers for the tests and benchmarks of mox, all on 127.0.0.0/8.
 
 Nothing here talks to anything outside the loopback network, and nothing uses the system
-resolver. The submodules are imported lazily by :mod:`mox_core.testing` (the pytest plugin):
+resolver. The drivers, one module each (imported lazily by the pytest plugin,
+:mod:`mox_testpeers.pytest_plugin`, whose fixtures start them):
 
 * :mod:`.dnsserver` -- authoritative DNS server (dnspython) with programmable failures;
 * :mod:`.sink`      -- Postfix ``smtp-sink`` with fault injection and message dumps;
 * :mod:`.postfix`   -- private Postfix instances: SASL submission smarthost, plain MX;
-* :mod:`.socks`     -- SOCKS5 proxies: dante-server and microsocks.
+* :mod:`.socks`     -- SOCKS5 proxies: dante-server and microsocks;
+* :mod:`.moxserver` -- ``mox serve`` as a real server process with a generated config.
 
 This module holds the small stdlib-only helpers that they share. A missing program raises
 :class:`MissingToolError` naming the Debian package; the pytest plugin turns that into a test

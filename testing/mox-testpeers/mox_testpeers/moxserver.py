@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mox_core.testpeers import free_port, run, wait_banner
+from . import free_port, run, wait_banner
 
 _CERT_CACHE: dict[str, tuple[Path, Path]] = {}
 
