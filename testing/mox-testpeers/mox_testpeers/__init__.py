@@ -10,9 +10,10 @@ resolver. The drivers, one module each (imported lazily by the pytest plugin,
 * :mod:`.socks`     -- SOCKS5 proxies: dante-server and microsocks;
 * :mod:`.moxserver` -- ``mox serve`` as a real server process with a generated config.
 
-This module holds the small stdlib-only helpers that they share. A missing program raises
-:class:`MissingToolError` naming the Debian package; the pytest plugin turns that into a test
-*failure* (never a skip), since CI installs every package.
+:mod:`.lifecycle` holds what they all do the same way (start a process, wait until it is
+ready, stop it; retry on another address). This module holds the small stdlib-only helpers
+they share. A missing program raises :class:`MissingToolError` naming the Debian package; the
+pytest plugin turns that into a test *failure* (never a skip), since CI installs every package.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "SCRIPTS_DIR",
     "free_loopback_host",
     "free_port",
+    "is_addr_in_use",
     "make_private_dir",
     "port_is_free",
     "remove_private_dir",
@@ -346,15 +348,16 @@ def remove_private_dir(path: Path | str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGTERM the process (by its PID), then SIGKILL if it does not exit in time."""
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0, *, kill_timeout: float | None = None) -> None:
+    """SIGTERM the process (by its PID), then SIGKILL if it does not exit within *timeout*
+    seconds, and wait *kill_timeout* (default: *timeout*) for that."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout)
+            proc.wait(timeout if kill_timeout is None else kill_timeout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ import socketserver
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import dns.asyncresolver
 import dns.exception
@@ -61,6 +62,7 @@ import dns.resolver
 import dns.rrset
 
 from . import PeerError
+from .lifecycle import Peer
 
 __all__ = ["DNSServer", "Query", "resolver_for", "sync_resolver_for", "TIMEOUT", "NODATA", "TRUNCATE"]
 
@@ -137,10 +139,16 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-class DNSServer:
-    """Authoritative DNS server on ``host`` (127.0.0.1), UDP and TCP on the same port."""
+class DNSServer(Peer):
+    """Authoritative DNS server on ``host`` (127.0.0.1), UDP and TCP on the same port.
+
+    It runs in this process, in two threads (UDP and TCP), ready once both sockets are bound.
+    """
+
+    kind = "DNS server"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, default_ttl: int = 0):
+        super().__init__()
         self.host = host
         self._want_port = port
         self.port = 0
@@ -169,37 +177,35 @@ class DNSServer:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-    def start(self) -> "DNSServer":
+    def start(self, timeout: float | None = None) -> DNSServer:
         if self._udp is not None:
             return self
+        return super().start(timeout)
+
+    def _start_tries(self) -> int:
+        # with a free port: the UDP one the kernel chose may be taken for TCP; choose again
+        return 1 if self._want_port else 50
+
+    def _launch(self, timeout: float) -> None:
         handler_udp, handler_tcp = self._handlers()
-        last_err: OSError | None = None
-        for _ in range(50):
-            udp = tcp = None
-            try:
-                udp = _UDPServer((self.host, self._want_port), handler_udp)
-                port = udp.server_address[1]
-                tcp = _TCPServer((self.host, port), handler_tcp)
-            except OSError as e:
-                last_err = e
-                if udp is not None:
-                    udp.server_close()
-                if self._want_port:
-                    break
-                continue
-            self._udp, self._tcp, self.port = udp, tcp, port
-            break
-        if self._udp is None:
-            raise PeerError(f"DNS server could not bind {self.host}:{self._want_port or '(free port)'}: {last_err}")
+        udp = None
+        try:
+            udp = _UDPServer((self.host, self._want_port), handler_udp)
+            port = udp.server_address[1]
+            tcp = _TCPServer((self.host, port), handler_tcp)
+        except OSError as e:
+            if udp is not None:
+                udp.server_close()
+            raise PeerError(f"could not bind {self.host}:{self._want_port or '(free port)'}: {e}") from None
+        self._udp, self._tcp, self.port = udp, tcp, port
         self._stopping.clear()
         for srv, label in ((self._udp, "udp"), (self._tcp, "tcp")):
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                  name=f"testdns-{label}-{self.port}", daemon=True)
             t.start()
             self._threads.append(t)
-        return self
 
-    def stop(self) -> None:
+    def _halt(self) -> None:
         self._stopping.set()
         for srv in (self._udp, self._tcp):
             if srv is not None:
@@ -210,15 +216,9 @@ class DNSServer:
         self._threads.clear()
         self._udp = self._tcp = None
 
-    def __enter__(self) -> "DNSServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # ---------------------------------------------------------------- zone data
 
-    def add(self, name: str, rdtype: str, value, ttl: int | None = None) -> "DNSServer":
+    def add(self, name: str, rdtype: str, value, ttl: int | None = None) -> DNSServer:
         """Add one record (keeps the existing records of that name and type)."""
         n, t = _name(name), _rdtype(rdtype)
         rd = _make_rdata(t, value)
@@ -232,7 +232,7 @@ class DNSServer:
             node[t] = (ttl if ttl is not None else old_ttl, rds)
         return self
 
-    def set(self, name: str, rdtype: str, values: Iterable, ttl: int | None = None) -> "DNSServer":
+    def set(self, name: str, rdtype: str, values: Iterable, ttl: int | None = None) -> DNSServer:
         """Replace all records of that name and type (an empty *values* removes them)."""
         n, t = _name(name), _rdtype(rdtype)
         if isinstance(values, (str, bytes, dns.rdata.Rdata)):
@@ -245,7 +245,7 @@ class DNSServer:
                 self._data.setdefault(n, {})[t] = (ttl if ttl is not None else self.default_ttl, rds)
         return self
 
-    def remove(self, name: str, rdtype: str | None = None) -> "DNSServer":
+    def remove(self, name: str, rdtype: str | None = None) -> DNSServer:
         """Remove the records of *name* (of one type, or all)."""
         with self._lock:
             self._remove(_name(name), _rdtype(rdtype))
@@ -270,12 +270,12 @@ class DNSServer:
             self._delays.clear()
             self.queries.clear()
 
-    def add_null_mx(self, name: str, ttl: int | None = None) -> "DNSServer":
+    def add_null_mx(self, name: str, ttl: int | None = None) -> DNSServer:
         """RFC 7505 null MX: ``name MX 0 .``."""
         return self.set(name, "MX", ["0 ."], ttl)
 
     def add_mx_host(self, domain: str, host: str, preference: int = 10, *, a: str | list[str] | None = None,
-                    aaaa: str | list[str] | None = None) -> "DNSServer":
+                    aaaa: str | list[str] | None = None) -> DNSServer:
         """``domain MX preference host`` plus A/AAAA records for host."""
         self.add(domain, "MX", f"{preference} {_name(host).to_text()}")
         for rdtype, vals in (("A", a), ("AAAA", aaaa)):
@@ -293,7 +293,7 @@ class DNSServer:
     # ---------------------------------------------------------------- failures
 
     def fail(self, name: str, rdtype: str | None = None, mode: str = "SERVFAIL", *,
-             times: int | None = None) -> "DNSServer":
+             times: int | None = None) -> DNSServer:
         """Answer queries for *name* (and *rdtype*, or every type if None) with a failure.
 
         *mode*: ``"TIMEOUT"`` (never answer), ``"NXDOMAIN"``, ``"NODATA"`` (NOERROR, empty
@@ -308,10 +308,10 @@ class DNSServer:
             self._failures[(_name(name), _rdtype(rdtype))] = _Failure(m, times)
         return self
 
-    def timeout(self, name: str, rdtype: str | None = None, *, times: int | None = None) -> "DNSServer":
+    def timeout(self, name: str, rdtype: str | None = None, *, times: int | None = None) -> DNSServer:
         return self.fail(name, rdtype, TIMEOUT, times=times)
 
-    def servfail(self, name: str, rdtype: str | None = None, *, times: int | None = None) -> "DNSServer":
+    def servfail(self, name: str, rdtype: str | None = None, *, times: int | None = None) -> DNSServer:
         return self.fail(name, rdtype, "SERVFAIL", times=times)
 
     def clear_failures(self, name: str | None = None, rdtype: str | None = None) -> None:
@@ -327,7 +327,7 @@ class DNSServer:
                     if key[0] == n and (t is None or key[1] == t):
                         del table[key]
 
-    def delay(self, name: str, rdtype: str | None = None, seconds: float = 1.0) -> "DNSServer":
+    def delay(self, name: str, rdtype: str | None = None, seconds: float = 1.0) -> DNSServer:
         """Delay the answers for *name* (and *rdtype*) by *seconds*."""
         with self._lock:
             self._delays[(_name(name), _rdtype(rdtype))] = seconds
@@ -414,7 +414,7 @@ class DNSServer:
                         rcode = dns.rcode.NXDOMAIN
                     break
                 if qtype == dns.rdatatype.ANY:
-                    for t, (ttl, rds) in node.items():
+                    for ttl, rds in node.values():
                         response.answer.append(dns.rrset.from_rdata_list(name, ttl, rds))
                     break
                 if qtype in node:
@@ -496,7 +496,7 @@ class DNSServer:
                 while not server._stopping.is_set():
                     try:
                         chunk = conn.recv(65537)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     except OSError:
                         return

@@ -1,13 +1,13 @@
 """``mox serve`` as a test peer: a real server process on loopback with a generated config.
 
 Tests talk to it as users do (smtplib, swaks), kill it with SIGKILL and start it again on the
-same data directory. DNS comes from the test's loopback DNS server.
+same data directory. DNS comes from the test's loopback DNS server. The mox it runs is the
+``mox_core`` of this interpreter (``python -m mox_core``).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import free_port, run, wait_banner
+from .lifecycle import Peer, PeerProcess
 
 _CERT_CACHE: dict[str, tuple[Path, Path]] = {}
 
@@ -35,9 +36,12 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return _CERT_CACHE["cert"]
 
 
-@dataclass
-class MoxServer:
+@dataclass(eq=False)  # compared (and hashed, as a registered peer) by identity
+class MoxServer(Peer):
     """A ``mox serve`` process. Ports: ``smtp_port``, ``submission_port``, ``submissions_port``."""
+
+    kind = "mox serve"
+    start_timeout = 15.0
 
     directory: Path
     static_extra: str = ""
@@ -46,9 +50,10 @@ class MoxServer:
     nameserver: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
-    proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
+        Peer.__init__(self)
+        self.process: PeerProcess | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
         self.submission_port = free_port()
@@ -107,44 +112,45 @@ class MoxServer:
     def set_password(self, account: str, password: str) -> None:
         self.mox("setaccountpassword", account, input=password + "\n")
 
-    def start(self, timeout: float = 15.0) -> MoxServer:
-        """Start ``mox serve``; when another process took one of the free ports between
-        choosing and binding it, choose new ports and try again (at most 3 times)."""
-        for attempt in range(3):
-            self.log = open(self.log_path, "ab")
-            start_of_log = self.log.tell()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-                stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-            )
-            try:
-                wait_banner(self.host, self.smtp_port, timeout=timeout, proc=self.proc)
-                return self
-            except Exception:
-                self.stop()
-                text = self.log_text()
-                if "already in use" in text[start_of_log:] and attempt < 2:
-                    self.smtp_port, self.submission_port, self.submissions_port = free_port(), free_port(), free_port()
-                    self.write_config()
-                    continue
-                raise RuntimeError(f"mox serve did not start:\n{text}") from None
-        raise AssertionError("unreachable")
+    @property
+    def port(self) -> int:
+        """The SMTP port (the one :meth:`start` waits on)."""
+        return self.smtp_port
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The ``mox serve`` main process."""
+        return self.process.proc if self.process is not None else None
+
+    def _start_tries(self) -> int:
+        # another process may take one of the free ports between choosing and binding it
+        return 3
+
+    def _begin_attempt(self, used: set[str]) -> None:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def _launch(self, timeout: float) -> None:
+        self.process = PeerProcess([sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
+                                   log_file=self.log_path, env={**os.environ, **self.env}, stop_timeout=10)
+        self.process.start(lambda proc: wait_banner(self.host, self.smtp_port, timeout=timeout, proc=proc))
+
+    def _failure_details(self, error: BaseException) -> str:
+        return f"{error}\nlog:\n{self.process.log_text(self._log_start)}"
+
+    def _reset_attempt(self) -> None:
+        self.smtp_port, self.submission_port, self.submissions_port = free_port(), free_port(), free_port()
+        self.write_config()
+
+    def _halt(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.process is not None:
+            self.process.stop()
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no cleanup runs."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if getattr(self, "log", None):
-            self.log.close()
+        if self.process is not None:
+            self.process.kill()
+        self.started = False
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

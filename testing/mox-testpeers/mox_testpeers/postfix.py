@@ -31,19 +31,18 @@ from . import (
     SCRIPTS_DIR,
     PeerError,
     make_private_dir,
-    register_peer,
     remove_private_dir,
     require_file,
     require_root,
     require_tool,
-    reserve,
     run,
-    unregister_peer,
     wait_banner,
     wait_for,
 )
+from .lifecycle import Peer
 
-__all__ = ["PostfixSmarthost", "PostfixMX", "MaildirMessage", "check_postfix_tools"]
+__all__ = ["PostfixSmarthost", "PostfixMX", "MaildirMessage", "backdate_config", "check_postfix_tools",
+           "postfix_command", "postfix_running"]
 
 DEFAULT_USERS = {"alice": "secret-pw"}
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
@@ -63,6 +62,30 @@ def check_postfix_tools(sasl: bool = False) -> None:
         require_file(["/usr/lib/*/sasl2/libsasldb.so*", "/usr/lib/sasl2/libsasldb.so*"],
                      "libsasl2-modules-db", "Cyrus SASL sasldb plugin (libsasldb.so)")
     require_root("a private Postfix instance")
+
+
+def postfix_command(conf_dir: Path, *cmd: str, log_file: Path) -> subprocess.CompletedProcess:
+    """``postfix -c CONF_DIR CMD...`` (start, stop, reload, ...); its output is written to
+    *log_file* (a file, not a pipe: the master daemonizes and must not hold our pipe open) and
+    returned as ``.stdout``."""
+    with open(log_file, "wb") as f:
+        p = subprocess.run([require_tool("postfix", "postfix"), "-c", str(conf_dir), *cmd],
+                           stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=60)
+    p.stdout = Path(log_file).read_bytes()
+    return p
+
+
+def postfix_running(queue_dir: Path) -> bool:
+    """Whether the instance with this ``queue_directory`` has a master running (its pid file)."""
+    return (Path(queue_dir) / "pid" / "master.pid").exists()
+
+
+def backdate_config(conf_dir: Path) -> None:
+    """Date main.cf and master.cf a minute back: Postfix sleeps in 300 ms steps while main.cf
+    is younger than about 2 s."""
+    past = time.time() - 60
+    for name in ("main.cf", "master.cf"):
+        os.utime(Path(conf_dir) / name, (past, past))
 
 
 _server_key_path: Path | None = None
@@ -126,20 +149,23 @@ def _header(data: bytes, name: bytes) -> str:
     return ""
 
 
-class _PostfixInstance:
+class _PostfixInstance(Peer):
     kind = "postfix"
+    start_timeout = 15.0
+
+    @property
+    def description(self) -> str:
+        return f"Postfix {self.kind}"
 
     def __init__(self, host: str, port: int, main_cf: dict[str, str] | None = None,
                  master_cf_extra: list[str] | None = None):
+        super().__init__()
         self._want_host = host
         self._want_port = port
         self.host = host or ""
         self.port = port or 0
         self.main_cf_overrides = dict(main_cf or {})
         self.master_cf_extra = list(master_cf_extra or [])
-        self.dir: Path | None = None
-        self.started = False
-        self._reservations: list = []
 
     # ------------------------------------------------------------------ paths
 
@@ -182,41 +208,37 @@ class _PostfixInstance:
     def _choose_address(self, used: set[str]) -> None:
         raise NotImplementedError
 
-    def start(self, timeout: float = 15.0):
+    def _start_tries(self) -> int:
+        return 1 if (self._want_host and self._want_port) else 10
+
+    def _setup(self) -> None:
         check_postfix_tools(sasl=isinstance(self, PostfixSmarthost))
-        tries = 1 if (self._want_host and self._want_port) else 10
-        used: set[str] = set()
-        last = ""
-        for attempt in range(tries):
-            self._choose_address(used)
-            self.dir = make_private_dir(f"pf-{self.kind}-")
-            self._configure()
-            if self.main_cf_overrides:
-                self._postconf_e(self.main_cf_overrides)
-            if self.master_cf_extra:
-                with open(self.conf_dir / "master.cf", "a") as f:
-                    for line in self.master_cf_extra:
-                        f.write(line.rstrip("\n") + "\n")
-            self._backdate()
-            proc = self._postfix("start", check=False)
-            if proc.returncode == 0:
-                try:
-                    wait_banner(self.host, self.port, timeout)
-                    self.started = True
-                    register_peer(self)
-                    return self
-                except TimeoutError as e:
-                    last = str(e)
-            else:
-                last = proc.stdout.decode(errors="replace")
-            diag = self._diagnose(last)
-            self.stop()
-            remove_private_dir(self.dir)
-            self.dir = None
-            if "address already in use" in diag.lower() and attempt + 1 < tries:
-                continue
-            raise PeerError(f"Postfix {self.kind} did not start on {self.host}:{self.port}:\n{diag}")
-        raise AssertionError("unreachable")
+
+    def _begin_attempt(self, used: set[str]) -> None:
+        self._choose_address(used)
+        self.dir = make_private_dir(f"pf-{self.kind}-")
+        self._configure()
+        if self.main_cf_overrides:
+            self._postconf_e(self.main_cf_overrides)
+        if self.master_cf_extra:
+            with open(self.conf_dir / "master.cf", "a") as f:
+                for line in self.master_cf_extra:
+                    f.write(line.rstrip("\n") + "\n")
+        self._backdate()
+
+    def _launch(self, timeout: float) -> None:
+        """``postfix -c DIR/conf start`` (the master daemonizes), then wait for the 220."""
+        proc = self._postfix("start", check=False)
+        if proc.returncode != 0:
+            raise PeerError(proc.stdout.decode(errors="replace"))
+        wait_banner(self.host, self.port, timeout)
+
+    def _failure_details(self, error: BaseException) -> str:
+        return self._diagnose(str(error))
+
+    def _reset_attempt(self) -> None:
+        remove_private_dir(self.dir)
+        self.dir = None
 
     def _diagnose(self, first: str) -> str:
         out = [first.strip()]
@@ -235,22 +257,14 @@ class _PostfixInstance:
         return "\n".join(x for x in out if x)
 
     def _postfix(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        # output to a file, not a pipe: master daemonizes and must not hold our pipe open
-        log = self.dir / "postfix-cmd.log"
-        with open(log, "wb") as f:
-            p = subprocess.run([require_tool("postfix", "postfix"), "-c", str(self.conf_dir), *cmd],
-                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=60)
-        p.stdout = log.read_bytes()
+        p = postfix_command(self.conf_dir, *cmd, log_file=self.dir / "postfix-cmd.log")
         if check and p.returncode != 0:
             raise PeerError(f"postfix {' '.join(cmd)} failed (exit {p.returncode}):\n"
                             f"{self._diagnose(p.stdout.decode(errors='replace'))}")
         return p
 
     def _backdate(self) -> None:
-        # Postfix sleeps in 300 ms steps while main.cf is younger than ~2 s
-        past = time.time() - 60
-        for name in ("main.cf", "master.cf"):
-            os.utime(self.conf_dir / name, (past, past))
+        backdate_config(self.conf_dir)
 
     def _postconf_e(self, params: dict[str, str]) -> None:
         args = [require_tool("postconf", "postfix"), "-c", str(self.conf_dir), "-e"]
@@ -267,27 +281,10 @@ class _PostfixInstance:
     def reload(self) -> None:
         self._postfix("reload")
 
-    def stop(self) -> None:
+    def _halt(self) -> None:
         """``postfix -c DIR/conf stop`` (the directory stays until :meth:`cleanup`)."""
-        if self.dir is not None and (self.queue_dir / "pid" / "master.pid").exists():
+        if self.dir is not None and postfix_running(self.queue_dir):
             self._postfix("stop", check=False)
-        for res in self._reservations:
-            res.release()
-        self._reservations.clear()
-        self.started = False
-        unregister_peer(self)
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self.dir is not None:
-            remove_private_dir(self.dir)
-            self.dir = None
-
-    def __enter__(self):
-        return self.start() if not self.started else self
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
 
     def log_text(self) -> str:
         try:
@@ -368,12 +365,10 @@ class PostfixSmarthost(_PostfixInstance):
         self.mechanisms = tuple(mechanisms)
 
     def _choose_address(self, used: set[str]) -> None:
-        res = reserve(self._want_host, self._want_port)
-        self._reservations.append(res)
+        res = self._reserve(self._want_host, self._want_port)
         self.host, self.port = res.host, res.port
         if self.implicit_tls:
-            res = reserve(self.host, self._want_tls_port)
-            self._reservations.append(res)
+            res = self._reserve(self.host, self._want_tls_port)
             self.tls_port = res.port
 
     def _configure(self) -> None:
@@ -436,8 +431,7 @@ class PostfixMX(_PostfixInstance):
         self.domain = domain
 
     def _choose_address(self, used: set[str]) -> None:
-        res = reserve(self._want_host, self._want_port, exclude=used)
-        self._reservations.append(res)
+        res = self._reserve(self._want_host, self._want_port, exclude=used)
         self.host, self.port = res.host, res.port
         used.add(self.host)
 

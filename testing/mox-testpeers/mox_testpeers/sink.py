@@ -31,25 +31,19 @@ import email.parser
 import email.policy
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from . import (
     MissingToolError,  # noqa: F401  (re-exported for callers)
-    PeerError,
-    is_addr_in_use,
     make_private_dir,
-    register_peer,
-    remove_private_dir,
     require_tool,
-    reserve,
-    stop_process,
-    unregister_peer,
     wait_banner,
     wait_for,
     wait_port,
 )
+from .lifecycle import Peer, PeerProcess
 
 __all__ = ["SmtpSink", "SinkMessage", "parse_dump"]
 
@@ -147,7 +141,7 @@ def _cmds(value: str | Iterable[str] | None) -> str | None:
     return ",".join(value)
 
 
-class SmtpSink:
+class SmtpSink(Peer):
     """A running ``smtp-sink`` process.
 
     host: listen address; ``None`` picks 127.0.0.2 if nothing listens on *port* there, else
@@ -181,6 +175,7 @@ class SmtpSink:
                  advertise_auth: bool = False, xclient: bool = False, xforward: bool = False,
                  lmtp: bool = False, hostname: str = "smtp-sink", command_timeout: int | None = None,
                  backlog: int = 64, dump: bool = True, extra_args: Iterable[str] = ()):
+        super().__init__()
         self._want_host = host
         self._want_port = port
         self.host = host or ""
@@ -188,9 +183,7 @@ class SmtpSink:
         self.hostname = hostname
         self.backlog = backlog
         self.dump = dump
-        self.proc: subprocess.Popen | None = None
-        self.dir: Path | None = None
-        self._reservation = None
+        self.process: PeerProcess | None = None
         args: list[str] = []
         for flag, value in (("-r", reject_4xx), ("-f", reject_5xx), ("-q", drop), ("-Q", reply_421)):
             v = _cmds(value)
@@ -231,6 +224,8 @@ class SmtpSink:
 
     # ------------------------------------------------------------------ lifecycle
 
+    kind = "smtp-sink"
+
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
@@ -245,71 +240,55 @@ class SmtpSink:
         assert self.dir is not None
         return self.dir / "smtp-sink.log"
 
-    def start(self, timeout: float = 10.0) -> "SmtpSink":
-        exe = smtp_sink_path()
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc if self.process is not None else None
+
+    def _start_tries(self) -> int:
+        return 1 if (self._want_port and self._want_host) else 10
+
+    def _setup(self) -> None:
+        self._exe = smtp_sink_path()
         if self.dir is None:
             self.dir = make_private_dir("smtp-sink-")
             self.dump_dir.mkdir()
             os.chmod(self.dump_dir, 0o777)  # smtp-sink writes as -u nobody
-        tries = 1 if (self._want_port and self._want_host) else 10
-        used: set[str] = set()
-        for attempt in range(tries):
-            self._reservation = reserve(self._want_host, self._want_port, exclude=used)
-            self.host, self.port = self._reservation.host, self._reservation.port
-            used.add(self.host)
-            args = [exe]
-            if os.geteuid() == 0:
-                args += ["-u", "nobody"]
-            args += self.fault_args
-            if self.dump:
-                args += ["-d", f"{self.dump_dir}/%Y%m%d%H%M%S."]
-            args += [f"{self.host}:{self.port}", str(self.backlog)]
-            self.args = args
-            with open(self.log_file, "ab") as log:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            try:
-                if self._no_banner:
-                    wait_port(self.host, self.port, timeout, proc=self.proc)
-                else:
-                    wait_banner(self.host, self.port, timeout, proc=self.proc)
-            except (PeerError, TimeoutError) as e:
-                stop_process(self.proc)
-                self._reservation.release()
-                log_text = self.log_file.read_text(errors="replace")
-                if is_addr_in_use(log_text) and attempt + 1 < tries:
-                    self.log_file.write_text("")
-                    continue
-                self.cleanup()
-                raise PeerError(f"smtp-sink did not start on {self.host}:{self.port}: {e}\n"
-                                f"command: {' '.join(args)}\nlog:\n{log_text}") from None
-            register_peer(self)
-            return self
-        raise AssertionError("unreachable")
 
-    def stop(self) -> None:
+    def _begin_attempt(self, used: set[str]) -> None:
+        res = self._reserve(self._want_host, self._want_port, exclude=used)
+        self.host, self.port = res.host, res.port
+        used.add(self.host)
+        args = [self._exe]
+        if os.geteuid() == 0:
+            args += ["-u", "nobody"]
+        args += self.fault_args
+        if self.dump:
+            args += ["-d", f"{self.dump_dir}/%Y%m%d%H%M%S."]
+        args += [f"{self.host}:{self.port}", str(self.backlog)]
+        self.args = args
+
+    def _launch(self, timeout: float) -> None:
+        self.process = PeerProcess(self.args, log_file=self.log_file)
+        if self._no_banner:  # a fault on CONNECT: no greeting, readiness is a TCP connect
+            self.process.start(lambda proc: wait_port(self.host, self.port, timeout, proc=proc))
+        else:
+            self.process.start(lambda proc: wait_banner(self.host, self.port, timeout, proc=proc))
+
+    def _failure_details(self, error: BaseException) -> str:
+        log_text = self.log_file.read_text(errors="replace")
+        return f"{error}\ncommand: {' '.join(self.args)}\nlog:\n{log_text}"
+
+    def _reset_attempt(self) -> None:
+        self.log_file.write_text("")
+
+    def _halt(self) -> None:
         """SIGTERM smtp-sink (by PID); the dump directory stays until :meth:`cleanup`."""
-        if self.proc is not None:
-            stop_process(self.proc)
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
-        unregister_peer(self)
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self.dir is not None:
-            remove_private_dir(self.dir)
-            self.dir = None
+        if self.process is not None:
+            self.process.stop()
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self) -> "SmtpSink":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
+        return self.process is not None and self.process.running
 
     # ------------------------------------------------------------------ received mail
 

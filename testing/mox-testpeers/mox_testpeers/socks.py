@@ -36,19 +36,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import (
-    PeerError,
     make_private_dir,
-    register_peer,
-    remove_private_dir,
     require_file,
     require_root,
     require_tool,
-    reserve,
     run,
-    stop_process,
-    unregister_peer,
     wait_port,
 )
+from .lifecycle import Peer, PeerProcess
 
 __all__ = ["SocksProxy", "DanteProxy", "MicroSocksProxy", "DEFAULT_USERNAME", "DEFAULT_PASSWORD"]
 
@@ -58,7 +53,7 @@ DEFAULT_PASSWORD = "socks-pw"
 PAM_DIR = Path("/etc/pam.d")
 
 
-class SocksProxy:
+class SocksProxy(Peer):
     """A running SOCKS5 proxy. ``username``/``password`` are None for no authentication."""
 
     kind = "socks"
@@ -67,15 +62,14 @@ class SocksProxy:
                  host: str = "127.0.0.1", port: int | None = None):
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
+        super().__init__()
         self.username = username
         self.password = password
         self._want_host = host
         self._want_port = port
         self.host = host
         self.port = port or 0
-        self.proc: subprocess.Popen | None = None
-        self.dir: Path | None = None
-        self._reservation = None
+        self.process: PeerProcess | None = None
 
     @property
     def auth(self) -> bool:
@@ -117,61 +111,39 @@ class SocksProxy:
     def _prepare(self) -> None:
         pass
 
-    def start(self, timeout: float = 10.0):
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc if self.process is not None else None
+
+    def _start_tries(self) -> int:
+        return 1 if self._want_port else 10
+
+    def _setup(self) -> None:
         require_root(f"the {self.kind} SOCKS5 proxy fixture")
         if self.dir is None:
             self.dir = make_private_dir(f"socks-{self.kind}-")
-        tries = 1 if self._want_port else 10
-        for attempt in range(tries):
-            self._reservation = reserve(self._want_host, self._want_port)
-            self.host, self.port = self._reservation.host, self._reservation.port
-            try:
-                self._prepare()
-                args = self._command()
-            except Exception:
-                self.cleanup()
-                raise
-            with open(self.log_file, "ab") as log:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            try:
-                wait_port(self.host, self.port, timeout, proc=self.proc)
-            except (PeerError, TimeoutError) as e:
-                stop_process(self.proc)
-                text = self.log_text()
-                self._reservation.release()
-                if "in use" in text.lower() and attempt + 1 < tries:
-                    continue
-                self.cleanup()
-                raise PeerError(f"{self.kind} did not start on {self.host}:{self.port}: {e}\n"
-                                f"command: {' '.join(args)}\nlog:\n{text}") from None
-            register_peer(self)
-            return self
-        raise AssertionError("unreachable")
 
-    def stop(self) -> None:
+    def _begin_attempt(self, used: set[str]) -> None:
+        res = self._reserve(self._want_host, self._want_port)
+        self.host, self.port = res.host, res.port
+        self._prepare()
+        self.args = self._command()
+
+    def _launch(self, timeout: float) -> None:
+        self.process = PeerProcess(self.args, log_file=self.log_file)
+        self.process.start(lambda proc: wait_port(self.host, self.port, timeout, proc=proc))
+
+    def _failure_details(self, error: BaseException) -> str:
+        return f"{error}\ncommand: {' '.join(self.args)}\nlog:\n{self.log_text()}"
+
+    def _halt(self) -> None:
         """SIGTERM the proxy by its PID (dante's mother process takes its children along)."""
-        if self.proc is not None:
-            stop_process(self.proc)
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
-        unregister_peer(self)
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self.dir is not None:
-            remove_private_dir(self.dir)
-            self.dir = None
+        if self.process is not None:
+            self.process.stop()
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self):
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
+        return self.process is not None and self.process.running
 
     # ------------------------------------------------------------------ client side
 
