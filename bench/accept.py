@@ -255,13 +255,13 @@ def table(s: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     cpu = s.get("cpu_ms_per_msg", {})
     for label, row in s["cases"].items():
-        def g(k: str) -> str:
+        def g(k: str, row: dict = row) -> str:
             return f"{row[k]['median']:.0f}" if k in row else "-"
 
-        def r(k: str) -> str:
+        def r(k: str, row: dict = row) -> str:
             return f"{row[k]:.2f}x" if k in row else "-"
 
-        def c(k: str) -> str:
+        def c(k: str, label: str = label) -> str:
             v = cpu.get(label, {}).get(k)
             return f"{v:.2f}" if v is not None else "-"
 

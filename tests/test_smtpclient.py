@@ -413,7 +413,7 @@ async def test_starttls_response_injection_is_discarded(mini_factory, test_ca):
     results = await client.deliver("a@example.org", ["b@example.net"], MSG)
     await client.quit()
     assert [r.status for r in results] == [DELIVERED]
-    assert server.transactions[0][0] == "MAIL FROM:<a@example.org> SIZE=%d BODY=7BIT" % len(MSG)
+    assert server.transactions[0][0] == f"MAIL FROM:<a@example.org> SIZE={len(MSG)} BODY=7BIT"
 
 
 async def test_opportunistic_tls_not_verified_and_required_verified(mini_factory, test_ca):
