@@ -1,4 +1,4 @@
-"""Private Postfix instances on loopback (recipes 1 and 2 of test-peers.md).
+"""Private Postfix instances on loopback: a submission smarthost and a plain MX.
 
 * :class:`PostfixSmarthost` -- STARTTLS submission smarthost on 127.0.0.1:PORT with Cyrus SASL
   against a private sasldb (SCRAM-SHA-256, SCRAM-SHA-1, CRAM-MD5, PLAIN, LOGIN; offered only after

@@ -1,4 +1,4 @@
-"""SOCKS5 proxies on loopback (recipe 4 of test-peers.md): dante-server and microsocks.
+"""SOCKS5 proxies (RFC 1928) on loopback: dante-server and microsocks.
 
 ::
 
@@ -185,7 +185,9 @@ class DanteProxy(SocksProxy):
                 f"auth required pam_pwdfile.so pwdfile={pwfile} nodelay\n"
                 "account required pam_permit.so\n")
         conf = self.dir / "danted.conf"
-        rule_extra = f"\n  pam.servicename: {self.pam_service}" if self.auth else ""  # own line: see recipe
+        # pam.servicename is a rule option: a syntax error at top level and at the end of a
+        # one-line rule after "command: connect"; on its own line inside the block it works
+        rule_extra = f"\n  pam.servicename: {self.pam_service}" if self.auth else ""
         conf.write_text(f"""\
 logoutput: {self.dir / 'danted.log'}
 internal: {self.host} port = {self.port}

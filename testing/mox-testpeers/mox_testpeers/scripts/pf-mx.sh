@@ -1,6 +1,5 @@
 #!/bin/bash
 # pf-mx.sh DIR ADDR DOMAIN [PORT]      e.g.  pf-mx.sh /tmp/mx1 127.0.0.2 dest.test
-# Adapted from /work/shared/reference/test-peers.md recipe 2.
 # Private Postfix instance: plain MX on ADDR:PORT (default 25) for DOMAIN (any local part) into
 # the Maildir DIR/mail/inbox/; STARTTLS offered, not required; relaying refused. Run as root
 # (port 25). Optional environment: SERVER_KEY, a PEM RSA key for the server certificate

@@ -1,6 +1,5 @@
 #!/bin/bash
 # pf-submission.sh DIR PORT [TLSPORT]
-# Adapted from /work/shared/reference/test-peers.md recipe 1.
 # Private Postfix instance: STARTTLS submission smarthost on $LISTEN_ADDR:PORT (default 127.0.0.1;
 # + implicit TLS on $LISTEN_ADDR:TLSPORT if given), Cyrus SASL against a private sasldb, every
 # accepted message delivered to the Maildir DIR/mail/sink/. Run as root.
