@@ -107,7 +107,7 @@ class Bench:
         return self.moxes["mox"]
 
     def close(self) -> None:
-        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.sink.stop, self.dns.stop):
+        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.sink.cleanup, self.dns.stop):
             try:
                 f()
             except Exception as exc:  # keep stopping the others
