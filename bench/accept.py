@@ -53,8 +53,8 @@ from common import (
     variant_mox,
 )
 
-from mox_core.testpeers import make_private_dir
-from mox_core.testpeers.sink import SmtpSink
+from mox_testpeers import make_private_dir
+from mox_testpeers.sink import SmtpSink
 
 # label, sessions, body bytes, messages per measurement at --scale 1 (about 1.5-4 s each)
 CASES = [
@@ -107,7 +107,7 @@ class Bench:
         return self.moxes["mox"]
 
     def close(self) -> None:
-        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.sink.stop, self.dns.stop):
+        for f in (*(m.stop for m in self.moxes.values()), self.pf.stop, self.sink.cleanup, self.dns.stop):
             try:
                 f()
             except Exception as exc:  # keep stopping the others
@@ -255,13 +255,13 @@ def table(s: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     cpu = s.get("cpu_ms_per_msg", {})
     for label, row in s["cases"].items():
-        def g(k: str) -> str:
+        def g(k: str, row: dict = row) -> str:
             return f"{row[k]['median']:.0f}" if k in row else "-"
 
-        def r(k: str) -> str:
+        def r(k: str, row: dict = row) -> str:
             return f"{row[k]:.2f}x" if k in row else "-"
 
-        def c(k: str) -> str:
+        def c(k: str, label: str = label) -> str:
             v = cpu.get(label, {}).get(k)
             return f"{v:.2f}" if v is not None else "-"
 

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
@@ -23,7 +22,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from mox_core.testpeers import free_port, make_private_dir, wait_banner
+from mox_testpeers import free_port, make_private_dir, wait_banner
+from mox_testpeers.lifecycle import PeerProcess
+from mox_testpeers.postfix import backdate_config, postfix_command, postfix_running
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -186,7 +187,7 @@ def smtpload(port: int, *, sessions: int, messages: int, length: int, sender: st
     if ehlo:
         args.append("-e")
     args.append(f"{host}:{port}")
-    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    p = subprocess.run(args, capture_output=True, timeout=timeout)
     try:
         res = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -206,17 +207,18 @@ class DNSProc:
 
     def __init__(self, records: list[tuple[str, str, str]], timeouts: list[tuple[str, str | None]] = ()):
         self.spec = {"records": [list(r) for r in records], "timeouts": [list(t) for t in timeouts]}
-        self.proc: subprocess.Popen | None = None
+        self.process = PeerProcess([PYTHON, str(BENCH / "dns_helper.py"), json.dumps(self.spec)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.port = 0
 
     def start(self) -> DNSProc:
-        self.proc = subprocess.Popen([PYTHON, str(BENCH / "dns_helper.py"), json.dumps(self.spec)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.isdigit():
-            self.stop()
-            raise RuntimeError(f"dns helper did not start: {line!r}")
-        self.port = int(line)
+        def ready(proc: subprocess.Popen) -> int:  # the helper prints its port once it listens
+            line = proc.stdout.readline().decode().strip()
+            if not line.isdigit():
+                raise RuntimeError(f"dns helper did not start: {line!r}")
+            return int(line)
+
+        self.port = self.process.start(ready)
         return self
 
     @property
@@ -224,13 +226,7 @@ class DNSProc:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.process.stop()
 
 
 def bench_dns(extra_records: list[tuple[str, str, str]] = (), stall_domains: list[str] = ()) -> DNSProc:
@@ -361,14 +357,10 @@ class PostfixBench:
             master = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
         (T / "conf/main.cf").write_text(main)
         (T / "conf/master.cf").write_text(master + MASTER_CF_COMMON)
-        past = time.time() - 60  # Postfix sleeps while main.cf is younger than ~2 s
-        for name in ("main.cf", "master.cf"):
-            os.utime(T / "conf" / name, (past, past))
+        backdate_config(T / "conf")
 
     def postfix(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        with open(self.dir / "postfix-cmd.log", "ab") as f:  # a file, not a pipe: master daemonizes
-            p = subprocess.run(["postfix", "-c", str(self.conf), *cmd], stdin=subprocess.DEVNULL,
-                               stdout=f, stderr=subprocess.STDOUT, timeout=60)
+        p = postfix_command(self.conf, *cmd, log_file=self.dir / "postfix-cmd.log")
         if check and p.returncode != 0:
             raise RuntimeError(f"postfix {' '.join(cmd)} failed; see {self.dir}/maillog")
         return p
@@ -382,7 +374,7 @@ class PostfixBench:
         return self
 
     def stop(self) -> None:
-        if (self.dir / "queue/pid/master.pid").exists():
+        if postfix_running(self.dir / "queue"):
             self.postfix("stop", check=False)
 
     def queue_count(self, subdirs: tuple[str, ...] = QUEUE_SUBDIRS) -> int:
@@ -430,7 +422,7 @@ class MoxBench:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
         self.submission_port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.process: PeerProcess | None = None
         self.default_env: dict[str, str] = {}  # e.g. PYTHONPATH of a patched copy (experiments)
         static = textwrap.dedent(f"""\
             hostname = "mox.bench.test"
@@ -514,34 +506,33 @@ class MoxBench:
             if lim:
                 resource.setrlimit(resource.RLIMIT_NOFILE, lim)
 
-        self.log = open(self.dir / "mox.log", "ab")
-        self.proc = subprocess.Popen(
+        def ready(proc: subprocess.Popen) -> None:
+            wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=proc)
+            wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=proc)
+
+        self.process = PeerProcess(
             [PYTHON, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre, cwd=self.dir,
+            log_file=self.dir / "mox.log", stop_timeout=30, kill_timeout=10, preexec_fn=pre, cwd=self.dir,
             # cwd: "python -m" puts the working directory first on sys.path, so started from
             # the repository root a --variant's PYTHONPATH copy of mox_core would be shadowed
             # by the checkout's (every variant measured the same code).
             env={**os.environ, **self.default_env, **(env or {})})
-        wait_banner("127.0.0.1", self.smtp_port, timeout=30, proc=self.proc)
-        wait_banner("127.0.0.1", self.submission_port, timeout=30, proc=self.proc)
+        self.process.start(ready)
         return self
 
     @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc if self.process is not None else None
+
+    @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.process is not None
+        return self.process.pid
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
+        if self.process is not None:
+            self.process.stop()
+        self.process = None
 
     def queue_count(self) -> int:
         db = self.data_dir / "queue" / "index.db"

@@ -5,7 +5,7 @@
 
 Prints its port on the first line, then serves until SIGTERM.
 
-Why not the project's test DNS server (mox_core.testpeers.dnsserver): it starts a thread per
+Why not the project's test DNS server (mox_testpeers.dnsserver): it starts a thread per
 query and parses every query with dnspython, about 1-2 ms per answer here, which made the SPF
 lookup mox does for every incoming message dominate the one-connection benchmark. A real
 deployment asks a local caching resolver (unbound, ...) and gets a cache hit in well under
@@ -104,4 +104,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     asyncio.run(main())

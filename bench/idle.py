@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import MoxBench, bench_dns, log, raise_nofile, rss_kb, smtpload
 
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 PER_SOURCE = 2000
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import postfix_version
 
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 
 def fsync_cost(size: int, n: int = 300) -> dict:

@@ -1,13 +1,15 @@
 """Micro-benchmark: durable Maildir deliveries/s, group-commit store vs a naive baseline.
 
-Baseline: ``await asyncio.to_thread(write + fsync + rename + dir fsync)`` per message (the
-"A" variant of performance-notes.md). Store: :class:`mox_core.store.MaildirStore`. Both do the
+Baseline: ``await asyncio.to_thread(write + fsync + rename + dir fsync)`` per message: a thread
+hand-off and two flushes for every message, nothing shared between concurrent deliveries.
+Store: :class:`mox_core.store.MaildirStore` (group commit). Both do the
 same durable work per message (same names, same ``writev`` of a Delivered-To prefix plus the
 body, four recipient Maildirs), in one run, interleaved, median of ``--rounds``. The machine is
 noisy, so only the ratio column means something.
 
 Spools are not deleted between measurements: after mass deletes ext4 makes file creation
-slower for minutes (performance-notes.md), which would punish whichever variant runs next.
+slower for minutes (without a journal, allocating an inode searches past every inode of its
+group freed in the last minutes), which would punish whichever variant runs next.
 
     .venv/bin/python bench/maildir_write.py [--rounds 5] [--seconds 1.0] [--writers 4[,1,...]]
 """

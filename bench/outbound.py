@@ -54,8 +54,8 @@ from common import (
     variant_mox,
 )
 
-from mox_core.testpeers import make_private_dir
-from mox_core.testpeers.sink import SmtpSink
+from mox_testpeers import make_private_dir
+from mox_testpeers.sink import SmtpSink
 
 TARGETS = ["postfix", "mox-1-domain", "mox-20-domains"]
 

@@ -25,6 +25,7 @@ import argparse
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import shutil
 import socket
@@ -35,7 +36,7 @@ from pathlib import Path
 from accept import Bench
 from common import ACCOUNT_ADDR, LOCAL_RCPT, PASSWORD, REMOTE_RCPT, SENDER, log, make_message, rotate
 
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 INCOMING = ["connect/220", "HELO", "MAIL", "RCPT", "DATA/354", "data/250", "QUIT"]
 SUBMISSION = ["connect/220", "EHLO", "AUTH/334", "AUTH/235", "MAIL", "RCPT", "DATA/354", "data/250", "QUIT"]
@@ -79,7 +80,7 @@ def session(port: int, message: bytes, auth: tuple[str, str] | None) -> list[flo
         cmd(message + b".\r\n", b"250")
         cmd(b"QUIT\r\n", b"221")
         f.close()
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def main() -> None:
@@ -129,8 +130,8 @@ def main() -> None:
     summary: dict = {"size": a.size, "rounds": a.rounds, "sessions_per_round": a.sessions, "targets": {}}
     for t, rows in times.items():
         names = SUBMISSION if endpoint_kind(t) == "queue" else INCOMING
-        steps = {n: round(statistics.median(col) * 1e6) for n, col in zip(names, zip(*rows))}
-        means = {n: round(statistics.fmean(col) * 1e6) for n, col in zip(names, zip(*rows))}
+        steps = {n: round(statistics.median(col) * 1e6) for n, col in zip(names, zip(*rows, strict=False), strict=False)}
+        means = {n: round(statistics.fmean(col) * 1e6) for n, col in zip(names, zip(*rows, strict=False), strict=False)}
         sessions = sorted(map(sum, rows))
         # p50 says where a typical session's time goes; the mean (what msgs/s at one connection
         # is the inverse of) and p90 show the slow tail

@@ -26,7 +26,7 @@ from accept import Bench
 from common import BENCH, PYTHON, log
 from pyspy_report import report
 
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 RAW_DIR = Path("/tmp/mox-bench-profiles")
 

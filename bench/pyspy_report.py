@@ -10,6 +10,10 @@ import argparse
 import collections
 import json
 import re
+from pathlib import Path
+
+# file names are shown relative to these: installed packages, the standard library, this checkout
+_PREFIXES = ("site-packages/", "/lib/python3.", str(Path(__file__).resolve().parent.parent) + "/")
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -19,9 +23,11 @@ def _short(frame: str) -> str:
     if not m:
         return frame.strip()
     f = m.group("file")
-    for marker in ("site-packages/", "/lib/python3.11/", "/work/main/"):
+    for marker in _PREFIXES:
         if marker in f:
             f = f.split(marker, 1)[1]
+            if marker == "/lib/python3.":  # "11/asyncio/events.py" -> "asyncio/events.py"
+                f = f.split("/", 1)[-1]
     return f"{m.group('func')} ({f})"
 
 

@@ -50,7 +50,7 @@ from common import ACCOUNT_ADDR, PASSWORD, REMOTE_RCPT, MoxBench, bench_dns, log
 from mox_core import logging as mox_logging
 from mox_core.queue import QueueStore
 from mox_core.queue.messagedata import FILES_PER_DIR_SHIFT
-from mox_core.testpeers import make_private_dir
+from mox_testpeers import make_private_dir
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000]
 INSERT = ("INSERT INTO msg (id, base_id, account, mail_from, recipient, recipient_domain, queued, "

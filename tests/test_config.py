@@ -13,7 +13,7 @@ from mox_core.config.holder import ConfigHolder
 from mox_core.config.loader import find_config_path, load_config
 from mox_core.errors import ConfigError
 from mox_core.outgoing.routing import routes_for
-from mox_core.testconfig import load, write_config
+from mox_core.testing import load, write_config
 from tests.conftest import run_mox
 
 

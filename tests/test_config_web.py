@@ -7,7 +7,7 @@ import os
 import pytest
 
 from mox_core.errors import ConfigError
-from mox_core.testconfig import load, write_config
+from mox_core.testing import load, write_config
 from tests.conftest import run_mox
 
 WEB_LISTENER = """

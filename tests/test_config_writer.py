@@ -16,8 +16,8 @@ from mox_core.config.loader import load_config
 from mox_core.config.writer import DomainsWriter, StaleConfig
 from mox_core.errors import ConfigError
 from mox_core.plugins.host import PluginHost
-from mox_core.testconfig import write_config
-from mox_core.testpeers.moxserver import MoxServer
+from mox_core.testing import write_config
+from mox_testpeers.moxserver import MoxServer
 from tests.conftest import run_mox
 
 COMMENTED = """\

@@ -27,8 +27,8 @@ from mox_core.outgoing.dkimsign import (
     signature_header,
 )
 from mox_core.plugins.host import PluginHost
-from mox_core.testconfig import MINIMAL_DOMAINS, MINIMAL_STATIC, write_config
-from mox_core.testpeers.dnsserver import sync_resolver_for
+from mox_core.testing import MINIMAL_DOMAINS, MINIMAL_STATIC, write_config
+from mox_testpeers.dnsserver import sync_resolver_for
 from tests.conftest import run_mox
 
 MSG = b"From: admin@example.org\r\nTo: x@example.net\r\nSubject: signed\r\n\r\nbody\r\n"

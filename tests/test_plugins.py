@@ -13,7 +13,7 @@ from mox_core.errors import PluginError
 from mox_core.outgoing.routing import route_matches
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import OutgoingMessage, RouteContext, Submission, WebHandlerContext
-from mox_core.testconfig import load
+from mox_core.testing import load
 from tests.conftest import ROOT, run_mox
 from tests.plugins import every_hook
 
@@ -194,7 +194,7 @@ def test_broken_plugin_is_listed_with_its_error(fake_dist):
 
 
 def test_serve_refuses_to_start_with_a_broken_plugin(fake_dist, tmp_path):
-    from mox_core.testconfig import write_config
+    from mox_core.testing import write_config
 
     site = fake_dist("mox-broken", {"broken": "mox_broken_plugin"}, BROKEN)
     path = write_config(tmp_path / "cfg")
@@ -204,7 +204,7 @@ def test_serve_refuses_to_start_with_a_broken_plugin(fake_dist, tmp_path):
 
 
 def test_disabled_plugin_by_env_and_by_config(fake_dist, tmp_path):
-    from mox_core.testconfig import write_config
+    from mox_core.testing import write_config
 
     site = fake_dist("mox-broken", {"broken": "mox_broken_plugin"}, BROKEN)
     r = run_mox("plugins", "list", "--json", pythonpath=site, env={"MOX_DISABLED_PLUGINS": "broken,transport_socks"})
@@ -219,7 +219,7 @@ def test_disabled_plugin_by_env_and_by_config(fake_dist, tmp_path):
 
 
 def test_disabled_transport_plugin_makes_its_transports_unknown(tmp_path):
-    from mox_core.testconfig import write_config
+    from mox_core.testing import write_config
 
     path = write_config(tmp_path, '[transports.relay]\nkind = "smtp"\nhost = "relay.example.net"\n')
     ok = run_mox("--config", str(path), "config", "check")

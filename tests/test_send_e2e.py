@@ -210,7 +210,7 @@ def test_outgoing_mail_is_dkim_signed(outbound, smtp_sink_factory, tmp_path):
     import dkim
 
     from mox_core.checks.authres import _dkim_dnsfunc
-    from mox_core.testpeers.dnsserver import sync_resolver_for
+    from mox_testpeers.dnsserver import sync_resolver_for
     from tests.conftest import run_mox
 
     key = tmp_path / "sel.pem"

@@ -21,7 +21,7 @@ import pytest
 
 from mox_core.queue import partition_of
 from mox_core.server.workers import KICK_INTERVAL, SMTPWorkers, _read_channel, worker_count, worker_cpus
-from mox_core.testpeers import wait_for
+from mox_testpeers import wait_for
 
 DOMAINS = """
 [domains."example.org"]

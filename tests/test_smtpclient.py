@@ -2,7 +2,7 @@
 
 Peers: a scripted asyncio SMTP server (for what real servers will not do: inject bytes after
 STARTTLS, count RCPTs per transaction, show the exact DATA bytes), the private Postfix
-smarthost with Cyrus SASL and a Postfix MX (mox_core.testing fixtures), the loopback DNS
+smarthost with Cyrus SASL and a Postfix MX (mox_testpeers fixtures), the loopback DNS
 server, and an HTTPS server with a throwaway CA made by the openssl CLI. All on 127.0.0.0/8.
 """
 
@@ -32,7 +32,7 @@ from mox_core.smtpclient.sasl import AuthCredentials
 from mox_core.smtpclient.sessions import SessionCache
 from mox_core.smtpclient.tls import TLSMode
 from mox_core.smtpclient.wire import Reply, parse_extensions, prepare_data
-from mox_core.testpeers import wait_for
+from mox_testpeers import wait_for
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT
 
@@ -401,7 +401,7 @@ async def test_starttls_response_injection_is_discarded(mini_factory, test_ca):
     results = await client.deliver("a@example.org", ["b@example.net"], MSG)
     await client.quit()
     assert [r.status for r in results] == [DELIVERED]
-    assert server.transactions[0][0] == "MAIL FROM:<a@example.org> SIZE=%d BODY=7BIT" % len(MSG)
+    assert server.transactions[0][0] == f"MAIL FROM:<a@example.org> SIZE={len(MSG)} BODY=7BIT"
 
 
 async def test_opportunistic_tls_not_verified_and_required_verified(mini_factory, test_ca):
@@ -624,7 +624,7 @@ def _smarthost_session(sh, **options):
 @pytest.fixture(scope="module")
 def smarthost():
     """One private Postfix smarthost for this module (starting one takes a while)."""
-    from mox_core.testpeers.postfix import PostfixSmarthost
+    from mox_testpeers.postfix import PostfixSmarthost
 
     sh = PostfixSmarthost(implicit_tls=True).start()
     yield sh

@@ -1,4 +1,4 @@
-"""The test peers of mox_core.testing work: DNS server, smtp-sink, Postfix, SOCKS5 proxies.
+"""The test peers of mox-testpeers work: DNS server, smtp-sink, Postfix, SOCKS5 proxies.
 
 Everything talks to 127.0.0.0/8 only; DNS comes from the loopback test server.
 """
@@ -17,8 +17,8 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
-from mox_core.testpeers import MissingToolError, PeerError, require_tool, reserve
-from mox_core.testpeers.dnsserver import resolver_for, sync_resolver_for
+from mox_testpeers import MissingToolError, PeerError, require_tool, reserve
+from mox_testpeers.dnsserver import resolver_for, sync_resolver_for
 
 DKIM_KEY = "v=DKIM1; k=rsa; p=" + "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA" * 20  # 897 bytes
 
@@ -221,15 +221,16 @@ def test_busy_address_is_refused_not_shared(smtp_sink_factory):
 
 
 def test_missing_tool_fails_with_debian_package(monkeypatch):
-    from mox_core import testing, testpeers
+    import mox_testpeers
+    from mox_testpeers import pytest_plugin
 
     with pytest.raises(MissingToolError, match="'no-such-peer-tool'.*Debian package 'some-package'"):
         require_tool("no-such-peer-tool", "some-package")
-    monkeypatch.setattr(testpeers.shutil, "which", lambda name: None)
-    monkeypatch.setattr(testpeers, "_SBIN_DIRS", ())
-    from mox_core.testpeers.sink import SmtpSink
+    monkeypatch.setattr(mox_testpeers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mox_testpeers, "_SBIN_DIRS", ())
+    from mox_testpeers.sink import SmtpSink
 
-    factory = testing._Factory("smtp_sink", SmtpSink)
+    factory = pytest_plugin._Factory("smtp_sink", SmtpSink)
     with pytest.raises(pytest.fail.Exception, match="Debian package 'postfix'"):  # a failure, not a skip
         factory()
     factory.close()

@@ -13,7 +13,7 @@ import venv
 
 import pytest
 
-from mox_core.testconfig import write_config
+from mox_core.testing import write_config
 from tests.conftest import ROOT
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 
 from mox_core.queue import FakeClock, Queue
-from mox_core.testconfig import load
-from mox_core.testpeers import wait_for
+from mox_core.testing import load
+from mox_testpeers import wait_for
 
 MSG = (b"From: admin@example.org\r\nTo: bob@dest.test\r\nSubject: try direct, then relay\r\n"
        b"Message-ID: <e2e-1@example.org>\r\n\r\nthree strikes and it goes via the smarthost\r\n")

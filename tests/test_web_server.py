@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mox_core.testpeers import free_port, run
-from mox_core.testpeers.moxserver import MoxServer
+from mox_testpeers import free_port, run
+from mox_testpeers.moxserver import MoxServer
 
 DOMAINS = """\
 [domains."example.org"]

@@ -16,7 +16,7 @@ from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.plugins.host import PluginHost
 from mox_core.queue import FakeClock, Queue
-from mox_core.testconfig import load
+from mox_core.testing import load
 from tests.plugins import queue_scripted
 
 STATIC = """\

@@ -1,7 +1,7 @@
 """Direct delivery end to end: DirectTransport -> loopback DNS server -> real SMTP peers.
 
 Peers are Postfix's smtp-sink (fault injection, message dumps) and private Postfix MX
-instances (STARTTLS, per-recipient outcomes) on 127.0.0.x:25, from the mox_core.testing
+instances (STARTTLS, per-recipient outcomes) on 127.0.0.x:25, from the mox_testpeers
 fixtures. The transport is built from a loaded config, as the queue will build it.
 """
 
@@ -15,8 +15,8 @@ from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.smtpclient.mx import NULL_MX_TEXT
-from mox_core.testconfig import load
-from mox_core.testpeers import reserve, wait_for
+from mox_core.testing import load
+from mox_testpeers import reserve, wait_for
 from mox_transport_direct.transport import DirectTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

@@ -1,6 +1,6 @@
 """smtp transport end to end: SMTPTransport -> loopback DNS -> a real relay (Postfix, smtp-sink).
 
-The Postfix smarthost of mox_core.testing is configured here to relay for 127.0.0.0/8 without
+The Postfix smarthost of mox_testpeers is configured here to relay for 127.0.0.0/8 without
 authentication (``permit_mynetworks``), and to require STARTTLS (``smtpd_tls_security_level =
 encrypt``); its certificate (names localhost, smarthost.test, 127.0.0.1) is signed by a
 throwaway CA, ``.cafile``. The smarthost's name is resolved through the test DNS server.
@@ -16,8 +16,8 @@ import pytest
 from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.testconfig import load
-from mox_core.testpeers import reserve
+from mox_core.testing import load
+from mox_testpeers import reserve
 from mox_transport_smtp.transport import SMTPTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

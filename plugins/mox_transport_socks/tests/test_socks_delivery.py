@@ -15,8 +15,8 @@ import pytest
 from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
-from mox_core.testconfig import load
-from mox_core.testpeers import reserve
+from mox_core.testing import load
+from mox_testpeers import reserve
 from mox_transport_socks.transport import SocksTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT
@@ -184,7 +184,7 @@ async def test_proxy_connect_timeout_then_fallback(tmp_path, socks_microsocks, d
     black.listen(0)
     filler = socket.create_connection(black.getsockname(), timeout=2)  # fills the accept queue
     try:
-        addr = "%s:%d" % black.getsockname()
+        addr = "{}:{}".format(*black.getsockname())
         cfg = socks_config(tmp_path, addr, fallbacks=[proxy_addr(socks_microsocks)])
         t = transport_from(cfg, proxy_connect_timeout=1.0)
         loop = asyncio.get_running_loop()
@@ -205,7 +205,7 @@ async def test_hung_proxy_is_a_socks_timeout_not_a_fallback(tmp_path, socks_micr
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)  # never accept()ed, never answered
     try:
-        addr = "%s:%d" % hung.getsockname()
+        addr = "{}:{}".format(*hung.getsockname())
         cfg = socks_config(tmp_path, addr, fallbacks=[proxy_addr(socks_microsocks)])
         t = transport_from(cfg, timeouts=Timeouts(connect=2, command=10, data=10, tls_handshake=10))
         [r] = await deliver(t, ctx_for(cfg, dns_resolver))

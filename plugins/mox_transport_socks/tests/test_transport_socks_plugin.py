@@ -6,7 +6,7 @@ import pytest
 
 from mox_core.errors import ConfigError
 from mox_core.plugins.host import PluginHost
-from mox_core.testconfig import listed_plugin, load
+from mox_core.testing import listed_plugin, load
 
 
 def test_plugin_is_installed():

@@ -1,6 +1,6 @@
 """submission/submissions end to end against Postfix with Cyrus SASL (users alice/secret-pw).
 
-The smarthost (mox_core.testing ``postfix_smarthost_factory``) offers SCRAM-SHA-256,
+The smarthost (mox_testpeers ``postfix_smarthost_factory``) offers SCRAM-SHA-256,
 SCRAM-SHA-1, CRAM-MD5, PLAIN and LOGIN after STARTTLS, implicit TLS on ``.tls_port``, and logs
 ``sasl_method=<MECH>, sasl_username=alice@smarthost.test`` for every login: that is how these
 tests see which mechanism was used. Its name, smarthost.test, resolves through the test DNS.
@@ -16,8 +16,8 @@ from mox_core.api import Timeouts
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMessage
 from mox_core.queue import FakeClock, Queue
-from mox_core.testconfig import load
-from mox_core.testpeers import wait_for
+from mox_core.testing import load
+from mox_testpeers import wait_for
 from mox_transport_submission.transport import SubmissionTransport
 
 DELIVERED, TEMPORARY, PERMANENT = DeliveryStatus.DELIVERED, DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT

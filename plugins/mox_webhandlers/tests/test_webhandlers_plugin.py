@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from mox_core.errors import ConfigError
-from mox_core.testconfig import listed_plugin, load
+from mox_core.testing import listed_plugin, load
 from plugins.mox_webhandlers.tests.webhandlers_helpers import WEB_LISTENER, plugin_host
 
 

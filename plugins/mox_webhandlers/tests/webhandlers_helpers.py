@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.kinds import WebHandlerContext
-from mox_core.testconfig import load
+from mox_core.testing import load
 
 DECLINED = 599  # what the test wrapper answers when the handler declined
 _HOST: list[PluginHost] = []
