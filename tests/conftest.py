@@ -62,3 +62,61 @@ def run_mox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "mox_core", *args], capture_output=True, text=True, env=e,
         cwd=cwd, timeout=60,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser: Debian's chromium driven by Playwright (sync API)
+
+CHROMIUM = "/usr/lib/chromium/chromium"  # the binary; /usr/bin/chromium is a shell wrapper
+# Every host name but localhost goes to an unused loopback address: no DNS query ever leaves
+# the machine (not "~NOTFOUND": Chromium's error pages then probe DNS on the internet).
+HOST_RULES = "MAP * 127.0.0.99, EXCLUDE localhost, EXCLUDE 127.0.0.1"
+SCREENSHOTS = ROOT / "tests" / "artifacts" / "screenshots"
+
+
+def require_chromium(path: str = CHROMIUM) -> str:
+    """``path`` if it is an executable, else fail the test (never skip) with what to install."""
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"the browser tests need Debian's chromium at {path}: apt-get install chromium "
+                    "(scripts/install does)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless chromium for one test module (a session-wide sync Playwright would hold an
+    event loop that breaks the asyncio tests after it); each test makes its own context."""
+    executable = require_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser tests need playwright: pip install -e '.[test]'", pytrace=False)
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache"}
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, headless=True, env=env,
+                               args=["--no-sandbox", f"--host-resolver-rules={HOST_RULES}"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def browser_context(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def screenshot():
+    """``screenshot(page, name)``: a full-page PNG in tests/artifacts/screenshots/."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    def shot(page, name: str, full_page: bool = True) -> Path:
+        path = SCREENSHOTS / f"{name}.png"
+        page.screenshot(path=str(path), full_page=full_page)
+        return path
+
+    return shot

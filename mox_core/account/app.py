@@ -22,7 +22,7 @@ from pathlib import Path
 from starlette.responses import FileResponse, Response
 
 from mox_core.account.mail import Inbox
-from mox_core.account.usage import account_addresses, account_limits
+from mox_core.account.usage import account_addresses, account_limits, submission_ports
 from mox_core.accounts.db import account_for_login, set_password
 from mox_core.accounts.passwords import verify_password
 from mox_core.accounts.sasl import AuthFailureLimiter, CredentialStore
@@ -73,7 +73,7 @@ def _overview(ui: WebUI, holder: ConfigHolder, data_dir: Path) -> None:
         limits = await asyncio.to_thread(account_limits, cfg, page.principal, data_dir)
         acc = cfg.account(page.principal)
         return page.render("overview.html", account=acc, addresses=account_addresses(cfg, page.principal),
-                           limits=limits)
+                           limits=limits, submission=submission_ports(cfg))
 
 
 def _messages(ui: WebUI, data_dir: Path) -> None:

@@ -45,7 +45,9 @@ class Summary:
     size: int
     received: float  # the file's modification time: when it was delivered
     date: datetime | None
-    sender: str
+    sender: str  # the From header, decoded
+    sender_name: str  # its first address's display name ("" when none)
+    sender_addr: str  # its first address
     subject: str
     seen: bool
 
@@ -83,6 +85,17 @@ def header_text(msg: Message, name: str) -> str:
         if k.lower() == name.lower():
             return _decoded(msg, k, v)
     return ""
+
+
+def _sender(msg: Message) -> tuple[str, str]:
+    """Display name and address of the first From address."""
+    try:
+        addresses = msg["from"].addresses
+        if addresses:
+            return addresses[0].display_name, addresses[0].addr_spec
+    except Exception:  # absent, or not parsable as addresses
+        pass
+    return "", header_text(msg, "from")
 
 
 def _date(msg: Message) -> datetime | None:
@@ -130,7 +143,8 @@ class Inbox:
             msg = _read_head(path)
             if msg is None:
                 continue
-            out.append(Summary(base, size, mtime, _date(msg), header_text(msg, "from"),
+            name, addr = _sender(msg)
+            out.append(Summary(base, size, mtime, _date(msg), header_text(msg, "from"), name, addr,
                                header_text(msg, "subject"), seen))
         return out, len(entries)
 

@@ -25,7 +25,7 @@ from mox_core.builtin.rate_limiters import (
 from mox_core.config.resolved import Config
 from mox_core.plugins.kinds import Submission
 
-__all__ = ["Address", "Limit", "account_addresses", "account_limits"]
+__all__ = ["Address", "Limit", "SubmissionPort", "account_addresses", "account_limits", "submission_ports"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,29 @@ class Limit:
     @property
     def fraction(self) -> float:
         return min(1.0, self.used / self.limit) if self.limit and self.used is not None else 0.0
+
+
+@dataclass(frozen=True)
+class SubmissionPort:
+    """Where a mail client sends the account's mail (RFC 8314 §3.3: implicit TLS first)."""
+
+    host: str
+    port: int
+    security: str  # "TLS", "STARTTLS" or "none"
+
+
+def submission_ports(cfg: Config) -> list[SubmissionPort]:
+    """The submission ports of the listeners: implicit TLS (submissions) before STARTTLS."""
+    tls: list[SubmissionPort] = []
+    starttls: list[SubmissionPort] = []
+    for lst in cfg.static.listeners.values():
+        host = lst.hostname or cfg.static.hostname
+        if lst.submissions.enabled:
+            tls.append(SubmissionPort(host, lst.submissions.port, "TLS"))
+        if lst.submission.enabled:
+            plain = lst.tls is None and lst.submission.no_require_starttls
+            starttls.append(SubmissionPort(host, lst.submission.port, "none" if plain else "STARTTLS"))
+    return list(dict.fromkeys(tls + starttls))
 
 
 def account_addresses(cfg: Config, account: str) -> list[Address]:

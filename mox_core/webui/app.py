@@ -180,7 +180,7 @@ class WebUI:
         return HTMLResponse(self.renderer.render(template, {**base, **context}), status_code=status)
 
     def error(self, request: Request, status: int, message: str, session: Session | None = None) -> Response:
-        return self.render(request, "error.html", session, status, status=status, message=message)
+        return self.render(request, "error.html", session, status, code=status, message=message)
 
     def _forbidden(self, request: Request, session: Session | None = None) -> Response:
         return self.error(request, 403, "This form was not sent from this site's own page, or it "
