@@ -133,3 +133,75 @@ def csrf_of(html: str) -> str:
     m = re.search(r'name="csrf" value="([^"]+)"', html)
     assert m is not None, "no csrf field in the page"
     return m.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The account pages as an ASGI app, without a server (httpx's ASGI transport)
+
+ASGI_DOMAINS = """
+[accounts.alice]
+domain = "example.org"
+full_name = "Alice Liddell"
+max_outgoing_messages_per_day = 10
+[accounts.alice.destinations."alice@example.org"]
+[accounts.alice.destinations."@example.org"]
+
+[accounts.bob]
+domain = "example.org"
+[accounts.bob.destinations."bob@example.org"]
+"""
+
+
+class AccountASGI:
+    """:func:`account_app` on a fresh config (accounts ``alice`` with a catch-all, ``bob``),
+    with one fake clock for the sessions and the login throttle (``now``)."""
+
+    def __init__(self, directory: Path, domains: str = ASGI_DOMAINS) -> None:
+        from mox_core.account import account_app
+        from mox_core.accounts.db import AccountCredentials, set_password
+        from mox_core.accounts.sasl import AuthFailureLimiter
+        from mox_core.config.holder import ConfigHolder
+        from mox_core.testconfig import load
+        from mox_core.webui import SessionStore
+
+        self.cfg = load(directory, domains=domains)
+        set_password(self.cfg, "alice", PASSWORD)
+        set_password(self.cfg, "bob", BOB_PASSWORD)
+        self.holder = ConfigHolder(self.cfg)
+        self.credentials = AccountCredentials(self.holder)
+        self.now = 1_800_000_000.0
+        self.sessions = SessionStore.for_data_dir(self.cfg.data_dir, clock=lambda: self.now)
+        self.limiter = AuthFailureLimiter(clock=lambda: self.now)
+        self.app = account_app(self.holder, self.credentials, self.cfg.data_dir, sessions=self.sessions,
+                               limiter=self.limiter)
+
+    def client(self, ip: str = "192.0.2.10", https: bool = False) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app, root_path="/account", client=(ip, 40000))
+        return httpx.AsyncClient(transport=transport, base_url=self.origin(https))
+
+    @staticmethod
+    def origin(https: bool = False) -> str:
+        return f"{'https' if https else 'http'}://mail.example.org"
+
+    async def login(self, client: httpx.AsyncClient, username: str = "alice@example.org",
+                    password: str = PASSWORD, **extra: str) -> httpx.Response:
+        page = await client.get("/account/login")
+        return await client.post("/account/login", data={"csrf": csrf_of(page.text), "username": username,
+                                                         "password": password, **extra},
+                                 headers={"origin": str(client.base_url).rstrip("/")})
+
+    async def post(self, client: httpx.AsyncClient, path: str, data: dict[str, str], *, csrf: bool = True,
+                   origin: str | None = "") -> httpx.Response:
+        """POST a form of a page: with the session's token (taken from the overview) and our
+        origin, unless told otherwise (``origin=None``: no Origin header)."""
+        if csrf:
+            data = {"csrf": csrf_of((await client.get("/account/")).text), **data}
+        headers = {}
+        if origin is not None:
+            headers["origin"] = origin or str(client.base_url).rstrip("/")
+        return await client.post(path, data=data, headers=headers)
+
+    def password_is(self, account: str, password: str) -> bool:
+        from mox_core.accounts.passwords import verify_password
+
+        return verify_password(self.credentials.lookup(account), password)

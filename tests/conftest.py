@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mox_core.plugins.host import PluginHost
+from tests.browser import HOST_RULES, SCREENSHOTS, require_chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,21 +66,7 @@ def run_mox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 
 
 # --------------------------------------------------------------------------------------------
-# A real browser: Debian's chromium driven by Playwright (sync API)
-
-CHROMIUM = "/usr/lib/chromium/chromium"  # the binary; /usr/bin/chromium is a shell wrapper
-# Every host name but localhost goes to an unused loopback address: no DNS query ever leaves
-# the machine (not "~NOTFOUND": Chromium's error pages then probe DNS on the internet).
-HOST_RULES = "MAP * 127.0.0.99, EXCLUDE localhost, EXCLUDE 127.0.0.1"
-SCREENSHOTS = ROOT / "tests" / "artifacts" / "screenshots"
-
-
-def require_chromium(path: str = CHROMIUM) -> str:
-    """``path`` if it is an executable, else fail the test (never skip) with what to install."""
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"the browser tests need Debian's chromium at {path}: apt-get install chromium "
-                    "(scripts/install does)", pytrace=False)
-    return path
+# A real browser: Debian's chromium driven by Playwright (sync API); see tests/browser.py
 
 
 @pytest.fixture(scope="module")

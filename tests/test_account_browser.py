@@ -10,6 +10,7 @@ import re
 import pytest
 
 from tests.accountweb import BOB_PASSWORD, PASSWORD, AccountWeb
+from tests.browser import CHROMIUM, require_chromium
 
 try:
     from playwright.sync_api import expect
@@ -163,3 +164,9 @@ def test_the_stylesheet_and_icon_load_under_the_content_security_policy(web, bro
             screenshot(page, "messages-dark")
     finally:
         ctx.close()
+
+
+def test_a_missing_chromium_fails_the_browser_tests_and_says_what_to_install(tmp_path):
+    assert require_chromium() == CHROMIUM
+    with pytest.raises(pytest.fail.Exception, match=r"need Debian's chromium .*apt-get install chromium"):
+        require_chromium(str(tmp_path / "no-chromium"))
