@@ -339,3 +339,51 @@ forwarded = {str(forwarded).lower()}
         assert sub["client"][0] == "198.51.100.7" and sub["scheme"] == "https"
     else:
         assert sub["client"][0] == "10.0.0.5" and sub["scheme"] == "http"
+
+
+# -- a second app on the framework ---------------------------------------------------------
+
+
+async def test_a_second_app_with_a_password_only_login_keeps_its_own_sessions(ui, tmp_path):
+    from starlette.responses import HTMLResponse
+
+    from mox_core.accounts.adminpasswd import check_admin_password, set_admin_password
+    from mox_core.webui import WebUI
+
+    set_admin_password(tmp_path, "admin-pages-pw")
+    admin = WebUI("admin", "Admin", lambda _user, pw: "admin" if check_admin_password(tmp_path, pw) else None,
+                  ui.sessions, ui.limiter, user_label=None, nav=[("Home", "/")])
+
+    @admin.page("/")
+    async def home(page):
+        return HTMLResponse(f"<p>admin home of {page.principal}</p>")
+
+    admin_app = admin.app()
+
+    async def both(scope, receive, send):  # mounted as the pipeline mounts them
+        if scope["type"] == "http" and scope["path"].startswith("/admin/"):
+            await admin_app({**scope, "root_path": "/admin"}, receive, send)
+        else:
+            await ui.app({**scope, "root_path": "/account"}, receive, send)
+
+    transport = httpx.ASGITransport(app=both, client=("192.0.2.20", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://mail.example.org") as c:
+        await ui.login(c)
+        account_sid = c.cookies.get("mox_account_session")
+        r = await c.get("/admin/")
+        assert r.status_code == 303 and r.headers["location"] == "/admin/login"
+        c.cookies.set("mox_admin_session", account_sid, path="/admin/")  # an account session is no admin one
+        assert (await c.get("/admin/")).status_code == 303
+        c.cookies.delete("mox_admin_session")
+        login = await c.get("/admin/login")
+        assert 'name="username"' not in login.text and 'name="password"' in login.text
+        token = csrf_of(login.text)
+        r = await c.post("/admin/login", data={"csrf": token, "password": PASSWORD},
+                         headers={"origin": "http://mail.example.org"})
+        assert r.status_code == 403 and "Wrong password." in r.text
+        r = await c.post("/admin/login", data={"csrf": token, "password": "admin-pages-pw"},
+                         headers={"origin": "http://mail.example.org"})
+        assert r.status_code == 303 and r.headers["location"] == "/admin/"
+        assert "Path=/admin/" in r.headers["set-cookie"]
+        assert (await c.get("/admin/")).text == "<p>admin home of admin</p>"
+        assert (await c.get("/account/")).status_code == 200  # both logged in, each on its own
