@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.browser import HOST_RULES, SCREENSHOTS, require_chromium
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +31,47 @@ def run_mox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "mox_core", *args], capture_output=True, text=True, env=e,
         cwd=cwd, timeout=60,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser: Debian's chromium driven by Playwright (sync API); see tests/browser.py
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless chromium for one test module (a session-wide sync Playwright would hold an
+    event loop that breaks the asyncio tests after it); each test makes its own context."""
+    executable = require_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser tests need playwright: pip install -e '.[test]'", pytrace=False)
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache"}
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, headless=True, env=env,
+                               args=["--no-sandbox", f"--host-resolver-rules={HOST_RULES}"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def browser_context(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def screenshot():
+    """``screenshot(page, name)``: a full-page PNG in tests/artifacts/screenshots/."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    def shot(page, name: str, full_page: bool = True) -> Path:
+        path = SCREENSHOTS / f"{name}.png"
+        page.screenshot(path=str(path), full_page=full_page)
+        return path
+
+    return shot

@@ -116,13 +116,33 @@ def setaccountpassword(state: State, account: str) -> None:
 
     Only derived credentials are stored (salted hash, SCRAM keys, CRAM-MD5 states).
     """
-    import getpass
-
     from mox_core.accounts.db import set_password
 
     cfg = state.load_config()
     if account not in cfg.dynamic.model.accounts:
         raise MoxError(f"no account {account!r} in {cfg.domains_path}")
+    set_password(cfg, account, _read_password())
+    click.echo(f"password for account {account} set")
+
+
+@cli.command("setadminpassword")
+@click.pass_obj
+def setadminpassword(state: State) -> None:
+    """Set the password of the admin pages (read from the terminal, or the first line of stdin).
+
+    Only a salted scrypt hash is stored, in the file adminpasswd beside mox.toml (mode 0600).
+    """
+    from mox_core.accounts.adminpasswd import set_admin_password
+
+    cfg = state.load_config()
+    path = set_admin_password(cfg.config_dir, _read_password())
+    click.echo(f"admin password set in {path}")
+
+
+def _read_password() -> str:
+    """A new password: typed twice on a terminal, else the first line of stdin."""
+    import getpass
+
     if sys.stdin.isatty():
         pw = getpass.getpass("password: ")
         if getpass.getpass("repeat password: ") != pw:
@@ -131,8 +151,7 @@ def setaccountpassword(state: State, account: str) -> None:
         pw = sys.stdin.readline().rstrip("\r\n")
     if not pw:
         raise MoxError("empty password")
-    set_password(cfg, account, pw)
-    click.echo(f"password for account {account} set")
+    return pw
 
 
 @cli.group()

@@ -273,9 +273,22 @@ class WebApp:
                 return True
             sub = dict(scope)  # mounted as ASGI mounts: root_path set, path kept whole
             sub["root_path"] = scope.get("root_path", "") + base.rstrip("/")
+            if port.forwarded:
+                _forwarded_scope(sub)
             await app(sub, receive, ex.send)
             return True
         return False
+
+
+def _forwarded_scope(scope: Scope) -> None:
+    """Behind a reverse proxy: the client as the proxy saw it, for the internal services'
+    login throttle and cookies: ``client`` from X-Forwarded-For, ``scheme`` from
+    X-Forwarded-Proto (``Secure`` cookies when the browser used HTTPS)."""
+    client = scope.get("client")
+    scope["client"] = (client_ip(scope, True), client[1] if client else 0)
+    proto = header(scope, b"x-forwarded-proto").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        scope["scheme"] = proto
 
 
 def _internal_host(service: str, host: Host, port: WebPort, cfg: Config) -> bool:

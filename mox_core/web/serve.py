@@ -34,7 +34,7 @@ from mox_core.server.tls import server_context
 from mox_core.web.pipeline import WebApp
 from mox_core.web.ports import web_ports
 
-__all__ = ["GuardedHttpProtocol", "serve_web"]
+__all__ = ["GuardedHttpProtocol", "build_internal_services", "serve_web"]
 
 log = structlog.get_logger(component="http")
 
@@ -132,9 +132,32 @@ async def _read_channel(channel: socket.socket, stop: asyncio.Event, holder: Con
     writer.close()
 
 
+def build_internal_services(holder: ConfigHolder) -> dict[str, ASGIApp]:
+    """Core's own web applications, by the service names of the listeners' settings
+    (``account_http(s)``, ``admin_http(s)``). They share the session database and one
+    failed-login throttle per client IP (the web process's own: the SMTP processes count
+    SMTP AUTH failures in theirs)."""
+    from mox_core.account import account_app
+    from mox_core.accounts.db import AccountCredentials
+    from mox_core.accounts.sasl import AuthFailureLimiter
+    from mox_core.webui import SessionStore
+
+    data_dir = holder.get().data_dir
+    sessions = SessionStore.for_data_dir(data_dir)
+    limiter = AuthFailureLimiter()
+    services: dict[str, ASGIApp] = {
+        "account": account_app(holder, AccountCredentials(holder), data_dir, sessions=sessions, limiter=limiter),
+    }
+    # "admin": the admin pages go here, built the same way (with the same sessions and
+    # limiter; their login is the password of `mox setadminpassword`, checked with
+    # mox_core.accounts.adminpasswd.check_admin_password).
+    return services
+
+
 async def serve_web(config: Config, parent: int, channel_fd: int, sockets: Mapping[tuple[str, int], int],
                     internal_services: Mapping[str, ASGIApp] | None = None) -> None:
-    """Serve the web ports on the sockets the main process bound (``(ip, port)`` -> fd)."""
+    """Serve the web ports on the sockets the main process bound (``(ip, port)`` -> fd),
+    with core's internal services (default :func:`build_internal_services`)."""
     from mox_core.queue.stats import QueueStats
     from mox_core.server.components import reload_loop
 
@@ -148,6 +171,8 @@ async def serve_web(config: Config, parent: int, channel_fd: int, sockets: Mappi
     GuardedHttpProtocol.max_head = limits.max_head
     ports = web_ports(config.static)
     stats = QueueStats(config.data_dir)
+    if internal_services is None:
+        internal_services = build_internal_services(holder)
     app = WebApp(holder, ports, internal_services, scrape=lambda: [stats])
     servers: list[_Server] = []
     serving: list[asyncio.Task[None]] = []
