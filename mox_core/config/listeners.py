@@ -17,6 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from mox_core.config.modelbase import Model
 
 __all__ = [
+    "AccountService",
+    "AdminService",
     "AutoconfigService",
     "HTTPService",
     "KeyCert",
@@ -89,6 +91,18 @@ class HTTPService(Model):
         return _checked_path(v)
 
 
+class AccountService(HTTPService):
+    """The account pages (log in with an account's address and password)."""
+
+    path: str = Field("/account/", description="Path the account pages are served under; starts and ends with /.")
+
+
+class AdminService(HTTPService):
+    """The admin pages (log in with the admin password, mox setadminpassword)."""
+
+    path: str = Field("/admin/", description="Path the admin pages are served under; starts and ends with /.")
+
+
 class WebserverService(Model):
     """The web handlers and domain redirects of domains.toml."""
 
@@ -135,21 +149,18 @@ class Listener(Model):
     submissions: SubmissionsListener = Field(
         default_factory=SubmissionsListener, description="Submissions (port 465)."
     )
-    account_http: HTTPService = Field(
-        default_factory=lambda: HTTPService(port=80, path="/account/"),
-        description="Account pages over plain HTTP.",
+    account_http: AccountService = Field(
+        default_factory=lambda: AccountService(port=80), description="Account pages over plain HTTP.",
     )
-    account_https: HTTPService = Field(
-        default_factory=lambda: HTTPService(port=443, path="/account/"),
-        description="Account pages over HTTPS.",
+    account_https: AccountService = Field(
+        default_factory=lambda: AccountService(port=443), description="Account pages over HTTPS.",
     )
-    admin_http: HTTPService = Field(
-        default_factory=lambda: HTTPService(port=80, path="/admin/"),
+    admin_http: AdminService = Field(
+        default_factory=lambda: AdminService(port=80),
         description="Admin pages over plain HTTP (only on loopback listeners, please).",
     )
-    admin_https: HTTPService = Field(
-        default_factory=lambda: HTTPService(port=443, path="/admin/"),
-        description="Admin pages over HTTPS.",
+    admin_https: AdminService = Field(
+        default_factory=lambda: AdminService(port=443), description="Admin pages over HTTPS.",
     )
     webserver_http: WebserverService = Field(
         default_factory=lambda: WebserverService(port=80), description="Web handlers over plain HTTP."
