@@ -412,12 +412,15 @@ class MoxBench:
     (``no_require_starttls``, loopback only) on ``submission_port``; account ``bench`` owns
     rcpt@ and bench@bench.test with rate limits raised so the benchmark never hits them.
     ``relay_port``: add transport ``relay`` (kind smtp, relay.bench.test:relay_port, no
-    STARTTLS) and a global route sending everything through it.
+    STARTTLS) and a global route sending everything through it. ``static_extra`` and
+    ``domains_extra``: TOML appended to mox.toml and domains.toml (e.g. a web port of the
+    listener ``bench`` and web handlers, for bench/web.py).
     """
 
     def __init__(self, directory: Path, nameserver: str, *, relay_port: int | None = None,
                  log_level: str = "info", queue_concurrency: int | None = None,
-                 smtp_workers: int | None = None, dkim: str | None = None, pin: bool = True):
+                 smtp_workers: int | None = None, dkim: str | None = None, pin: bool = True,
+                 static_extra: str = "", domains_extra: str = ""):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
@@ -483,8 +486,8 @@ class MoxBench:
                 [domains."bench.test".dkim.selectors.bench]
                 private_key_file = "dkim.pem"
                 """)
-        (self.dir / "mox.toml").write_text(static)
-        (self.dir / "domains.toml").write_text(domains)
+        (self.dir / "mox.toml").write_text(static + static_extra)
+        (self.dir / "domains.toml").write_text(domains + domains_extra)
         self.mox("setaccountpassword", "bench", input=PASSWORD + "\n")
 
     @property

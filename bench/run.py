@@ -4,10 +4,11 @@ Each part is its own script (see README.md) and writes JSON into --out (default
 bench/results/); this only runs them one after the other (never two at once: the machine has
 2 cores) and formats the figures.
 
-    .venv/bin/python bench/run.py [--quick] [--parts machine,accept,accept-signed,phases,outbound,idle,queue,profile]
+    .venv/bin/python bench/run.py [--quick] [--parts machine,accept,accept-signed,phases,outbound,idle,queue,web,profile]
 
-``--quick`` (about 5 minutes) is for checking that everything works: 1 round, fewer
-messages, queue sizes up to 100,000. The full run takes 10-15 minutes.
+``--quick`` (about 6 minutes) is for checking that everything works: 1 round, fewer
+messages, queue sizes up to 100,000, 2 s web measurements. The full run takes 17-20 minutes
+(the web part about 5).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ["machine", "accept", "accept-signed", "phases", "outbound", "idle", "queue", "profile"]
+PARTS = ["machine", "accept", "accept-signed", "phases", "outbound", "idle", "queue", "web", "profile"]
 
 
 def run_part(name: str, args: list[str], out: Path) -> None:
@@ -98,6 +99,10 @@ def summary(out: Path) -> str:
                 lines.append(f"| {int(n):,} | {r['start_s']} | {r['queue_accept_1conn_per_s']} | "
                              f"{r['queue_accept_20conn_per_s']} |")
         lines.append("")
+    w = load("web")
+    if w:
+        from web import table as web_table
+        lines += ["## Web server (mox's static and forward handlers vs nginx)", "", web_table(w), ""]
     return "\n".join(lines)
 
 
@@ -130,6 +135,9 @@ def main() -> None:
         "idle": ["idle.py", "--connections", "10000", "--out", str(a.out / "idle.json")],
         "queue": ["queue_scale.py", "--sizes", "1000,10000,100000" if q else "1000,10000,100000,1000000",
                   "--e2e", "--out", str(a.out / "queue.json")],
+        # mox's web handlers (static, forward) against nginx, wrk at 1 and 50 connections
+        "web": ["web.py", "--rounds", "1" if q else "3", "--duration", "2" if q else "5",
+                "--out", str(a.out / "web.json")],
         "profile": ["profile.py", "--seconds", "4" if q else "8", "--out", str(a.out)],
     }
     if not a.summary_only:
