@@ -10,6 +10,7 @@ a dict lookup, and drops the event before any rendering.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -118,8 +119,15 @@ _tracebacks = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
+CONSOLE_ENV = "MOX_LOG_CONSOLE"
+
+
 def configure(*, json: bool, stream: Any = None) -> None:
-    """JSON lines (for ``serve``) or readable console output (other commands), on stderr."""
+    """JSON lines (for ``serve``) or readable console output (other commands), on stderr.
+    ``MOX_LOG_CONSOLE=1`` makes it console output anyway (``mox localserve`` sets it, for its
+    worker processes too)."""
+    if json and os.environ.get(CONSOLE_ENV) == "1":
+        json = False
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _filter,

@@ -54,6 +54,7 @@ def test_config_check_ok(tmp_path):
 
 
 def test_config_path_from_env_then_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # no mox localserve folder there
     monkeypatch.setenv("MOX_CONFIG", "/etc/elsewhere/mox.toml")
     assert str(find_config_path(None)) == "/etc/elsewhere/mox.toml"
     assert str(find_config_path("x/mox.toml")) == "x/mox.toml"

@@ -3,14 +3,16 @@ the config with them (:class:`State`)."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import structlog
 
 from mox_core import logging as moxlog
-from mox_core.config.loader import find_config_path, load_config
+from mox_core.config.loader import config_candidates, find_config_path, load_config
 from mox_core.config.resolved import Config
+from mox_core.errors import MoxError
 from mox_core.plugins.host import PluginHost
 
 __all__ = ["State"]
@@ -39,7 +41,11 @@ class State:
 
     def load_config(self, *, reapply_cli_level: bool = True) -> Config:
         """Load the config; except for serve, the command-line level stays the default level."""
-        cfg = load_config(self.config_path, self.plugins_for_config())
+        path = self.config_path
+        if not path.exists() and not self.config_option and not os.environ.get("MOX_CONFIG"):
+            tried = ", ".join(str(p) for p in config_candidates())
+            raise MoxError(f"no mox.toml found (tried {tried}); give one with --config or $MOX_CONFIG")
+        cfg = load_config(path, self.plugins_for_config())
         moxlog.set_levels(cfg.static.log_level, dict(cfg.static.package_log_levels))
         if reapply_cli_level:
             moxlog.set_levels(self.loglevel or "info")

@@ -38,6 +38,10 @@ def validate_dynamic(
     _domains(model, dyn, file, problems)
     for acc_name, acc in model.accounts.items():
         _account(acc_name, acc, model, dyn, plugins, file, problems)
+    if static is not None and static.localserve is not None and static.localserve.account not in model.accounts:
+        problems.append(ConfigProblem(
+            file, "accounts", f"localserve account {static.localserve.account!r} (from mox.toml) is not defined",
+        ))
     if static is not None and static.postmaster.account not in model.accounts:
         problems.append(ConfigProblem(
             file, "accounts",

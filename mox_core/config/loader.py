@@ -22,19 +22,37 @@ from mox_core.errors import ConfigError, ConfigProblem
 from mox_core.plugins.host import PluginHost
 from mox_core.plugins.registry import validate_model
 
-__all__ = ["DEFAULT_CONFIG_PATH", "find_config_path", "load_config", "read_toml", "reload_dynamic"]
+__all__ = ["DEFAULT_CONFIG_PATH", "config_candidates", "find_config_path", "localserve_dir", "load_config", "read_toml", "reload_dynamic"]
 
 DEFAULT_CONFIG_PATH = Path("config/mox.toml")
 
 
 def find_config_path(option: str | os.PathLike[str] | None) -> Path:
-    """``--config``, else ``$MOX_CONFIG``, else ``config/mox.toml``."""
+    """``--config``, else ``$MOX_CONFIG``, else the first of :func:`config_candidates` that
+    exists, else ``config/mox.toml``."""
     if option:
         return Path(option)
     env = os.environ.get("MOX_CONFIG")
     if env:
         return Path(env)
+    for path in config_candidates():
+        if path.exists():
+            return path
     return DEFAULT_CONFIG_PATH
+
+
+def config_candidates() -> list[Path]:
+    """Where mox looks for mox.toml without ``--config`` or ``$MOX_CONFIG``: ``config/mox.toml``,
+    ``mox.toml`` in the current directory (a ``mox localserve`` folder, say), and the default
+    folder of ``mox localserve``."""
+    return [DEFAULT_CONFIG_PATH, Path("mox.toml"), localserve_dir() / "mox.toml"]
+
+
+def localserve_dir() -> Path:
+    """The default folder of ``mox localserve``: ``$XDG_CONFIG_HOME/mox-localserve``, else
+    ``~/.config/mox-localserve``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mox-localserve"
 
 
 def load_config(path: str | os.PathLike[str], plugins: PluginHost) -> Config:

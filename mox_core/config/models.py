@@ -74,6 +74,14 @@ class IMAPServer(Model):
     tls: Literal["implicit", "starttls"] = Field("implicit", description="implicit TLS (993) or STARTTLS (143).")
 
 
+class LocalServe(Model):
+    """Set by ``mox localserve``: a server for one machine that keeps every message."""
+
+    account: str = Field("mox", description="Receives mail for every address no account has, in any domain.")
+    simulate_failures: bool = Field(
+        True, description="Local parts such as x-temperror@ or x-550@ get that reply (mox localserve's banner).")
+
+
 class Testing(Model):
     allow_private_targets: bool = Field(
         False,
@@ -121,6 +129,7 @@ class StaticConfig(Model):
     queue: Queue = Field(default_factory=Queue, description="Outgoing queue.")
     imap: IMAPServer | None = Field(None, description="IMAP server for the accounts, told to mail clients.")
     http: HTTP = Field(default_factory=HTTP, description="Limits of the web server.")
+    localserve: LocalServe | None = Field(None, description="Local development mode (mox localserve).")
     testing: Testing = Field(default_factory=Testing, description="Settings for test setups only.")
 
     @field_validator("hostname")

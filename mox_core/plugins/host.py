@@ -31,6 +31,7 @@ ENTRY_POINT_GROUP = "mox.plugins"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("mox_core.builtin.route_matchers", "core.route_matchers"),
     ("mox_core.builtin.rate_limiters", "core.rate_limiters"),
+    ("mox_core.builtin.loopback", "core.transports"),
 )
 
 # hook name -> (registry attribute of PluginHost, expected kind class)

@@ -28,6 +28,7 @@ from mox_core import afterreply
 from mox_core.accounts.addresses import AddressNotFound, Resolved, is_local_domain, lookup, split_address
 from mox_core.checks import authres
 from mox_core.config.holder import ConfigHolder
+from mox_core.localserve.special import TIMEOUT_SECONDS, SpecialReply, special_reply
 from mox_core.metrics import ServiceMetrics
 from mox_core.outgoing import dkimsign
 from mox_core.outgoing.ratelimit import RateLimited
@@ -76,6 +77,7 @@ class Transaction:
     """Per-envelope state of this handler (kept on the aiosmtpd Envelope)."""
 
     recipients: list[Recipient] = field(default_factory=list)
+    simulated: list[str] = field(default_factory=list)  # mox localserve: failures asked for at DATA
 
 
 def _tx(envelope: Envelope) -> Transaction:
@@ -99,6 +101,13 @@ def _canonical(address: str) -> str:
         return f"{lp}@{to_unicode(domain)}"
     except ValueError:
         return address.lower()
+
+
+async def _simulated(sr: SpecialReply) -> str:
+    """The reply a localserve local part asks for (after an hour for a timeout)."""
+    if sr.timeout:
+        await asyncio.sleep(TIMEOUT_SECONDS)
+    return sr.reply
 
 
 def _strip_source_route(address: str) -> str:
@@ -139,6 +148,9 @@ class Handler:
                           mail_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
             return codes.BAD_SENDER_ADDRESS
+        local = self.holder.get().static.localserve
+        if local is not None and local.simulate_failures and (sr := special_reply(address, "mail")) is not None:
+            return await _simulated(sr)
         if self.submission:
             if not session.authenticated:
                 self.metrics.message("rejected", "auth_required")
@@ -154,7 +166,9 @@ class Handler:
                     return codes.SENDER_NOT_OWNED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        _tx(envelope).recipients.clear()
+        tx = _tx(envelope)
+        tx.recipients.clear()
+        tx.simulated.clear()
         return codes.SENDER_OK
 
     # -- RCPT -----------------------------------------------------------------------------
@@ -170,7 +184,16 @@ class Handler:
         except ValueError:
             return codes.BAD_RECIPIENT_ADDRESS
         tx = _tx(envelope)
+        localserve = cfg.static.localserve
+        if localserve is not None and localserve.simulate_failures:
+            if (sr := special_reply(addr, "rcpt")) is not None:
+                return await _simulated(sr)
+            if not self.submission and special_reply(addr, "data") is not None:
+                tx.simulated.append(addr)
         local = bool(domain) and not domain.startswith("[") and is_local_domain(cfg, domain)
+        if localserve is not None and not self.submission and not local:
+            # mox localserve: incoming mail for any domain is ours, for its account
+            return self._accept(tx, envelope, addr, rcpt_options, Resolved(localserve.account, "Inbox", addr, None, True))
         if not local and not (lp.lower() == "postmaster" and (not domain or domain.lower() == cfg.static.hostname)):
             if not self.submission:
                 self.metrics.message("rejected", "relay_denied")
@@ -190,6 +213,9 @@ class Handler:
         try:
             resolved = lookup(cfg, addr)
         except AddressNotFound as exc:
+            if localserve is not None and exc.reason == "address_not_found":
+                return self._accept(tx, envelope, addr, rcpt_options,
+                                    Resolved(localserve.account, "Inbox", addr, None, True))
             if exc.reason == "domain_disabled":
                 self.metrics.message("rejected", "domain_disabled")
                 return codes.RECIPIENT_DOMAIN_DISABLED
@@ -201,6 +227,10 @@ class Handler:
             if code == "421":
                 return codes.destination_deferred(text)
             return codes.destination_refused(text)
+        return self._accept(tx, envelope, addr, rcpt_options, resolved)
+
+    def _accept(self, tx: Transaction, envelope: Envelope, addr: str, rcpt_options: list[str],
+                resolved: Resolved) -> str:
         tx.recipients.append(Recipient(addr, resolved))
         envelope.rcpt_tos.append(addr)
         envelope.rcpt_options.extend(rcpt_options)
@@ -211,6 +241,10 @@ class Handler:
     async def handle_DATA(self, server: MoxSMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.content if isinstance(envelope.content, bytes) else envelope.original_content
         tx = _tx(envelope)
+        if tx.simulated:  # mox localserve: a recipient asked for a failure at the end of DATA
+            sr = special_reply(tx.simulated[0], "data")
+            if sr is not None:
+                return await _simulated(sr)
         end = data.find(b"\r\n\r\n")
         head = data[: end + 2] if end >= 0 else data
         if len(_RECEIVED.findall(head)) > MAX_HOPS:
