@@ -89,7 +89,7 @@ async def test_queue_commands_act_on_the_running_server(cfg, mox):
             rc, out, _ = await mox("queue", "hold", "--to", "a@")
             assert (rc, out) == (0, "1 messages changed\n")
             rc, out, _ = await mox("queue", "list", "--hold", "true")
-            assert out.splitlines()[1:] and all("a@remote" in l for l in out.splitlines()[1:])
+            assert out.splitlines()[1:] and all("a@remote" in line for line in out.splitlines()[1:])
 
             # kick: the server applies it and wakes its scheduler (no clock change here)
             calls = len(SCRIPT.calls)
@@ -184,7 +184,7 @@ async def test_ctl_socket_is_private_and_answers_errors(tmp_path):
                 s.connect(str(path))
                 s.sendall(data)
                 s.shutdown(socket.SHUT_WR)
-                return [json.loads(l) for l in s.makefile("rb")]
+                return [json.loads(line) for line in s.makefile("rb")]
 
         got = await asyncio.to_thread(raw, b'not json\n{"command":"ping"}\n')
         assert got[0]["ok"] is False and "bad request" in got[0]["error"]

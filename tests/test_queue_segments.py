@@ -360,7 +360,7 @@ async def test_two_processes_adding_to_one_queue_append_to_segments_of_their_own
         for first in (1, 5):  # the first round leaves one store without a spare
             ids = await asyncio.gather(*(add(q, f"r{n}@d{n}.example", data=mid(n))
                                          for n, q in enumerate(stores, first)))
-            got += [(q, i, n) for (n, q), [i] in zip(enumerate(stores, first), ids)]
+            got += [(q, i, n) for (n, q), [i] in zip(enumerate(stores, first), ids, strict=True)]
             await spare_ready(main)
         segments_of = {id(main): set(), id(worker): set()}
         for q, mid_id, n in got:

@@ -221,7 +221,7 @@ def test_smuggling_through_the_server_delivers_one_message_or_none(mox):
         f.readline()
         for cmd in (b"EHLO x\r\n", b"MAIL FROM:<x@sender.example>\r\n", b"RCPT TO:<admin@example.org>\r\n", b"DATA\r\n"):
             s.sendall(cmd)
-            while (line := f.readline())[3:4] == b"-":
+            while f.readline()[3:4] == b"-":
                 pass
         s.sendall(smuggled)
         reply = f.readline()
@@ -301,7 +301,7 @@ def test_submission_with_scram(mox, mechanism):
         f = s.makefile("rb")
         f.readline()
         s.sendall(b"EHLO client\r\n")
-        while (line := f.readline())[3:4] == b"-":
+        while f.readline()[3:4] == b"-":
             pass
         assert scram_login(f, s, "alice@example.org", "alice-secret", mechanism).startswith(b"235")
         for cmd, want in ((b"MAIL FROM:<alice@example.org>\r\n", b"250"), (b"RCPT TO:<admin@example.org>\r\n", b"250"),
@@ -429,7 +429,7 @@ def test_sigkill_during_data_delivers_nothing(mox):
         f.readline()
         for cmd in (b"EHLO x\r\n", b"MAIL FROM:<x@sender.example>\r\n", b"RCPT TO:<admin@example.org>\r\n", b"DATA\r\n"):
             s.sendall(cmd)
-            while (line := f.readline())[3:4] == b"-":
+            while f.readline()[3:4] == b"-":
                 pass
         s.sendall(b"Subject: half\r\n\r\n" + b"x" * 200000)
         time.sleep(0.3)

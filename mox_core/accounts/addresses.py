@@ -69,7 +69,7 @@ def _smtp_hostnames(config: Config) -> frozenset[str]:
     if hit is not None and hit[0] is static:
         return hit[1]
     names = frozenset({static.hostname} | {
-        (l.hostname or "").lower() for l in static.listeners.values() if l.smtp.enabled})
+        (lst.hostname or "").lower() for lst in static.listeners.values() if lst.smtp.enabled})
     if len(_hostnames) > 64:
         _hostnames.clear()
     _hostnames[id(static)] = (static, names)

@@ -128,10 +128,10 @@ def compose(raw: bytes, *, from_header: str | None, msgid_domain: str) -> Compos
             body_start = i
             break
     names = [f[0].split(b":", 1)[0].strip().lower() for f in fields]
-    rcpt_values = [_value(f) for f, n in zip(fields, names) if n in (b"to", b"cc", b"bcc")]
-    from_values = [_value(f) for f, n in zip(fields, names) if n == b"from"]
+    rcpt_values = [_value(f) for f, n in zip(fields, names, strict=True) if n in (b"to", b"cc", b"bcc")]
+    from_values = [_value(f) for f, n in zip(fields, names, strict=True) if n == b"from"]
     # Bcc never leaves: with -t its addresses are recipients; without -t, Postfix drops it too
-    out = [line for f, n in zip(fields, names) if n != b"bcc" for line in f]
+    out = [line for f, n in zip(fields, names, strict=True) if n != b"bcc" for line in f]
     if b"from" not in names and from_header is not None:
         out.append(b"From: " + from_header.encode("utf-8"))
     if b"date" not in names:

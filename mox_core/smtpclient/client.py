@@ -397,7 +397,7 @@ class SMTPClient:
                 self._in_transaction = True
             raise self._reply_error(mail_reply, "MAIL FROM refused", "mail")
         self._in_transaction = True
-        for n, ((i, addr), reply) in enumerate(zip(batch, rcpt_replies)):
+        for n, ((i, addr), reply) in enumerate(zip(batch, rcpt_replies, strict=False)):
             # RFC 5321 §4.5.3.1.10: 452 after the first means "no more in this transaction";
             # a 552 means the same without pipelining (RFC 821's code for too many recipients,
             # which that section says to treat as temporary)

@@ -107,7 +107,7 @@ async def gather_ips(resolver: dns.asyncresolver.Resolver, host: str, *, ipv4: b
     answers = await asyncio.gather(*(_lookup(resolver, host, t) for t in rdtypes), return_exceptions=True)
     ips: list[str] = []
     failures: list[str] = []
-    for rdtype, ans in zip(rdtypes, answers):
+    for rdtype, ans in zip(rdtypes, answers, strict=True):
         if isinstance(ans, BaseException):
             failures.append(f"{rdtype}: {dns_error_text(ans)}")
         else:

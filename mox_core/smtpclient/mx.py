@@ -205,7 +205,7 @@ async def deliver_via_mx(message: OutgoingMessage, ctx: DeliveryContext, *,
         by_domain.setdefault(_domain_of(rcpt), []).append(i)
     for domain, indexes in by_domain.items():
         rs = await run.domain(domain, [message.recipients[i] for i in indexes])
-        for i, r in zip(indexes, rs):
+        for i, r in zip(indexes, rs, strict=True):
             results[i] = r
     return [r for r in results if r is not None]
 

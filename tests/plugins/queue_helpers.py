@@ -83,7 +83,7 @@ def queue_files(config: Config) -> list[str]:
 
 
 # Fixtures shared by the queue tests; a test module takes them with
-# ``from tests.plugins.queue_helpers import cfg, reset_script  # noqa: F401``.
+# ``from tests.plugins.queue_helpers import cfg, reset_script`` (with a noqa comment for F401).
 
 
 @pytest.fixture(autouse=True)
