@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import structlog
 
@@ -148,11 +148,7 @@ class WebApp:
     async def _route(self, scope: Scope, receive: Receive, ex: Exchange, port: WebPort) -> None:
         send = ex.send
         path = scope.get("path", "/") or "/"
-        host_value = header(scope, b"host")
-        if path.startswith(("http://", "https://")):
-            # absolute-form request target (RFC 9112 §3.2.2): its host replaces the Host header
-            target = urlsplit(path)
-            path, host_value = target.path or "/", target.netloc
+        host_value = header(scope, b"host")  # the authority of an absolute-form target (web/serve.py)
         try:
             path = clean_path(path)
             host = parse_host(host_value)

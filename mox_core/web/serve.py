@@ -78,6 +78,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         if self._tls is not None:  # the ASGI TLS extension, for the access log
             self.scope.setdefault("extensions", {})["tls"] = self._tls
+        if self.url[:7].lower() == b"http://" or self.url[:8].lower() == b"https://":
+            # absolute-form request target (RFC 9112 §3.2.2): its authority, not the Host
+            # header, names the host the request is for (uvicorn keeps only its path)
+            authority = self.url.split(b"/", 3)[2]
+            self.headers[:] = [(k, v) for k, v in self.headers if k != b"host"] + [(b"host", authority)]
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
