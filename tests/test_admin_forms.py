@@ -266,3 +266,22 @@ def test_appending_an_entry_and_a_first_entry_of_a_table():
     assert again["accounts"]["alice"]["routes"][0]["transport"] == "mine"
     assert text.index('transport = "mine"') < text.index("# Global routes.")  # the comment stays above its routes
     assert text.rstrip().endswith("# the end of the file")
+
+
+def test_entries_right_after_the_keys_of_their_table_are_moved_and_removed():
+    """The comments above the first entry are in the parent table's own body here, among its
+    keys (tomlkit indexes those by position)."""
+    doc = tomlkit.parse('[domains."example.org"]\ndescription = "x"\n\n# first\n[[domains."example.org".routes]]\n'
+                        'transport = "a"\n\n# second\n[[domains."example.org".routes]]\ntransport = "b"\n\n'
+                        '[accounts.admin]\ndomain = "example.org"\n')
+    dom = doc["domains"]["example.org"]
+    move_entry(dom, "routes", 1, 0)
+    text = tomlkit.dumps(doc)
+    assert '# second\n[[domains."example.org".routes]]\ntransport = "b"\n\n# first\n' in text
+    doc = tomlkit.parse(text)
+    dom = doc["domains"]["example.org"]
+    dom["description"] = "changed"  # the keys are still found where they are
+    remove_entry(dom, "routes", 0)
+    remove_entry(dom, "routes", 0)
+    text = tomlkit.dumps(doc)
+    assert text == '[domains."example.org"]\ndescription = "changed"\n\n[accounts.admin]\ndomain = "example.org"\n'

@@ -193,8 +193,9 @@ def _addresses(admin: Admin) -> None:
     async def address_remove(page: Page) -> Response:
         name, address = page.request.path_params["name"], page.request.path_params["address"]
         def edit(doc: TOMLDocument) -> None:
-            if edits.remove_address(doc, address) != name:
+            if address not in edits.table(doc, "accounts", name).get("destinations", {}):
                 raise edits.EditError(f"address {address} is not an address of account {name}")
+            edits.remove_address(doc, address)
 
         outcome = await admin.saver.save(edit, page.form.get("version"))
         if outcome.ok:

@@ -15,7 +15,7 @@ from typing import Any
 
 import tomlkit
 from tomlkit import TOMLDocument
-from tomlkit.items import AoT, Comment, Table, Whitespace
+from tomlkit.items import AoT, Comment, Null, Table, Whitespace
 
 from mox_core.config.edits import EditError
 
@@ -47,11 +47,7 @@ def _last_table(t: Table) -> Table:
 def _detach_trailing(t: Table) -> Run:
     """Remove and return the comments and blank lines at the end of ``t`` (of its last
     sub-table, as the file shows them)."""
-    body = _last_table(t).value.body
-    out: Run = []
-    while body and body[-1][0] is None and isinstance(body[-1][1], Comment | Whitespace):
-        out.insert(0, body.pop())
-    return out
+    return _detach_trailing_body(_last_table(t).value.body)
 
 
 def _split(run: Run) -> tuple[Run, Run]:
@@ -83,43 +79,57 @@ def _body(container: Table | TOMLDocument) -> list[tuple[Any, Any]]:
     return container.body if isinstance(container, TOMLDocument) else container.value.body
 
 
+def _text(run: Run) -> str:
+    return "".join(item.as_string() for _, item in run)
+
+
 class _Before:
-    """Where the comments above the first entry are: at the end of the table before the
-    array, or in the parent's own body right before it."""
+    """Where the comments and blank lines above the first entry are: at the end of the table
+    before the array, or in the parent's own body right before it.
+
+    tomlkit indexes a table's keys by their position in its body, so items are only ever
+    removed from or added at the end of a body; in the middle of the parent's body the run
+    is replaced by placeholders (``Null``, as tomlkit removes items itself) and written back
+    as the text of one item."""
 
     def __init__(self, parent: Table | TOMLDocument, aot: AoT) -> None:
         body = _body(parent)
         i = next(n for n, (_, item) in enumerate(body) if item is aot)
         k = i
-        while k > 0 and body[k - 1][0] is None and isinstance(body[k - 1][1], Comment | Whitespace):
+        while k > 0 and body[k - 1][0] is None and isinstance(body[k - 1][1], Comment | Whitespace | Null):
             k -= 1
+        self.at: int | None = None
         if k == i and k > 0 and isinstance(body[k - 1][1], Table | AoT):
             prev = body[k - 1][1]
             self.body = _last_table(prev if isinstance(prev, Table) else prev.body[-1]).value.body
-            self.run = _detach_run(self.body, len(self.body))
-            self.at = len(self.body)
+            self.run = _detach_trailing_body(self.body)
         else:
-            self.body, self.at = body, k
-            self.run = _detach_run(body, i)
+            self.body = body
+            self.run = [e for e in body[k:i] if not isinstance(e[1], Null)]
+            self.at = k if k < i else None
+            for n in range(k, i):
+                body[n] = (None, Null())
 
     def put(self, run: Run) -> None:
-        self.body[self.at:self.at] = run
+        if self.at is None:
+            self.body.extend(run)
+        elif run:
+            self.body[self.at] = (None, Whitespace(_text(run)))
 
 
-def _detach_run(body: list[tuple[Any, Any]], end: int) -> Run:
-    """Remove and return the comments and blank lines of ``body`` ending before ``end``."""
-    k = end
-    while k > 0 and body[k - 1][0] is None and isinstance(body[k - 1][1], Comment | Whitespace):
-        k -= 1
-    run = body[k:end]
-    del body[k:end]
-    return run
+def _detach_trailing_body(body: list[tuple[Any, Any]]) -> Run:
+    out: Run = []
+    while body and body[-1][0] is None and isinstance(body[-1][1], Comment | Whitespace):
+        out.insert(0, body.pop())
+    return out
 
 
 class _Blocks:
-    """The entries of an array as blocks (attached comments, table), and the runs of blank
-    lines and free comments around them: ``runs[0]`` before the first block, ``runs[i]``
-    between blocks i-1 and i, ``runs[-1]`` after the last."""
+    """The entries of an array as blocks (the comments attached above it, its table), and
+    the runs of blank lines and free comments around them: ``runs[0]`` before the first
+    block, ``runs[i]`` between blocks i-1 and i, ``runs[-1]`` after the last. A block's
+    comments are written into its header's indentation (``trivia.indent``), which tomlkit
+    writes as it is right before the ``[[header]]`` line."""
 
     def __init__(self, parent: Table | TOMLDocument, aot: AoT) -> None:
         self.aot = aot
@@ -127,28 +137,30 @@ class _Blocks:
         tables = list(aot.body)
         leads = [self.before.run] + [_detach_trailing(t) for t in tables]
         self.runs: list[Run] = []
-        self.blocks: list[tuple[Run, Table]] = []
+        self.blocks: list[tuple[str, Table]] = []
         for lead, table in zip(leads, tables, strict=False):
             free, attached = _split(lead)
             self.runs.append(free)
-            self.blocks.append((attached, table))
+            self.blocks.append((_text(attached) + table.trivia.indent, table))
         self.runs.append(leads[-1])
 
     def remove(self, index: int) -> None:
         del self.blocks[index]
-        self.runs[index:index + 2] = [_merge(self.runs[index], self.runs[index + 1])]
+        above, below = self.runs[index], self.runs[index + 1]
+        if 0 < index == len(self.blocks):  # it was the last: the blank line above it goes too
+            kept = [e for e in above if isinstance(e[1], Comment)]
+            self.runs[index:index + 2] = [(_with_gap(kept) if kept else []) + below]
+        else:
+            self.runs[index:index + 2] = [_merge(above, below)]
 
     def write(self) -> None:
         del self.aot[:]
-        for _, t in self.blocks:
+        for attached, t in self.blocks:
+            t.trivia.indent = attached
             self.aot.append(t)
-        first = self.blocks[0][0] if self.blocks else []
-        self.before.put(self.runs[0] + first)
+        self.before.put(self.runs[0])
         for i, (_, table) in enumerate(self.blocks):
-            if i + 1 < len(self.blocks):
-                tail = _with_gap(self.runs[i + 1]) + self.blocks[i + 1][0]
-            else:
-                tail = self.runs[-1]
+            tail = _with_gap(self.runs[i + 1]) if i + 1 < len(self.blocks) else self.runs[-1]
             _last_table(table).value.body.extend(tail)
 
 
@@ -198,7 +210,7 @@ def append_entry(parent: Table | TOMLDocument, key: str, new: Table | dict[str, 
         _last_table(table).value.body.extend(_with_gap(trailing) if trailing else [])
         return 0
     blocks = _Blocks(parent, aot)
-    blocks.blocks.append(([], table))
+    blocks.blocks.append((table.trivia.indent, table))
     blocks.runs.insert(len(blocks.runs) - 1, [(None, Whitespace("\n"))])
     blocks.write()
     return len(aot) - 1
