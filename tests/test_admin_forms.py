@@ -188,7 +188,8 @@ def test_problems_go_to_the_field_their_key_path_names():
     assert errors == {"mta_sts.policy_id": "policy_id must be 1 to 32 letters",
                       "mta_sts": "MTA-STS policy configured but no listener",
                       "localpart_catchall_separators": "Input should be a string"}
-    assert summary[3] == "domains.example.org: cannot have both"
+    assert str(summary[3]) == "domains.example.org: cannot have both" and summary[3].key is None
+    assert summary[0].key == "mta_sts.policy_id"  # the summary links to the field
     assert len(summary) == 6  # every problem is in the summary
 
 

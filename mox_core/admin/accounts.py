@@ -10,6 +10,7 @@ import asyncio
 import re
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from starlette.responses import Response
@@ -49,6 +50,9 @@ def _grouped(specs: Sequence[Spec]) -> list[tuple[str, list[Spec]]]:
 def account_form(cfg: Config, name: str) -> TableForm:
     domains = sorted(cfg.dynamic.model.domains)
     specs = specs_from_model(Account, skip=("destinations", "routes"), choices={"domain": domains})
+    known = sorted(cfg.plugins.rate_limiters) + sorted(cfg.dynamic.model.rate_limiters)
+    specs = [replace(s, description=f"{s.description} Known: {', '.join(f'`{k}`' for k in known)}.")
+             if s.name == "rate_limiters" else s for s in specs]
     return TableForm(("accounts", name), _grouped(specs))
 
 
@@ -76,9 +80,7 @@ async def _context(admin: Admin, name: str) -> dict[str, Any] | None:
     limits = await asyncio.to_thread(account_limits, cfg, name, cfg.data_dir)
     password = await asyncio.to_thread(_password_set, cfg, name)
     return {"name": name, "account": acc, "addresses": account_addresses(cfg, name), "limits": limits,
-            "password_set": password, "domains": sorted(cfg.dynamic.model.domains),
-            "limiters": sorted(cfg.plugins.rate_limiters) + sorted(cfg.dynamic.model.rate_limiters),
-            "min_password": MIN_PASSWORD}
+            "password_set": password, "domains": sorted(cfg.dynamic.model.domains), "min_password": MIN_PASSWORD}
 
 
 async def _show(admin: Admin, page: Page, name: str, *, outcome: Outcome | None = None,

@@ -29,7 +29,7 @@ from mox_core.accounts.adminpasswd import check_admin_password
 from mox_core.accounts.sasl import AuthFailureLimiter
 from mox_core.admin import accounts, dkim, domains, queue, routes, system, web
 from mox_core.admin.context import Admin, q
-from mox_core.admin.forms import Spec
+from mox_core.admin.forms import Spec, toml_text
 from mox_core.admin.saving import Saver
 from mox_core.config.generation import Generation
 from mox_core.config.holder import ConfigHolder
@@ -85,6 +85,7 @@ def admin_app(holder: ConfigHolder, *, sessions: SessionStore | None = None,
     ui.renderer.env.filters["q"] = q
     ui.renderer.env.filters["kind_label"] = kind_label
     ui.renderer.env.filters["ticks"] = ticks
+    ui.renderer.env.filters["tomlv"] = toml_text
     writer = writer or DomainsWriter(holder, Generation(cfg.data_dir))
     admin = Admin(ui, holder, Saver(writer), sessions)
     for group in (system, domains, dkim, accounts, routes, web, queue):

@@ -44,11 +44,12 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-__all__ = ["MISSING", "Changes", "Field", "Spec", "build", "parse", "spec_for", "specs_from_model"]
+__all__ = ["MISSING", "Changes", "Field", "Spec", "build", "parse", "spec_for", "specs_from_model", "text_of",
+           "toml_text", "value_of"]
 
 MISSING: Any = PydanticUndefined
-_ACRONYMS = {w: w.upper() for w in ("mta", "sts", "dkim", "smtp", "mx", "tls", "url", "ip", "id", "dns", "http",
-                                      "https", "ca", "sasl", "spf", "dmarc", "tlsrpt")}
+_WORDS = {w: w.upper() for w in ("mta", "sts", "dkim", "smtp", "mx", "tls", "url", "ip", "id", "dns", "http",
+                                   "https", "ca", "sasl", "spf", "dmarc", "tlsrpt")} | {"dont": "don't"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Spec:
         """The label: the key in words (``max_age`` -> "Max age", ``mta_sts`` -> "MTA-STS")."""
         if self.label:
             return self.label
-        words = [_ACRONYMS.get(w, w) for w in self.name.replace("-", "_").split("_") if w]
+        words = [_WORDS.get(w, w) for w in self.name.replace("-", "_").split("_") if w]
         text = " ".join(words).replace("MTA STS", "MTA-STS")
         return text[:1].upper() + text[1:]
 
@@ -328,10 +329,7 @@ class Field:
             return ""
         if s.kind == "bool":
             return "on" if s.default else "off"
-        shown = text_of(s, s.default)
-        if shown == "":
-            return "empty"
-        return shown.replace("\n", ", ")
+        return text_of(s, s.default).replace("\n", ", ")  # "" for an empty default: not worth saying
 
 
 def build(specs: Sequence[Spec], current: Mapping[str, Any] | None, answers: Mapping[str, str] | None = None,

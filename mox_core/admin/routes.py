@@ -89,16 +89,16 @@ def _explanation(cfg: Config, page: Page, level: Level) -> dict[str, Any] | None
     if "to" not in params:
         return None
     sender, to, attempt_text = params.get("from", "").strip(), params.get("to", "").strip(), params.get("attempt", "1")
-    values = {"from": sender, "to": to, "attempt": attempt_text}
+    asked = {"from": sender, "to": to, "attempt": attempt_text}
     try:
         attempt = int(attempt_text)
         if attempt < 1 or "@" not in to:
             raise ValueError
     except ValueError:
-        return {"values": values, "error": "Give a recipient address and an attempt of 1 or more."}
+        return {"asked": asked, "error": "Give a recipient address and an attempt of 1 or more."}
     account = level.name if level.kind == "account" else None
     result = explain(cfg, sender, to, attempt, account=account)
-    return {"values": values, "lines": result.lines(), "result": result}
+    return {"asked": asked, "lines": result.lines(), "result": result}
 
 
 async def _show(admin: Admin, page: Page, level: Level, *, status: int = 200, outcome: Outcome | None = None,

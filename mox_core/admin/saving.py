@@ -28,7 +28,7 @@ from mox_core.config.resolved import Config
 from mox_core.config.writer import DomainsFile, DomainsWriter, StaleConfig
 from mox_core.errors import ConfigError, ConfigProblem
 
-__all__ = ["FieldErrors", "Outcome", "Saver", "TablePath", "apply_changes", "field_errors", "keys_of",
+__all__ = ["FieldErrors", "Outcome", "Problem", "Saver", "TablePath", "apply_changes", "field_errors", "keys_of",
            "path_text", "table_at"]
 
 TablePath = tuple[str | int, ...]
@@ -50,6 +50,17 @@ class NoChange(Exception):
     """The form changes nothing: nothing is written."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A line of the summary above a refused form; ``key``: the field it is about, if any."""
+
+    text: str
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass
 class Outcome:
     """The result of a save: ``ok``, or why not (``stale``, field errors, the summary)."""
@@ -58,7 +69,7 @@ class Outcome:
     stale: bool = False
     changed: bool = True
     errors: dict[str, str] = field(default_factory=dict)
-    summary: list[str] = field(default_factory=list)
+    summary: list[Problem | str] = field(default_factory=list)
     config: Config | None = None
 
 
@@ -97,19 +108,19 @@ def _message(p: ConfigProblem) -> str:
 
 
 def field_errors(problems: Sequence[ConfigProblem], path: TablePath,
-                 keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+                 keys: Iterable[str]) -> tuple[dict[str, str], list[Problem | str]]:
     """(form key -> message, summary lines) of the problems: a problem under the table at
     ``path`` goes to the longest form key its path starts with."""
     base = path_text(path)
     keys = sorted(keys, key=len, reverse=True)
     errors: dict[str, str] = {}
-    summary = []
+    summary: list[Problem | str] = []
     for p in problems:
         rest = _rest(p.path.replace('"', ""), base)
         key = next((k for k in keys if rest == k or rest.startswith((k + ".", k + "["))), None) if rest else None
         if key is not None:
             errors[key] = f"{errors[key]}; {_message(p)}" if key in errors else _message(p)
-        summary.append(f"{p.path or 'domains.toml'}: {_message(p)}")
+        summary.append(Problem(f"{p.path or 'domains.toml'}: {_message(p)}", key))
     return errors, summary
 
 
@@ -159,7 +170,7 @@ class Saver:
         except NoChange:
             return Outcome(changed=False)
         except FieldErrors as exc:
-            return Outcome(ok=False, errors=exc.errors, summary=[f"{k}: {v}" for k, v in exc.errors.items()])
+            return Outcome(ok=False, errors=exc.errors, summary=[Problem(f"{k}: {v}", k) for k, v in exc.errors.items()])
         except EditError as exc:
             return Outcome(ok=False, summary=[str(exc)])
         except ConfigError as exc:
