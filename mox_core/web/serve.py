@@ -145,6 +145,7 @@ def build_internal_services(holder: ConfigHolder) -> dict[str, ASGIApp]:
     from mox_core.account import account_app
     from mox_core.accounts.db import AccountCredentials
     from mox_core.accounts.sasl import AuthFailureLimiter
+    from mox_core.admin import admin_app
     from mox_core.webui import SessionStore
 
     data_dir = holder.get().data_dir
@@ -153,9 +154,7 @@ def build_internal_services(holder: ConfigHolder) -> dict[str, ASGIApp]:
     services: dict[str, ASGIApp] = {
         "account": account_app(holder, AccountCredentials(holder), data_dir, sessions=sessions, limiter=limiter),
     }
-    # "admin": the admin pages go here, built the same way (with the same sessions and
-    # limiter; their login is the password of `mox setadminpassword`, checked with
-    # mox_core.accounts.adminpasswd.check_admin_password).
+    services["admin"] = admin_app(holder, sessions=sessions, limiter=limiter)
     return services
 
 
