@@ -57,7 +57,7 @@ def serve(state: State) -> None:
     try:
         run(cfg)
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.strerror:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and (exc.strerror or "").startswith("listener "):
             raise MoxError(exc.strerror) from None  # "listener NAME: SERVICE on IP:PORT: why"
         raise
 
