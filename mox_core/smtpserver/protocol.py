@@ -423,9 +423,10 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
             mail_limit += 10  # RFC 6531 §3.4
         self.command_size_limits = {"MAIL": mail_limit, "AUTH": AUTH_LINE_LIMIT}
         response.append("250-PIPELINING")  # RFC 2920
-        if self.tls_context and not self._tls_protocol:
+        response.append("250-ENHANCEDSTATUSCODES")  # RFC 2034: our replies carry them
+        if self.starttls_offered:
             response.append("250-STARTTLS")
-        if self.auth_mechanisms and (self._tls_protocol or not self._auth_require_tls):
+        if self.auth_offered:
             response.append("250-AUTH " + " ".join(self.auth_mechanisms))
         response.append("250 HELP")
         if self._ehlo_hook_ver is None:
@@ -434,7 +435,17 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
             response = await self._call_handler_hook("EHLO", hostname, response)
         await self.push("\r\n".join(response))
 
-    @syntax("STARTTLS", when="tls_context")
+    # What HELP lists (aiosmtpd's smtp_HELP asks _syntax_available, which reads the attribute
+    # named by a command's ``when``): only what EHLO would offer on this connection now.
+    @property
+    def starttls_offered(self) -> bool:
+        return bool(self.tls_context) and not self._tls_protocol
+
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.auth_mechanisms) and bool(self._tls_protocol or not self._auth_require_tls)
+
+    @syntax("STARTTLS", when="starttls_offered")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             await self.push(codes.TLS_ALREADY_ACTIVE)
