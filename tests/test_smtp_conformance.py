@@ -14,6 +14,8 @@ import ssl
 
 import pytest
 
+from mox_core.smtp import codes
+
 DOMAINS = """
 [domains."example.org"]
 localpart_catchall_separators = ["+"]
@@ -139,3 +141,145 @@ def test_ehlo_offers_enhancedstatuscodes_and_help_lists_what_the_listener_offers
     words = c.cmd("HELP").split()
     assert "AUTH" in words and "STARTTLS" not in words  # TLS is on: no second STARTTLS
     c.close()
+
+
+# ---- headers from outside: Authentication-Results (RFC 8601 §5), Return-Path -----------------
+
+FORGED = (
+    "Return-Path: <forged@evil.example>\r\n"
+    f"Authentication-Results: {HOST}; spf=pass smtp.mailfrom=forged1.example\r\n"
+    f'Authentication-Results: (a comment) "{HOST.upper()}" ; dkim=pass header.d=forged2.example\r\n'
+    f"Authentication-Results:\r\n\t{HOST};\r\n\tdkim=pass header.d=forged3.example\r\n"
+    "Authentication-Results: other.example; spf=pass smtp.mailfrom=kept1.example\r\n"
+    f"Authentication-Results: {HOST}.evil.example; dkim=pass header.d=kept2.example\r\n"
+)
+
+
+def forged_message(frm: str, to: str, extra: str = "") -> bytes:
+    return (FORGED + f"From: {frm}\r\nTo: {to}\r\nSubject: test\r\n{extra}\r\nbody\r\n").encode()
+
+
+def assert_forgeries_gone(raw: bytes, return_path: str) -> None:
+    head = head_of(raw)
+    assert "forged" not in head, head
+    assert fields(raw, "Return-Path") == [f"<{return_path}>"]
+    ar = fields(raw, "Authentication-Results")
+    assert "other.example; spf=pass smtp.mailfrom=kept1.example" in ar
+    assert f"{HOST}.evil.example; dkim=pass header.d=kept2.example" in ar
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["main-process", "two-workers"])
+def test_incoming_forged_authentication_results_and_return_path_are_removed(mox_server_factory, dns_server,
+                                                                            workers):
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    mox = mox_server_factory(DOMAINS, nameserver=dns_server.nameserver, static_top=f"smtp_workers = {workers}\n")
+    for _ in range(4):  # over several connections: with two workers, both may serve some
+        c = Raw(mox.smtp_port)
+        c.cmd("EHLO client.sender.example")
+        assert send_message(c, "someone@sender.example", ["admin@example.org"],
+                            forged_message("someone@sender.example", "admin@example.org")).startswith("250")
+        c.close()
+    raws = mox.wait_for_messages("admin", 4)
+    for raw in raws:
+        assert_forgeries_gone(raw, "someone@sender.example")
+        ours = [v for v in fields(raw, "Authentication-Results") if v.startswith(f"{HOST};")]
+        assert len(ours) == 1 and "spf=pass smtp.mailfrom=sender.example" in ours[0], ours
+        # ours comes first, above everything the message brought
+        assert head_of(raw).index(f"Authentication-Results: {HOST};") < head_of(raw).index("other.example")
+    if workers == 2:
+        assert "smtp_workers=2" in mox.log_text() or '"smtp_workers": 2' in mox.log_text()
+
+
+def test_submission_removes_forgeries_and_adds_message_id_and_date_before_signing(
+        mox_server_factory, dns_server, smtp_sink_factory, tmp_path):
+    import dkim
+
+    from mox_core.checks.authres import _dkim_dnsfunc
+    from mox_testpeers.dnsserver import sync_resolver_for
+    from tests.conftest import run_mox
+
+    key = tmp_path / "sel.pem"
+    out = run_mox("dkim", "gen", "--selector", "sel", "--domain", "example.org", str(key)).stdout
+    dns_server.add("sel._domainkey.example.org", "TXT", re.findall(r'"([^"]*)"', out.splitlines()[0]))
+    sink = smtp_sink_factory()
+    dns_server.add("dest.example", "MX", "10 mx.dest.example.")
+    dns_server.add("mx.dest.example", "A", sink.host)
+    domains = DOMAINS.replace('["+"]\n', '["+"]\n'
+                              '[domains."example.org".dkim]\nsign = ["sel"]\n'
+                              f'[domains."example.org".dkim.selectors.sel]\nprivate_key_file = "{key}"\n')
+    mox = mox_server_factory(domains, nameserver=dns_server.nameserver, passwords=PASSWORDS,
+                             static_extra="[testing]\nallow_private_targets = true\n")
+    c = Raw(mox.submission_port)
+    c.cmd("EHLO client.example")
+    c.starttls()
+    c.cmd("EHLO client.example")
+    c.auth_plain("alice@example.org", "alice-secret")
+    msg = forged_message("alice@example.org", "bob@dest.example")
+    assert b"Message-ID" not in msg and b"Date:" not in msg
+    assert send_message(c, "alice@example.org", ["bob@dest.example", "alice@example.org"], msg).startswith("250")
+    # a message with its own Message-ID and Date keeps them, and gets no second one
+    own = forged_message("alice@example.org", "alice@example.org",
+                         "Message-ID: <own@client.example>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n")
+    assert send_message(c, "alice@example.org", ["alice@example.org"], own).startswith("250")
+    c.cmd("QUIT")
+
+    local = sorted(mox.wait_for_messages("alice", 2), key=lambda r: b"<own@" in r)
+    for raw in local:
+        assert_forgeries_gone(raw, "alice@example.org")
+    [mid] = fields(local[0], "Message-ID")
+    assert re.fullmatch(rf"<[A-Za-z0-9_-]+@{re.escape(HOST)}>", mid), mid
+    assert len(fields(local[0], "Date")) == 1
+    assert fields(local[1], "Message-ID") == ["<own@client.example>"]
+    assert fields(local[1], "Date") == ["Mon, 1 Jan 2024 00:00:00 +0000"]
+    # our Received names the TLS session and the account
+    [received] = [v for v in fields(local[0], "Received") if HOST in v]
+    assert re.search(r"\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\) \(Authenticated sender: alice\) "
+                     rf"by {re.escape(HOST)} \(mox\) with ESMTPSA", received), received
+
+    [out_msg] = sink.wait_for_messages(1, timeout=20)
+    raw = out_msg.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    raw = raw[raw.index(b"DKIM-Signature:"):]
+    assert fields(raw, "Message-ID") == [mid]
+    sig = fields(raw, "DKIM-Signature")[0].replace(" ", "").lower()
+    assert "message-id" in re.search(r"h=([^;]*)", sig).group(1) and "date" in sig
+    assert dkim.verify(raw, dnsfunc=_dkim_dnsfunc(sync_resolver_for(dns_server)))
+    assert "forged" not in head_of(raw)
+
+
+def test_received_names_tls_version_and_cipher_on_port_25(mox):
+    c = Raw(mox.smtp_port)
+    c.cmd("EHLO client.sender.example")
+    c.starttls()
+    c.cmd("EHLO client.sender.example")
+    cipher = c.sock.cipher()
+    assert send_message(c, "someone@sender.example", ["admin@example.org"],
+                        b"From: someone@sender.example\r\nSubject: tls\r\n\r\nx\r\n").startswith("250")
+    c.close()
+    [raw] = mox.wait_for_messages("admin", 1)
+    [received] = fields(raw, "Received")
+    assert received.startswith(f"from client.sender.example ([127.0.0.1]) (using {cipher[1]} with cipher "
+                               f"{cipher[0]}) by {HOST} (mox) with ESMTPS id "), received
+    assert "Authenticated" not in received
+
+
+# ---- Delivered-To: loops, and the same form everywhere ----------------------------------------
+
+
+def test_delivered_to_the_same_recipient_is_refused_as_a_loop(mox):
+    c = Raw(mox.smtp_port)
+    c.cmd("EHLO client.sender.example")
+    # another recipient's Delivered-To: an ordinary message (it went through a list, say)
+    ok = b"Delivered-To: someone@else.example\r\nFrom: a@sender.example\r\nSubject: fine\r\n\r\nx\r\n"
+    assert send_message(c, "a@sender.example", ["admin@example.org"], ok).startswith("250")
+    for header in ("Delivered-To: admin@example.org", "DELIVERED-TO:  <Admin@Example.org>",
+                   "Delivered-To:\r\n admin@example.org"):
+        loop = f"{header}\r\nFrom: a@sender.example\r\nSubject: loop\r\n\r\nx\r\n".encode()
+        assert send_message(c, "a@sender.example", ["admin@example.org"], loop) == codes.DELIVERED_TO_LOOP
+    # a +tag address is its own recipient: the loop is on what was delivered to
+    tagged = b"Delivered-To: admin+tag@example.org\r\nFrom: a@sender.example\r\n\r\nx\r\n"
+    assert send_message(c, "a@sender.example", ["admin+tag@example.org"], tagged) == codes.DELIVERED_TO_LOOP
+    assert send_message(c, "a@sender.example", ["admin@example.org"], tagged).startswith("250")
+    c.cmd("QUIT")
+    raws = mox.wait_for_messages("admin", 2)
+    assert sorted(fields(r, "Delivered-To")[0] for r in raws) == ["admin@example.org"] * 2
+    assert len(mox.messages("admin")) == 2

@@ -37,6 +37,7 @@ __all__ = [
     "BAD_UTF8",
     "COMMAND_CONTROL_CHARS",
     "DATA_SYNTAX",
+    "DELIVERED_TO_LOOP",
     "DEFAULT_OK",
     "DUPLICATE_PARAMETER",
     "EHLO_FIRST",
@@ -254,6 +255,11 @@ def destination_refused(text: str) -> str:
 # More than MAX_HOPS Received header fields: a mail loop. RFC 5321 §6.3 (loop detection by
 # counting Received header fields), RFC 3463 X.4.6 (routing loop detected).
 TOO_MANY_HOPS = "554 5.4.6 too many hops"
+
+# The message already carries a Delivered-To field naming the recipient it is being delivered
+# to: it went round (Postfix's local delivery refuses it alike, "mail forwarding loop").
+# RFC 5321 §6.3 (loop detection), RFC 3463 X.4.6 (routing loop detected).
+DELIVERED_TO_LOOP = "554 5.4.6 mail forwarding loop: message was already delivered to this recipient"
 
 # The From check of submissions. RFC 5322 §3.6 (exactly one From field), RFC 6409 §6.3 (an MSA
 # may refuse a message inconsistent with the submitting user's rights: 550 with 5.7.1).
