@@ -139,6 +139,10 @@ def test_5xx_fails_with_a_dsn_to_the_sender(outbound, smtp_sink_factory):
     assert "5.1.1" in text and "no such user here" in text
     assert "Subject: will bounce" in text  # the original headers are included
     wait(lambda: "(none)" in mox.mox("queue", "list").stdout, what="queue empty")
+    # Delivered-To as in every other delivery: the bare address (as Postfix writes it)
+    send(mox, ["alice@example.org"], "local")
+    raws = {m.split(b"\r\n", 2)[1] for m in mox.wait_for_messages("alice", 2)}
+    assert raws == {b"Delivered-To: alice@example.org"}
 
 
 def test_null_mx_fails_permanently(outbound):
