@@ -15,6 +15,7 @@ import ssl
 import pytest
 
 from mox_core.smtp import codes
+from mox_testpeers import wait_for
 
 DOMAINS = """
 [domains."example.org"]
@@ -283,3 +284,101 @@ def test_delivered_to_the_same_recipient_is_refused_as_a_loop(mox):
     raws = mox.wait_for_messages("admin", 2)
     assert sorted(fields(r, "Delivered-To")[0] for r in raws) == ["admin@example.org"] * 2
     assert len(mox.messages("admin")) == 2
+
+
+# ---- pipelining (RFC 2920) --------------------------------------------------------------------
+
+TX = (b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<admin@example.org>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+BODY = b"From: a@sender.example\r\nSubject: pipelined\r\n\r\nbody\r\n.\r\n"
+
+
+def improper_pipelining_logged(mox, after: str) -> bool:
+    return any('"smtp_improper_pipelining"' in line and f'"after": "{after}"' in line
+               for line in mox.log_text().splitlines())
+
+
+def test_pipelining_after_ehlo_keeps_working(mox):
+    c = Raw(mox.smtp_port)
+    c.cmd("EHLO client.sender.example")
+    c.send(TX)  # the whole transaction up to DATA in one write, as RFC 2920 allows
+    assert [c.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+    c.send(BODY + b"QUIT\r\n")  # the message, its end and QUIT in one write
+    assert c.reply().startswith("250 2.0.0") and c.reply().startswith("221")
+    assert c.closed()
+    assert len(mox.wait_for_messages("admin", 1)) == 1 and len(mox.wait_for_messages("alice", 1)) == 1
+    assert not improper_pipelining_logged(mox, "DATA")
+
+
+def test_commands_after_data_in_the_same_group_are_refused(mox):
+    c = Raw(mox.smtp_port)
+    c.cmd("EHLO client.sender.example")
+    c.send(TX + BODY)  # the message without waiting for 354
+    assert [c.reply()[:3] for _ in range(3)] == ["250", "250", "250"]
+    assert c.reply() == codes.IMPROPER_PIPELINING
+    assert c.closed()
+    assert improper_pipelining_logged(mox, "DATA")
+    # what was sent ahead never ran: the connection is gone and nothing was delivered
+    assert mox.messages("admin") == [] and mox.messages("alice") == []
+
+
+@pytest.mark.parametrize("hello", ["HELO", "EHLO"])
+def test_commands_sent_ahead_of_the_hello_reply_or_after_helo_are_refused(mox, hello):
+    c = Raw(mox.smtp_port)
+    if hello == "HELO":
+        assert c.cmd("HELO client.sender.example").startswith("250")
+        c.send(TX)  # HELO offers no PIPELINING
+        after = "MAIL"
+    else:
+        c.send(b"EHLO client.sender.example\r\n" + TX)  # EHLO ends a group (RFC 2920 §3.1)
+        after = "EHLO"
+    assert c.reply() == codes.IMPROPER_PIPELINING
+    assert c.closed()
+    assert improper_pipelining_logged(mox, after)
+
+    # one command at a time after HELO is fine
+    c = Raw(mox.smtp_port)
+    c.cmd("HELO client.sender.example")
+    assert send_message(c, "a@sender.example", ["admin@example.org"], BODY[:-3]).startswith("250")
+    assert c.cmd("QUIT").startswith("221")
+    mox.wait_for_messages("admin", 1)
+
+
+def test_bytes_before_the_greeting_are_refused(mox):
+    import os
+    import signal
+
+    # the server is stopped while the client connects and talks: the kernel completes the
+    # handshake and holds the bytes, so they are there before any greeting could be
+    os.kill(mox.proc.pid, signal.SIGSTOP)
+    try:
+        c = Raw(mox.smtp_port, greeting=False)
+        c.send(b"EHLO client.sender.example\r\n")
+    finally:
+        os.kill(mox.proc.pid, signal.SIGCONT)
+    assert c.reply() == codes.IMPROPER_PIPELINING  # instead of the 220 (RFC 5321 §3.1)
+    assert c.closed()
+    assert improper_pipelining_logged(mox, "CONNECT")
+    c = Raw(mox.smtp_port)  # a client that waits gets its greeting
+    assert c.greeting.startswith(f"220 {HOST} ")
+
+
+def test_postfix_relaying_to_mox_pipelines_and_delivers(mox, postfix_mx_factory):
+    relay = postfix_mx_factory(
+        domain="relay.test",
+        main_cf={"relay_domains": "example.org", "smtp_tls_security_level": "none",
+                 "transport_maps": f"inline:{{ example.org=smtp:[127.0.0.1]:{mox.smtp_port} }}",
+                 "smtpd_relay_restrictions": "permit_auth_destination, reject",
+                 "smtp_helo_name": "relay.sender.example"},
+        master_cf_extra=["smtp unix - - n - - smtp"])
+    for i in range(3):
+        c = Raw(relay.port, host=relay.host)
+        c.cmd("EHLO client.sender.example")
+        assert send_message(c, f"a{i}@sender.example", ["admin@example.org", "alice@example.org"],
+                            f"From: a@sender.example\r\nSubject: via postfix {i}\r\n\r\nhi\r\n".encode()
+                            ).startswith("250")
+        c.cmd("QUIT")
+    assert len(mox.wait_for_messages("admin", 3, timeout=30)) == 3
+    assert len(mox.wait_for_messages("alice", 3, timeout=30)) == 3
+    sent = re.compile(r"to=<[^>]+>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+.*status=sent")
+    wait_for(lambda: len(sent.findall(relay.log_text())) == 6, 20, what="Postfix's six status=sent")
+    assert "smtp_improper_pipelining" not in mox.log_text()

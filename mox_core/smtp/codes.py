@@ -47,6 +47,7 @@ __all__ = [
     "FROM_NOT_ONE_HEADER",
     "FROM_NOT_OWNED",
     "HELO_FIRST",
+    "IMPROPER_PIPELINING",
     "IDLE_TIMEOUT",
     "INTERNAL_ERROR",
     "LINE_TOO_LONG",
@@ -152,6 +153,13 @@ BAD_LINE_ENDING_IN_DATA = "554 5.6.0 bare carriage return or linefeed in message
 # offer BINARYMIME. A NUL next to the final dot is an SMTP smuggling form against servers
 # that strip NULs (".\0" or "\0." on a line of its own). RFC 3463 X.6.0.
 NUL_IN_DATA = "554 5.6.0 NUL character in message"
+
+# A client that sent commands it had to hold back: before our greeting, after DATA in the same
+# group, or ahead at all after HELO (not EHLO); the connection is then closed. RFC 2920 §3.1
+# (DATA, EHLO ... only as the last command of a group; pipelining only after EHLO offered it),
+# RFC 5321 §4.3.1 and §3.1 (a client waits for the greeting; 554 in place of it), RFC 3463
+# X.5.0 (other protocol status). Postfix's smtpd_forbid_unauth_pipelining answers alike.
+IMPROPER_PIPELINING = "554 5.5.0 smtp protocol synchronization error: improper command pipelining"
 
 # Idle timeout: RFC 5321 §4.5.3.2 (server timeout at least 5 minutes, then 421),
 # RFC 3463 X.4.2 (bad connection).
