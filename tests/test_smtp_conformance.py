@@ -189,7 +189,9 @@ def test_incoming_forged_authentication_results_and_return_path_are_removed(mox_
         # ours comes first, above everything the message brought
         assert head_of(raw).index(f"Authentication-Results: {HOST};") < head_of(raw).index("other.example")
     # the start-up line says what serves SMTP: the main process itself, or the workers running
-    [started] = [json.loads(line) for line in mox.log_text().splitlines() if '"mox_started"' in line]
+    # (logged once every listener is up: the workers may greet a little before)
+    [started] = wait_for(lambda: [json.loads(line) for line in mox.log_text().splitlines()
+                                  if '"mox_started"' in line], 20, what="the start-up line")
     assert (started["smtp_processes"], started["smtp_served_by"]) == (
         (1, "main process") if workers == 1 else (2, "2 worker processes"))
     assert "smtp_workers" not in started  # it said 0 when the main process served SMTP
