@@ -35,7 +35,7 @@ async def test_5xx_gives_a_failure_dsn_in_the_senders_inbox(cfg):
     [path] = maildir_new(cfg, "alice")
     raw = path.read_bytes()
     assert raw.startswith(b"Return-Path: <postmaster@mail.example.org>\r\n"
-                          b"Delivered-To: <alice@example.org>\r\n")
+                          b"Delivered-To: alice@example.org\r\n")  # as in every delivery
     msg = read_mail(path)
     assert msg["From"].addresses[0].addr_spec == "postmaster@mail.example.org"
     assert msg["To"].addresses[0].addr_spec == "alice@example.org"

@@ -81,7 +81,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path), pid=os.getpid(),
              listeners=len(workers.endpoints) if workers is not None else len(parts.listeners),
-             smtp_workers=workers.count if workers is not None else 0,
+             **_smtp_processes(workers),
              web_ports=sorted({wp.port for wp in ports}))
     if started is not None:
         started.set()
@@ -91,6 +91,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     finally:
         await parts.close(before_queue=stop_feeding_the_queue)
         log.info("mox_stopped")
+
+
+def _smtp_processes(workers: SMTPWorkers | None) -> dict[str, int | str]:
+    """What serves SMTP, for the start-up line: the worker processes running, or the main
+    process itself (``smtp_workers = 1``, or one CPU)."""
+    if workers is None:
+        return {"smtp_processes": 1, "smtp_served_by": "main process"}
+    return {"smtp_processes": workers.count, "smtp_served_by": f"{workers.count} worker processes"}
 
 
 def _workers(parts: Components, ratelimits: RateLimits, auth_limiter: AuthFailureLimiter) -> SMTPWorkers | None:
