@@ -227,3 +227,29 @@ def _try(fn):
 def _pids(parent: int) -> set[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()} | {parent}
+
+
+def test_a_failed_validation_is_logged_with_the_fix_and_the_temporary_certificate_stays(acme_setup):
+    s = acme_setup
+    s.dns.set(ALPN_HOST, "A", "127.0.0.3")  # nothing listens there: the CA cannot connect
+    s.write(workers=1)
+    s.start()
+    wait_for(lambda: '"event": "acme_certificate_failed"' in s.log_text(), 30, what="the failure in the log")
+    failed = next(line for line in s.log_text().splitlines()
+                  if "acme_certificate_failed" in line and ALPN_HOST in line)
+    assert "Failed to connect" in failed and "check that the A/AAAA records of mail.alpn.test" in failed, failed
+    assert '"retry_in": "60s"' in failed and "temporary self-signed certificate" in failed
+    # still serving, with the temporary certificate
+    leaf = starttls_chain("127.0.0.1", s.smtp_alpn, ALPN_HOST, None)
+    assert san(leaf) == [ALPN_HOST] and "mox temporary certificate" in leaf.issuer.rfc4514_string()
+    status = s.mox("acme", "status")
+    assert "temporary self-signed" in status.stdout and "fix: " in status.stdout and "port 443" in status.stdout
+    # DNS fixed: a renewal now (before the retry is due) gets it
+    s.dns.set(ALPN_HOST, "A", "127.0.0.1")
+    r = s.mox("acme", "renew", ALPN_HOST)
+    assert r.returncode == 0 and f"{ALPN_HOST}: obtained" in r.stdout, r.stdout + r.stderr
+    root = s.dir / "pebble-root.pem"
+    root.write_bytes(s.pebble.roots())
+    leaf = wait_for(lambda: _try(lambda: starttls_chain("127.0.0.1", s.smtp_alpn, ALPN_HOST, str(root))), 5,
+                    interval=0.1, what="the certificate after the fix")
+    assert _issued_by_pebble(leaf)
