@@ -95,7 +95,7 @@ class ACMEProvider(Model):
     contact_email: str = Field("", description="Address the CA may write to about the certificates "
                                "(expiry, problems); registering means agreeing to the CA's terms of service.")
     ca_file: Path | None = Field(
-        None, description="PEM file with a CA to trust for the directory's HTTPS, besides the system's "
+        None, description="PEM file with the CAs to trust for the directory's HTTPS instead of the system's "
         "(a test CA such as Pebble's); relative to the config directory.")
     challenges: list[Literal["tls-alpn-01", "http-01"]] = Field(
         default_factory=lambda: ["tls-alpn-01", "http-01"],
