@@ -159,7 +159,8 @@ class _SMTPSPinned(smtplib.SMTP_SSL):
 
     def __init__(self, ip: str, port: int, name: str, cafile: str) -> None:
         self._ip, self._name = ip, name
-        super().__init__(ip, port, context=ssl.create_default_context(cafile=cafile), timeout=15)
+        super().__init__(ip, port, local_hostname="client.test", timeout=15,  # no getfqdn(): no system DNS
+                         context=ssl.create_default_context(cafile=cafile))
 
     def _get_socket(self, host, port, timeout):
         sock = socket.create_connection((self._ip, port), timeout)

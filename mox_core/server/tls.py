@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography import x509
 
 from mox_core.acme.store import cert_path, ensure_certificate
 from mox_core.acme.tlsalpn import ChallengeResponder
@@ -53,7 +52,12 @@ def _context(cert: Path, key: Path | None, alpn: list[str] | None) -> ssl.SSLCon
 
 
 def cert_names(cert: Path) -> list[str]:
-    """The DNS names of the (first) certificate in the PEM file ``cert``, lower-case."""
+    """The DNS names of the (first) certificate in the PEM file ``cert``, lower-case.
+
+    ``cryptography`` is imported only here: it adds megabytes to a process, and only a
+    listener with several certificate files needs the names."""
+    from cryptography import x509
+
     c = x509.load_pem_x509_certificate(cert.read_bytes())
     try:
         san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -76,8 +80,9 @@ class CertSource:
     """A certificate chain and its key from files (``key`` None: the key is in ``cert``),
     as a server context that is loaded again when a file changes."""
 
-    def __init__(self, cert: Path, key: Path | None, alpn: list[str] | None) -> None:
+    def __init__(self, cert: Path, key: Path | None, alpn: list[str] | None, *, with_names: bool = False) -> None:
         self.cert, self.key, self.alpn = cert, key, alpn
+        self.with_names = with_names  # read the certificate's names (for choosing among several)
         self.names: list[str] = []
         self._ctx: ssl.SSLContext | None = None
         self._signature: tuple[Any, ...] | None = None
@@ -96,7 +101,7 @@ class CertSource:
         try:
             signature = self._stat()
             ctx = _context(self.cert, self.key, self.alpn)
-            names = cert_names(self.cert)
+            names = cert_names(self.cert) if self.with_names else []
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise OSError(f"tls certificate {self.cert}" + (f" / key {self.key}" if self.key else "")
                           + f": {exc}") from None
@@ -232,11 +237,12 @@ def server_context(tls: TLSFiles, config_dir: Path, *, alpn: list[str] | None = 
     ``data_dir`` and ``hostname`` (the listener's host name, the default certificate) are
     needed with ``tls.acme``; ``acme_challenges``: also answer tls-alpn-01 challenges here.
     """
-    static: list[CertSource] = []
+    pairs = [(kc.cert_file, kc.key_file) for kc in tls.key_certs]
     if tls.cert_file is not None and tls.key_file is not None:
-        static.append(CertSource(_resolve(tls.cert_file, config_dir), _resolve(tls.key_file, config_dir), alpn))
-    static += [CertSource(_resolve(kc.cert_file, config_dir), _resolve(kc.key_file, config_dir), alpn)
-               for kc in tls.key_certs]
+        pairs.insert(0, (tls.cert_file, tls.key_file))
+    several = len(pairs) > 1 or (bool(pairs) and tls.acme is not None)
+    static = [CertSource(_resolve(cert, config_dir), _resolve(key, config_dir), alpn, with_names=several)
+              for cert, key in pairs]
     if tls.acme is None:
         return ServerTLS(static, alpn=alpn).context()
     if data_dir is None or not hostname:
