@@ -214,3 +214,27 @@ def test_unknown_domain_and_json(site):
 
     data = json.loads(r.stdout)
     assert data["ok"] is True and {x["name"] for x in data["results"]} >= {"MX", "SPF", "DKIM", "MTA-STS"}
+
+
+async def test_a_lookup_timeout_fails_its_check_and_the_overall_timeout_ends_the_rest(site):
+    from mox_core.config.loader import load_config
+    from mox_core.dnscheck import Status, check_domain
+    from mox_core.plugins.host import PluginHost
+    from mox_testpeers.dnsserver import resolver_for, sync_resolver_for
+
+    site.load_zone()
+    cfg = load_config(site.dir / "mox.toml", PluginHost.load())
+    site.dns.timeout(f"_dmarc.{DOMAIN}", "TXT")
+    result = await check_domain(cfg, DOMAIN, resolver=resolver_for(site.dns, timeout=0.3),
+                                sync_resolver=sync_resolver_for(site.dns, timeout=0.3), lookup_timeout=0.5, timeout=20)
+    dmarc = next(r for r in result.results if r.name == "DMARC")
+    assert dmarc.status is Status.FAILURE and "no answer within 0.5s" in dmarc.messages[0], dmarc
+    assert not result.ok and next(r for r in result.results if r.name == "MX").status is Status.PASS
+    site.dns.clear_failures()
+    site.dns.delay(DOMAIN, "MX", 3.0)
+    result = await check_domain(cfg, DOMAIN, resolver=resolver_for(site.dns, timeout=5),
+                                sync_resolver=sync_resolver_for(site.dns, timeout=5), lookup_timeout=10, timeout=1)
+    mx = next(r for r in result.results if r.name == "MX")
+    assert mx.status is Status.FAILURE and mx.messages == ["no result within 1s"]
+    assert next(r for r in result.results if r.name == "DKIM").status is Status.PASS
+    site.dns.clear_failures()
