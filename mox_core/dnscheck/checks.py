@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 
 import dns.resolver
 
@@ -61,16 +62,43 @@ async def check_mx(ctx: Context, r: CheckResult) -> None:
 # -- SPF -----------------------------------------------------------------------------------
 
 
-def _spf_evaluate(resolver: dns.resolver.Resolver, ip: str, domain: str, timeout: float) -> tuple[str, str, str]:
-    """pyspf's result for ``ip`` sending as ``postmaster@domain`` with HELO ``domain``."""
+_thread = threading.local()
+
+
+def _lookup_in_this_thread(resolver: dns.resolver.Resolver) -> None:
+    """pyspf's lookups in this thread through ``resolver``, those of other threads (a
+    server's SPF checks of incoming mail) unchanged: pyspf has one module-global lookup
+    function, so it is wrapped once by one that asks a thread-local one first."""
     import spf
 
-    from mox_core.dns.resolver import install_spf_lookup
+    from mox_core.dns.resolver import spf_lookup
 
-    install_spf_lookup(resolver)
-    q = spf.query(i=ip, s=f"postmaster@{domain}", h=domain, timeout=timeout)
-    result, _, explanation = q.check()
-    return result, explanation or "", str(getattr(q, "mechanism", "") or "")
+    current = spf.DNSLookup
+    if not getattr(current, "_mox_per_thread", False):
+        def dispatch(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list:
+            return (getattr(_thread, "lookup", None) or current)(name, qtype, strict, timeout)
+
+        dispatch._mox_per_thread = True  # type: ignore[attr-defined]
+        spf.DNSLookup = dispatch
+    _thread.lookup = spf_lookup(resolver)
+
+
+def _spf_evaluate_all(resolver: dns.resolver.Resolver, ips: list[str], domain: str,
+                      timeout: float) -> list[tuple[str, str, str, str]]:
+    """pyspf's (ip, result, explanation, mechanism) for each of ``ips`` sending as
+    ``postmaster@domain`` with HELO ``domain``; run in a thread of its own."""
+    import spf
+
+    _lookup_in_this_thread(resolver)
+    try:
+        out = []
+        for ip in ips:
+            q = spf.query(i=ip, s=f"postmaster@{domain}", h=domain, timeout=timeout)
+            result, _, explanation = q.check()
+            out.append((ip, result, explanation or "", str(getattr(q, "mechanism", "") or "")))
+        return out
+    finally:
+        _thread.lookup = None
 
 
 async def _spf_kind(ctx: Context, r: CheckResult, kind: str, name: str, suggestion: str) -> None:
@@ -86,8 +114,7 @@ async def _spf_kind(ctx: Context, r: CheckResult, kind: str, name: str, suggesti
         return
     r.messages.append(f"{kind} {name}: {records[0]}")
     ips = sending_ips(ctx.config)
-    results = await asyncio.to_thread(
-        lambda: [(ip, *_spf_evaluate(ctx.sync_resolver, ip, name, ctx.lookup_timeout)) for ip in ips])
+    results = await asyncio.to_thread(_spf_evaluate_all, ctx.sync_resolver, ips, name, ctx.lookup_timeout)
     for ip, status, explanation, mechanism in results:
         if status in ("temperror", "permerror"):
             r.fail(f'Evaluating IP "{ip}" against {kind} SPF record: {status}: {explanation}')
