@@ -99,16 +99,6 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         log.info("mox_stopped")
 
 
-async def _prepare_acme(parts: Components) -> ACMEManager | None:
-    """The ACME client, when a listener uses it, with a certificate file for every host name
-    before anything serves TLS (temporary ones until the CA's arrive; mox_core/acme/)."""
-    if not uses_acme(parts.holder.get()):
-        return None
-    acme = ACMEManager(parts.holder)
-    await asyncio.to_thread(acme.prepare)
-    return acme
-
-
 def _workers(parts: Components, ratelimits: RateLimits, auth_limiter: AuthFailureLimiter) -> SMTPWorkers | None:
     """SMTP, submission and outgoing deliveries in worker processes (server/workers.py)
     when there is more than one CPU, their submissions queued here (server/handoff.py)."""
@@ -138,3 +128,13 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def run(config: Config) -> None:
     run_loop(serve(config))
+
+
+async def _prepare_acme(parts: Components) -> ACMEManager | None:
+    """The ACME client, when a listener uses it, with a certificate file for every host name
+    before anything serves TLS (temporary ones until the CA's arrive; mox_core/acme/)."""
+    if not uses_acme(parts.holder.get()):
+        return None
+    acme = ACMEManager(parts.holder)
+    await asyncio.to_thread(acme.prepare)
+    return acme
