@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import structlog
 
 from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.acme.manager import ACMEManager
+from mox_core.acme.names import uses_acme
 from mox_core.config.resolved import Config
 from mox_core.outgoing.ratelimit import RateLimits
 from mox_core.server.components import Components, clean_maildir_tmp, stop_on_signals
@@ -57,7 +59,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         parts.queue.wake = workers.wake
     else:
         await parts.queue.start()
-    ctl = CtlServer(socket_path(data_dir), parts.queue.ctl_handlers())
+    acme = await _prepare_acme(parts)
+    ctl = CtlServer(socket_path(data_dir), {**parts.queue.ctl_handlers(), **(acme.ctl_handlers() if acme else {})})
     await ctl.start()
 
     async def stop_feeding_the_queue() -> None:
@@ -86,9 +89,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     if started is not None:
         started.set()
     parts.start_reloading(stop)
+    acme_task = asyncio.create_task(acme.run(stop)) if acme is not None else None
     try:
         await stop.wait()
     finally:
+        if acme_task is not None:
+            acme_task.cancel()
         await parts.close(before_queue=stop_feeding_the_queue)
         log.info("mox_stopped")
 
@@ -130,3 +136,13 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def run(config: Config) -> None:
     run_loop(serve(config))
+
+
+async def _prepare_acme(parts: Components) -> ACMEManager | None:
+    """The ACME client, when a listener uses it, with a certificate file for every host name
+    before anything serves TLS (temporary ones until the CA's arrive; mox_core/acme/)."""
+    if not uses_acme(parts.holder.get()):
+        return None
+    acme = ACMEManager(parts.holder)
+    await asyncio.to_thread(acme.prepare)
+    return acme
