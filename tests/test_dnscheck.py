@@ -27,7 +27,7 @@ class Site:
     def __init__(self, directory: Path, dns: DNSServer) -> None:
         self.dir, self.dns = directory, dns
         self.ca, cert, key = make_ca_and_cert(directory / "tls", (HOST, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}"))
-        self.smtp, self.submissions, self.https = free_port(), free_port(), free_port()
+        self.smtp, self.submissions, self.https, self.admin = free_port(), free_port(), free_port(), free_port()
         (directory / "dkim").mkdir()
         generate_key(directory / "dkim" / "2026a.pem", algorithm="ed25519")
         generate_key(directory / "dkim" / "2026b.pem", algorithm="rsa")
@@ -50,6 +50,7 @@ class Site:
             submissions = {{ enabled = true, port = {self.submissions} }}
             mta_sts_https = {{ enabled = true, port = {self.https} }}
             autoconfig_https = {{ enabled = true, port = {self.https} }}
+            admin_http = {{ enabled = true, port = {self.admin} }}
             [transports.viaproxy]
             kind = "socks"
             address = "127.0.0.1:1080"
@@ -80,7 +81,11 @@ class Site:
         return run_mox("--config", str(self.dir / "mox.toml"), *args, env={"SSL_CERT_FILE": str(self.ca)})
 
     def start(self) -> None:
+        r = subprocess.run([sys.executable, "-m", "mox_core", "--config", str(self.dir / "mox.toml"),
+                            "setadminpassword"], input="admin-pw\n", capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
         env = {k: v for k, v in os.environ.items() if k != "MOX_CONFIG"}
+        env["SSL_CERT_FILE"] = str(self.ca)  # the admin page's check fetches the MTA-STS policy
         with open(self.dir / "mox.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mox_core", "--config", str(self.dir / "mox.toml"),
                                           "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -238,3 +243,31 @@ async def test_a_lookup_timeout_fails_its_check_and_the_overall_timeout_ends_the
     assert mx.status is Status.FAILURE and mx.messages == ["no result within 1s"]
     assert next(r for r in result.results if r.name == "DKIM").status is Status.PASS
     site.dns.clear_failures()
+
+
+def test_the_admin_pages_show_the_records_and_the_check(site):
+    import httpx
+
+    from tests.adminweb import csrf_of
+
+    zone = site.load_zone()
+    base = f"http://127.0.0.1:{site.admin}/admin"
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        page = c.get(f"{base}/login")
+        r = c.post(f"{base}/login", data={"csrf": csrf_of(page.text), "password": "admin-pw"},
+                   headers={"origin": f"http://127.0.0.1:{site.admin}"})
+        assert r.status_code == 303
+        records = c.get(f"{base}/domains/{DOMAIN}/dns")
+        assert records.status_code == 200
+        assert f"{DOMAIN}." in records.text and "v=spf1 ip4:127.0.0.1 ip4:127.0.0.10 mx ~all" in records.text
+        assert "Check DNS now" in records.text and "failures</span>" not in records.text
+        checked = c.get(f"{base}/domains/{DOMAIN}/dns", params={"check": "1"})
+        assert checked.status_code == 200
+        assert "no failures" in checked.text
+        for name in ("MX", "SPF", "DKIM", "DMARC", "MTA-STS"):
+            assert f'<th scope="row">{name}</th>' in checked.text
+        site.dns.set(DOMAIN, "TXT", [])  # no SPF any more: the page shows the failure and the fix
+        broken = c.get(f"{base}/domains/{DOMAIN}/dns", params={"check": "1"})
+        assert f"no SPF record for domain {DOMAIN}" in broken.text
+        assert "failures</span>" in broken.text
+    assert zone
