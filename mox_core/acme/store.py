@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mox_core.privatefile import write_private
 from mox_core.smtp.domain import to_ascii
 
 __all__ = [
@@ -77,21 +77,6 @@ def http01_key_authorization(data_dir: Path, token: str) -> bytes | None:
         return http01_path(data_dir, token).read_bytes()
     except (ValueError, OSError):
         return None
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600 (parent directories 0700): a
-    temporary file, fsynced, renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def remove_quietly(path: Path) -> None:

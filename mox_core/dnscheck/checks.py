@@ -18,13 +18,13 @@ from mox_core.dnscheck.base import CheckResult, Context
 from mox_core.dnscheck.records import (
     Record,
     dkim_key_path,
-    dkim_public_key,
     dkim_value,
     listener_ips,
     sending_ips,
     spf_domain_value,
     spf_host_value,
 )
+from mox_core.outgoing.dkimsign import public_key_of
 
 __all__ = ["check_dkim", "check_dmarc", "check_mx", "check_spf"]
 
@@ -154,7 +154,7 @@ async def check_dkim(ctx: Context, r: CheckResult) -> None:
         name = f"{selector}._domainkey.{ctx.domain}"
         path = dkim_key_path(ctx.config, sel.private_key_file)
         try:
-            algorithm, public = dkim_public_key(path)
+            algorithm, public = public_key_of(path)
         except (OSError, ValueError) as exc:
             r.fail(f"selector {selector}: key file {path}: {exc}")
             continue

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mox_core.config.resolved import Config
+from mox_core.outgoing.dkimsign import public_key_of
 from mox_core.smtp.domain import to_ascii
 
 __all__ = [
     "Record",
-    "dkim_public_key",
     "dkim_value",
     "format_zone",
     "listener_ips",
@@ -109,20 +109,6 @@ def spf_host_value(config: Config) -> str:
     return f"v=spf1 {_spf_ips(list(dict.fromkeys(socks)))}a -all"
 
 
-def dkim_public_key(path: Path) -> tuple[str, bytes]:
-    """(``k=`` algorithm, public key as DNS publishes it) of a DKIM private key file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "ed25519", key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "rsa", key.public_key().public_bytes(serialization.Encoding.DER,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    raise ValueError(f"{path}: not an RSA or Ed25519 key")
-
-
 def dkim_value(algorithm: str, public: bytes) -> str:
     return f"v=DKIM1; k={algorithm}; p=" + base64.b64encode(public).decode()
 
@@ -188,7 +174,7 @@ def suggested_records(config: Config, domain: str) -> list[Record]:
     out.append(Record("mx", f"{d}.", "MX", f"10 {host}."))
     for selector, sel in dom.dkim.selectors.items():
         try:
-            algorithm, public = dkim_public_key(dkim_key_path(config, sel.private_key_file))
+            algorithm, public = public_key_of(dkim_key_path(config, sel.private_key_file))
         except (OSError, ValueError):
             continue
         out.append(Record("dkim", f"{selector}._domainkey.{d}.", "TXT", dkim_value(algorithm, public)))
