@@ -289,9 +289,23 @@ dont_redirect_plaintext = true
     assert got >= 8 * 1024 * 1024  # the download in flight finished
 
 
+def _within_one_minute(requests):
+    """Run ``requests()`` inside one wall-clock minute, the limiter's fixed window (it counts
+    from ``time() - time() % 60``): a run that crosses into the next minute is started again at
+    the next minute's beginning, once (a loaded machine may need more than a minute's rest)."""
+    for _ in range(2):
+        start = time.time()
+        result = requests()
+        if int(time.time() // 60) == int(start // 60):
+            return result
+        time.sleep(60 - time.time() % 60 + 0.05)
+    raise AssertionError("1001 requests did not fit in one minute twice")
+
+
 def test_too_many_requests_from_one_ip_get_429_unless_the_port_has_no_limit(web):
     w = web(domains=STATIC_HANDLERS)
-    codes = [w.get("/", host="www.example.org", tls=True).status_code for _ in range(1001)]
+    codes = _within_one_minute(lambda: [w.get("/", host="www.example.org", tls=True).status_code
+                                        for _ in range(1001)])
     assert codes[:1000] == [200] * 1000
     r = w.get("/", host="www.example.org", tls=True)
     assert codes[1000] == 429 and r.status_code == 429 and r.text == "429 - too many auth attempts\n"
