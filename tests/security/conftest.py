@@ -113,8 +113,22 @@ class Site:
         return self.mox.mox("queue", "list").stdout
 
 
+class TunedMox(MoxServer):
+    """A MoxServer with extra keys in its ``[listeners.local]`` table (``listener_extra``)."""
+
+    listener_extra: str = ""
+
+    def write_config(self) -> None:
+        super().write_config()
+        if self.listener_extra:
+            text = self.config_path.read_text()
+            self.config_path.write_text(text.replace("[listeners.local.tls]", self.listener_extra.strip()
+                                                     + "\n\n[listeners.local.tls]", 1))
+
+
 def make_site(directory: Path, static_extra: str = "", static_top: str = "smtp_workers = 1\n",
-              domains: str = DOMAINS, sink_options: dict | None = None) -> tuple[Site, list]:
+              domains: str = DOMAINS, sink_options: dict | None = None,
+              listener_extra: str = "") -> tuple[Site, list]:
     """Start DNS, the sink and mox; returns the site and what to stop afterwards."""
     started: list = []
     dns = DNSServer().start()
@@ -124,8 +138,11 @@ def make_site(directory: Path, static_extra: str = "", static_top: str = "smtp_w
     for domain in ("ext.test", "bank.test"):
         dns.add(domain, "MX", f"10 mx.{domain}.")
         dns.add(f"mx.{domain}", "A", "127.0.0.1")
-    mox = MoxServer(directory, domains=domains, nameserver=dns.nameserver, static_top=static_top,
-                    static_extra=STATIC.replace("@SINKPORT@", str(sink.port)) + static_extra)
+    TunedMox.listener_extra = listener_extra  # read by write_config, which __post_init__ calls
+    mox = TunedMox(directory, domains=domains, nameserver=dns.nameserver, static_top=static_top,
+                   static_extra=STATIC.replace("@SINKPORT@", str(sink.port)) + static_extra)
+    TunedMox.listener_extra = ""
+    mox.listener_extra = listener_extra
     mox.set_password("alice", ALICE_PW)
     mox.start()
     started.append(mox)
