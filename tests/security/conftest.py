@@ -46,13 +46,13 @@ domain = "local.test"
 
 STATIC = """\
 [testing]
-allow_private_targets = true
+allow_private_targets = @PRIVATE@
 direct_smtp_port = @SINKPORT@
 
 [queue]
-retry_intervals = [1.0]
-max_attempts = 3
+@QUEUE@
 """
+QUEUE = "retry_intervals = [1.0]\nmax_attempts = 3"
 
 ALICE_PW = "alice-pw"
 
@@ -128,7 +128,8 @@ class TunedMox(MoxServer):
 
 def make_site(directory: Path, static_extra: str = "", static_top: str = "smtp_workers = 1\n",
               domains: str = DOMAINS, sink_options: dict | None = None,
-              listener_extra: str = "") -> tuple[Site, list]:
+              listener_extra: str = "", queue: str = QUEUE, allow_private_targets: bool = True,
+              ) -> tuple[Site, list]:
     """Start DNS, the sink and mox; returns the site and what to stop afterwards."""
     started: list = []
     dns = DNSServer().start()
@@ -140,7 +141,8 @@ def make_site(directory: Path, static_extra: str = "", static_top: str = "smtp_w
         dns.add(f"mx.{domain}", "A", "127.0.0.1")
     TunedMox.listener_extra = listener_extra  # read by write_config, which __post_init__ calls
     mox = TunedMox(directory, domains=domains, nameserver=dns.nameserver, static_top=static_top,
-                   static_extra=STATIC.replace("@SINKPORT@", str(sink.port)) + static_extra)
+                   static_extra=STATIC.replace("@SINKPORT@", str(sink.port)).replace("@QUEUE@", queue).replace(
+                       "@PRIVATE@", str(allow_private_targets).lower()) + static_extra)
     TunedMox.listener_extra = ""
     mox.listener_extra = listener_extra
     mox.set_password("alice", ALICE_PW)

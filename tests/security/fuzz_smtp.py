@@ -133,8 +133,7 @@ async def session(data: bytes, cuts: list[int]) -> tuple[bytes, list[bytes]]:
         proto.data_received(data[a:b])
         await _settle(proto, task)
     await asyncio.wait_for(_settle(proto, task), 5)
-    if not task.done():
-        proto.connection_lost(None)
+    proto.connection_lost(None)  # also cancels the idle timer of a session that ended itself
     try:
         await asyncio.wait_for(task, 5)
     except asyncio.CancelledError:
