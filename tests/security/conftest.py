@@ -178,3 +178,20 @@ def own_site(tmp_path):
 
     yield make
     stop_all(started)
+
+
+# Hypothesis: a fixed, small, derandomized set of examples in CI (and by default); "long" for
+# a longer random search by hand (HYPOTHESIS_PROFILE=long).
+def _hypothesis_profiles() -> None:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=5000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
