@@ -79,6 +79,7 @@ __all__ = [
     "TLS_ALREADY_ACTIVE",
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
+    "TOO_MANY_SESSIONS",
     "TOO_MANY_UNRECOGNIZED",
     "auth_challenge",
     "destination_deferred",
@@ -155,6 +156,11 @@ NUL_IN_DATA = "554 5.6.0 NUL character in message"
 # Idle timeout: RFC 5321 §4.5.3.2 (server timeout at least 5 minutes, then 421),
 # RFC 3463 X.4.2 (bad connection).
 IDLE_TIMEOUT = "421 4.4.2 idle timeout, closing connection"
+
+# One client address has as many sessions open as the listener allows
+# (``smtp_max_sessions_per_ip``; Postfix: "421 4.7.0 ... too many connections from ...").
+# RFC 5321 §3.8 (421: service not available, closing the channel), RFC 3463 X.7.0.
+TOO_MANY_SESSIONS = "421 4.7.0 too many connections from your address, try again later"
 
 # ---- AUTH (RFC 4954) ----------------------------------------------------------------------
 
