@@ -20,7 +20,41 @@ from mox_testpeers import wait_banner
 from mox_testpeers.lifecycle import PeerProcess
 from mox_testpeers.moxserver import MoxServer
 
-__all__ = ["GroupMox", "Client", "Sent", "body_for", "message_id_of"]
+__all__ = ["DOMAINS", "STATIC", "GroupMox", "Client", "Sent", "body_for", "message_id_of"]
+
+DOMAINS = """\
+# the crash loop's domains; the writer adds and removes accounts cw-N below
+[domains."local.test"]
+
+[accounts.admin]
+domain = "local.test"
+[accounts.admin.destinations."admin@local.test"]
+
+[accounts.u]
+[accounts.u.destinations."u@local.test"]
+
+[accounts.alice]
+max_outgoing_messages_per_day = 1000000
+max_first_time_recipients_per_day = 1000000
+[accounts.alice.destinations."alice@local.test"]
+
+[[routes]]
+to_domain = ["ext.test"]
+transport = "sink"
+"""
+
+STATIC = """\
+[transports.sink]
+kind = "smtp"
+host = "sink.test"
+port = @PORT@
+no_starttls = true
+
+[queue]
+retry_intervals = [0.5]
+max_attempts = 1000
+"""
+
 
 
 class GroupMox(MoxServer):

@@ -35,42 +35,9 @@ import pytest
 
 from mox_testpeers.dnsserver import DNSServer
 from mox_testpeers.sink import SmtpSink
-from tests.faults.crashkit import Client, GroupMox, message_id_of
+from tests.faults.crashkit import DOMAINS, STATIC, Client, GroupMox, message_id_of
 
 KILLS = int(os.environ.get("MOX_CRASH_KILLS", "50"))
-
-DOMAINS = """\
-# the crash loop's domains; the writer adds and removes accounts cw-N below
-[domains."local.test"]
-
-[accounts.admin]
-domain = "local.test"
-[accounts.admin.destinations."admin@local.test"]
-
-[accounts.u]
-[accounts.u.destinations."u@local.test"]
-
-[accounts.alice]
-max_outgoing_messages_per_day = 1000000
-max_first_time_recipients_per_day = 1000000
-[accounts.alice.destinations."alice@local.test"]
-
-[[routes]]
-to_domain = ["ext.test"]
-transport = "sink"
-"""
-
-STATIC = """\
-[transports.sink]
-kind = "smtp"
-host = "sink.test"
-port = @PORT@
-no_starttls = true
-
-[queue]
-retry_intervals = [0.5]
-max_attempts = 1000
-"""
 
 # Adds account cw-N (with two addresses) and removes the oldest, forever; one write per
 # change. Runs in the server's process group: the SIGKILL of the group ends it too.
