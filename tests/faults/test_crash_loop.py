@@ -112,7 +112,7 @@ def test_b37_b38_sigkill_loop_loses_no_acknowledged_message(peers, tmp_path):
         with open(writer_log, "ab") as log:
             writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mox.config_path), str(writer_start)],
                                       stdout=log, stderr=subprocess.STDOUT, process_group=mox.pgid)
-        time.sleep(rnd.uniform(0.2, 1.2))
+        time.sleep(rnd.uniform(0.15, 0.9))
         mox.kill_group()
         writer.wait(10)
         writer_accounts_seen |= check_domains_file(domains_path, base)

@@ -21,7 +21,7 @@ from mox_core.smtpserver.sessionlimit import SessionLimit
 from tests.security.smtpraw import Raw, message, stuffed, transaction, wait_for
 
 
-def test_session_limit_counts_per_address_and_ipv6_per_64():
+def test_b35a_session_limit_counts_per_address_and_ipv6_per_64():
     limit = SessionLimit(2)
     a, b = limit.acquire("192.0.2.1"), limit.acquire("192.0.2.1")
     assert a and b and limit.acquire("192.0.2.1") is None
