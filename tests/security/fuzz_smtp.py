@@ -56,27 +56,36 @@ SEEDS = [
 
 
 class Transport(asyncio.Transport):
-    """Collects what the server writes; a socket that never blocks."""
+    """Collects what the server writes; a socket that never blocks. As a socket transport:
+    writes after close() are dropped, and connection_lost() follows on the next turn."""
 
     def __init__(self) -> None:
         super().__init__()
         self.out = bytearray()
         self.closed = False
+        self.protocol = None
 
     def get_extra_info(self, name, default=None):
         return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
 
     def write(self, data) -> None:
-        self.out += data
+        if not self.closed:
+            self.out += data
 
     def is_closing(self) -> bool:
         return self.closed
 
     def close(self) -> None:
+        if not self.closed and self.protocol is not None:
+            asyncio.get_running_loop().call_soon(self._lost)
         self.closed = True
 
+    def _lost(self) -> None:
+        if self.protocol.transport is not None:
+            self.protocol.connection_lost(None)
+
     def abort(self) -> None:
-        self.closed = True
+        self.close()
 
     def pause_reading(self) -> None:
         pass
@@ -126,14 +135,18 @@ async def session(data: bytes, cuts: list[int]) -> tuple[bytes, list[bytes]]:
                     credential_store=Store(), auth_require_tls=False, auth_failure_delay=0,
                     auth_limiter=AuthFailureLimiter(), idle_timeout=60, loop=LOOP)
     transport = Transport()
+    transport.protocol = proto
     proto.connection_made(transport)
     task = proto._handler_coroutine
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
     for a, b in zip(bounds, bounds[1:], strict=False):
+        if transport.closed:
+            break
         proto.data_received(data[a:b])
         await _settle(proto, task)
     await asyncio.wait_for(_settle(proto, task), 5)
-    proto.connection_lost(None)  # also cancels the idle timer of a session that ended itself
+    if proto.transport is not None:
+        proto.connection_lost(None)
     try:
         await asyncio.wait_for(task, 5)
     except asyncio.CancelledError:
