@@ -14,7 +14,7 @@ import ssl
 import httpx
 import pytest
 
-from mox_core.admin.dkimkeys import public_key
+from mox_core.outgoing.dkimsign import public_key_of as public_key
 from tests.adminweb import ADMIN_PASSWORD, AdminWeb, csrf_of, form_fields
 
 

@@ -34,8 +34,9 @@ async def test_5xx_gives_a_failure_dsn_in_the_senders_inbox(cfg):
         assert await q.list_messages() == []  # failed one removed, the other delivered
     [path] = maildir_new(cfg, "alice")
     raw = path.read_bytes()
-    assert raw.startswith(b"Return-Path: <postmaster@mail.example.org>\r\n"
-                          b"Delivered-To: <alice@example.org>\r\n")
+    # a DSN's envelope sender is the null reverse-path (RFC 5321 §4.5.5), so no DSN answers it
+    assert raw.startswith(b"Return-Path: <>\r\n"
+                          b"Delivered-To: alice@example.org\r\n")  # as in every delivery
     msg = read_mail(path)
     assert msg["From"].addresses[0].addr_spec == "postmaster@mail.example.org"
     assert msg["To"].addresses[0].addr_spec == "alice@example.org"

@@ -139,6 +139,30 @@ def test_5xx_fails_with_a_dsn_to_the_sender(outbound, smtp_sink_factory):
     assert "5.1.1" in text and "no such user here" in text
     assert "Subject: will bounce" in text  # the original headers are included
     wait(lambda: "(none)" in mox.mox("queue", "list").stdout, what="queue empty")
+    # Delivered-To as in every other delivery: the bare address (as Postfix writes it)
+    send(mox, ["alice@example.org"], "local")
+    raws = {m.split(b"\r\n", 2)[1] for m in mox.wait_for_messages("alice", 2)}
+    assert raws == {b"Delivered-To: alice@example.org"}
+
+
+def test_unreachable_mx_is_named_in_mail_terms_in_the_queue_and_the_dsn(outbound):
+    """Nothing listens on 127.0.0.71:25: the queue and the DSN say "connection refused by
+    127.0.0.71 port 25", not Python's "[Errno 111] Connect call failed (...)"."""
+    mox = outbound(static=STATIC.replace("max_attempts = 8", "max_attempts = 2"))
+    mx(mox.dns, "dest.example", (10, "mx.dest.example", "127.0.0.71"))
+    send(mox, ["bob@dest.example"], "nobody home")
+    wanted = "connection refused by 127.0.0.71 port 25"
+
+    def listing() -> str | None:
+        out = mox.mox("queue", "list").stdout
+        return out if wanted in out else None
+
+    listed = wait(listing, what="the refusal in mox queue list")
+    assert "Errno" not in listed and "Connect call failed" not in listed, listed
+    mox.mox("queue", "kick")
+    text = dsn_of(mox).as_string()
+    assert f"bob@dest.example: dialing mx.dest.example: {wanted}" in text, text
+    assert "Errno" not in text and "Connect call failed" not in text, text
 
 
 def test_null_mx_fails_permanently(outbound):

@@ -176,6 +176,25 @@ def test_missing_from_date_message_id_are_added(tmp_path, mox):
     assert msg["From"].addresses[0].addr_spec == "alice@example.org"
     assert msg["Date"].datetime is not None
     assert re.fullmatch(r"<[^<>@\s]+@example\.org>", str(msg["Message-ID"]))
+    # no To, Cc or Bcc and no -t: To names the command-line recipients (as mox's sendmail)
+    assert [a.addr_spec for a in msg["To"].addresses] == ["admin@example.org"]
+
+
+@pytest.mark.parametrize("args, header, to", [
+    (["admin@example.org", "bob@example.org"], b"", ["admin@example.org", "bob@example.org"]),
+    (["admin@example.org"], b"Cc: bob@example.org\n", None),  # Cc: no To is added
+    (["admin@example.org"], b"Bcc: bob@example.org\n", None),  # nor with Bcc (removed)
+    (["-t"], b"To: admin@example.org\n", ["admin@example.org"]),  # -t: the header is the list
+])
+def test_to_is_added_only_without_to_cc_bcc_and_without_t(tmp_path, mox, args, header, to):
+    cfg = mox_config(tmp_path, mox)
+    r = sendmail(cfg, *args, input=header + b"Subject: to\n\nhello\n")
+    assert r.returncode == 0, r.stderr
+    [raw] = mox.wait_for_messages("admin", 1)
+    msg = parse(raw)
+    assert len(msg.get_all("To") or []) == (1 if to else 0)
+    if to:
+        assert [a.addr_spec for a in msg["To"].addresses] == to
 
 
 def test_present_headers_are_kept_as_they_are(tmp_path, mox):
@@ -254,7 +273,8 @@ def test_one_refused_recipient_fails_the_command(tmp_path, mox):
     assert "accepted for 1 other recipient" in r.stderr
     mox.wait_for_messages("admin", 1)
     assert len(saved_files(tmp_path / "failures")) == 1
-    assert "to retry: sendmail -i -f alice@example.org -- nobody@example.org <" in r.stderr  # the failed one only
+    # the failed one only, and with the config file given
+    assert f"to retry: sendmail -C {cfg} -i -f alice@example.org -- nobody@example.org <" in r.stderr
 
 
 def test_server_down_exits_75_and_saves_privately(tmp_path):

@@ -8,10 +8,10 @@ applies at once in a running server. Without the file no password is right.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mox_core.accounts.passwords import PasswordHash, verify_password
+from mox_core.privatefile import write_private
 
 __all__ = ["ADMIN_PASSWORD_FILE", "admin_password_path", "check_admin_password", "set_admin_password"]
 
@@ -28,16 +28,7 @@ def set_admin_password(config_dir: Path, password: str) -> Path:
     if not password:
         raise ValueError("empty password")
     path = admin_password_path(config_dir)
-    data = json.dumps(PasswordHash.make(password).to_dict()).encode() + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(PasswordHash.make(password).to_dict()).encode() + b"\n")
     return path
 
 

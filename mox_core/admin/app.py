@@ -27,7 +27,7 @@ from markupsafe import Markup, escape
 
 from mox_core.accounts.adminpasswd import check_admin_password
 from mox_core.accounts.sasl import AuthFailureLimiter
-from mox_core.admin import accounts, dkim, domains, queue, routes, system, web
+from mox_core.admin import accounts, dkim, dns, domains, queue, routes, system, web
 from mox_core.admin.context import Admin, q
 from mox_core.admin.forms import Spec, toml_text
 from mox_core.admin.saving import Saver
@@ -88,6 +88,6 @@ def admin_app(holder: ConfigHolder, *, sessions: SessionStore | None = None,
     ui.renderer.env.filters["tomlv"] = toml_text
     writer = writer or DomainsWriter(holder, Generation(cfg.data_dir))
     admin = Admin(ui, holder, Saver(writer), sessions)
-    for group in (system, domains, dkim, accounts, routes, web, queue):
+    for group in (system, domains, dkim, dns, accounts, routes, web, queue):
         group.register(admin)
     return ui.app()

@@ -14,9 +14,9 @@ from tomlkit import TOMLDocument
 
 from mox_core.config import edits
 from mox_core.config.models import DKIMSelector, Domain
-from mox_core.outgoing.dkimsign import dns_record
+from mox_core.outgoing.dkimsign import dns_record, public_key_of
 
-__all__ = ["SELECTOR", "Selector", "add_selector", "public_key", "remove_selector", "selectors_of", "set_signing"]
+__all__ = ["SELECTOR", "Selector", "add_selector", "remove_selector", "selectors_of", "set_signing"]
 
 # RFC 6376 §3.1: a selector is a sub-domain (labels of letters, digits and hyphens)
 SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -33,24 +33,10 @@ class Selector:
     settings: DKIMSelector
 
 
-def public_key(path: Path) -> tuple[str, bytes]:
-    """(algorithm, public key as DNS publishes it) of a PEM private key file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "ed25519", key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "rsa", key.public_key().public_bytes(serialization.Encoding.DER,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    raise ValueError(f"a {type(key).__name__} cannot sign DKIM; use RSA or Ed25519")
-
-
 def _selector(config_dir: Path, domain: str, name: str, sel: DKIMSelector, signing: bool) -> Selector:
     path = sel.private_key_file if sel.private_key_file.is_absolute() else config_dir / sel.private_key_file
     try:
-        algorithm, public = public_key(path)
+        algorithm, public = public_key_of(path)
     except (OSError, ValueError, TypeError) as exc:
         problem = f"{path}: {exc.strerror}" if isinstance(exc, OSError) else f"{path}: {exc}"
         return Selector(name, str(sel.private_key_file), signing, "", "", problem, sel)

@@ -57,7 +57,7 @@ def serve(state: State) -> None:
     try:
         run(cfg)
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.strerror:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and (exc.strerror or "").startswith("listener "):
             raise MoxError(exc.strerror) from None  # "listener NAME: SERVICE on IP:PORT: why"
         raise
 
@@ -246,14 +246,21 @@ def config_describe(state: State) -> None:
 
 # --------------------------------------------------------------------------------------------
 
+from mox_core.cli.acmecmd import acme_group  # noqa: E402
 from mox_core.cli.configedit import register as _register_config_edits  # noqa: E402
+from mox_core.cli.dnscmd import dnscheck_command, dnsrecords_command  # noqa: E402
 from mox_core.cli.queue import register as _register_queue_commands  # noqa: E402
 from mox_core.localserve.command import localserve_command  # noqa: E402
+from mox_core.quickstart.command import quickstart_command  # noqa: E402
 from mox_core.sendmail.command import sendmail_command  # noqa: E402
 
 _register_config_edits(config_group)
 _register_queue_commands(cli)
 cli.add_command(localserve_command)
+cli.add_command(acme_group)
+cli.add_command(quickstart_command)
+cli.add_command(dnscheck_command)
+cli.add_command(dnsrecords_command)
 cli.add_command(sendmail_command)
 
 

@@ -122,7 +122,11 @@ def describe(host: PluginHost) -> str:
         "# ===== mox.toml (static: read at start, changes need a restart) =====",
         "",
     ]
-    describe_model(StaticConfig, None, out, skip=frozenset({"listeners", "transports"}))
+    describe_model(StaticConfig, None, out, skip=frozenset({"listeners", "transports", "acme"}))
+    from mox_core.config.models import ACMEProvider
+
+    out.append("# ACME providers (RFC 8555) by name; a listener's tls.acme names one.")
+    describe_model(ACMEProvider, "acme.letsencrypt", out)
     out.append("# Listeners by name; each serves SMTP, submission and web on its IPs.")
     describe_model(Listener, "listeners.public", out)
     out.append("# Outgoing transports by name. Routes in domains.toml select them.")

@@ -39,13 +39,34 @@ class KeyCert(Model):
 
 
 class TLSFiles(Model):
-    cert_file: Path = Field(description="PEM certificate chain, relative to the config directory.")
-    key_file: Path = Field(description="PEM private key, relative to the config directory.")
+    """The listener's certificates: files (``cert_file`` and ``key_file``), or from an ACME
+    provider of ``[acme]`` (RFC 8555). Files are read again when they change on disk."""
+
+    cert_file: Path | None = Field(
+        None, description="PEM certificate chain, relative to the config directory (not with acme).")
+    key_file: Path | None = Field(
+        None, description="PEM private key, relative to the config directory (not with acme).")
+    acme: str | None = Field(
+        None,
+        description="Get the certificates from this provider of [acme] (e.g. \"letsencrypt\"): for the "
+        "listener's host name, and mta-sts.<domain> and autoconfig.<domain> where the listener serves "
+        "those over HTTPS. Instead of cert_file and key_file.",
+    )
     key_certs: list[KeyCert] = Field(
         default_factory=list,
         description="More certificates, for other host names: a TLS client naming one of their "
         "names (SNI) gets that certificate, any other the first one.",
     )
+
+    @model_validator(mode="after")
+    def _source(self) -> TLSFiles:
+        files = (self.cert_file is not None, self.key_file is not None)
+        if self.acme is not None:
+            if any(files):
+                raise ValueError("tls: either acme or cert_file and key_file, not both")
+        elif not all(files):
+            raise ValueError("tls needs cert_file and key_file, or acme")
+        return self
 
 
 class SMTPListener(Model):
@@ -202,7 +223,7 @@ class Listener(Model):
     def _tls_needed(self) -> Listener:
         if self.tls is None:
             if self.submissions.enabled:
-                raise ValueError("submissions needs tls (cert_file and key_file)")
+                raise ValueError("submissions needs tls (cert_file and key_file, or acme)")
             if self.submission.enabled and not self.submission.no_require_starttls:
                 raise ValueError(
                     "submission requires STARTTLS and so needs tls (or no_require_starttls for tests)"
@@ -211,7 +232,7 @@ class Listener(Model):
                 raise ValueError("smtp require_starttls needs tls")
             for name, tls in self.web_services():
                 if tls:
-                    raise ValueError(f"{name} needs tls (cert_file and key_file)")
+                    raise ValueError(f"{name} needs tls (cert_file and key_file, or acme)")
         ports: dict[int, tuple[str, bool]] = {}
         for name, tls in self.web_services():
             port = getattr(self, name).port

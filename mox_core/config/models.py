@@ -82,6 +82,39 @@ class LocalServe(Model):
         True, description="Local parts such as x-temperror@ or x-550@ get that reply (mox localserve's banner).")
 
 
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class ACMEProvider(Model):
+    """A certificate authority speaking ACME (RFC 8555), e.g. Let's Encrypt. Listeners with
+    ``tls.acme`` naming it get their certificates from it: obtained and renewed by mox itself,
+    kept under the data directory (``acme/``)."""
+
+    directory_url: str = Field(LETSENCRYPT_DIRECTORY, description="The ACME directory of the CA "
+                               "(Let's Encrypt's staging: https://acme-staging-v02.api.letsencrypt.org/directory).")
+    contact_email: str = Field("", description="Address the CA may write to about the certificates "
+                               "(expiry, problems); registering means agreeing to the CA's terms of service.")
+    ca_file: Path | None = Field(
+        None, description="PEM file with the CAs to trust for the directory's HTTPS instead of the system's "
+        "(a test CA such as Pebble's); relative to the config directory.")
+    challenges: list[Literal["tls-alpn-01", "http-01"]] = Field(
+        default_factory=lambda: ["tls-alpn-01", "http-01"],
+        description="Challenge types to use, in order of preference; the next is tried when one fails. "
+        "tls-alpn-01 (RFC 8737) is answered on the HTTPS port (port), http-01 on a plain HTTP port "
+        "(http_port) of the listener.")
+    port: int = Field(443, ge=1, le=65535, description="Port mox answers tls-alpn-01 challenges on; the CA "
+                      "connects to 443, so change it only behind a port forward.")
+    http_port: int = Field(80, ge=1, le=65535, description="Plain HTTP port of the listener where mox answers "
+                           "http-01 challenges (/.well-known/acme-challenge/); the CA connects to 80.")
+
+    @field_validator("challenges")
+    @classmethod
+    def _challenges(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("challenges: one or both of tls-alpn-01 and http-01, each once")
+        return v
+
+
 class Testing(Model):
     allow_private_targets: bool = Field(
         False,
@@ -89,6 +122,7 @@ class Testing(Model):
         "addresses. Only for tests; never set on a real server.",
     )
     direct_smtp_port: int = Field(25, ge=1, le=65535, description="Port direct delivery dials.")
+    mta_sts_port: int = Field(443, ge=1, le=65535, description="Port mox dnscheck fetches MTA-STS policies from.")
 
 
 class StaticConfig(Model):
@@ -127,6 +161,9 @@ class StaticConfig(Model):
         description="Outgoing transports by name; `kind` picks the plugin, default direct.",
     )
     queue: Queue = Field(default_factory=Queue, description="Outgoing queue.")
+    acme: dict[str, ACMEProvider] = Field(
+        default_factory=dict, description="ACME providers (certificate authorities) by name, for "
+        "listeners' tls.acme.")
     imap: IMAPServer | None = Field(None, description="IMAP server for the accounts, told to mail clients.")
     http: HTTP = Field(default_factory=HTTP, description="Limits of the web server.")
     localserve: LocalServe | None = Field(None, description="Local development mode (mox localserve).")
@@ -139,6 +176,13 @@ class StaticConfig(Model):
 
         to_ascii(v)
         return v.lower()
+
+    @model_validator(mode="after")
+    def _acme_known(self) -> StaticConfig:
+        for name, lst in self.listeners.items():
+            if lst.tls is not None and lst.tls.acme is not None and lst.tls.acme not in self.acme:
+                raise ValueError(f"listeners.{name}.tls.acme: no provider {lst.tls.acme!r} in [acme]")
+        return self
 
 
 class TransportCommon(Model):

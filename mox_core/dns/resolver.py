@@ -121,6 +121,13 @@ def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:
     """Make pyspf resolve through ``resolver`` (its lookup function is module-global)."""
     import spf
 
+    spf.DNSLookup = spf_lookup(resolver)
+
+
+def spf_lookup(resolver: dns.resolver.Resolver):  # -> pyspf's DNSLookup signature
+    """pyspf's lookup function, resolving through ``resolver``."""
+    import spf
+
     def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list:
         out: list = []
         cache_only = CacheOnly.current()
@@ -149,4 +156,4 @@ def install_spf_lookup(resolver: dns.resolver.Resolver) -> None:
                 out.append(((name, qtype), rdata.strings))
         return out
 
-    spf.DNSLookup = lookup
+    return lookup

@@ -102,7 +102,7 @@ def localserve_command(state, directory: Path | None, ip: str | None, init_only:
     try:
         run_loop(main())
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and exc.strerror:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) and (exc.strerror or "").startswith("listener "):
             raise MoxError(f"{exc.strerror}\n(the ports are set in {made.config}; another mox localserve "
                            "may be running)") from None
         raise

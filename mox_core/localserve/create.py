@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from mox_core.errors import MoxError
+from mox_core.privatefile import write_private
 
 __all__ = ["ACCOUNT", "ADDRESS", "ADMIN_PASSWORD", "PASSWORD", "PORTS", "LocalServeDir", "ensure"]
 
@@ -69,7 +69,7 @@ def ensure(directory: Path, ip: str | None = None) -> LocalServeDir:
     (directory / "dkim").mkdir(exist_ok=True)
     generate_key(directory / "dkim" / "localserve.localhost.pem", algorithm="ed25519")
     (directory / "domains.toml").write_text(DOMAINS_TOML)
-    _write_private(directory / "sendmail.toml", sendmail_toml(ips[0]))
+    write_private(directory / "sendmail.toml", sendmail_toml(ips[0]).encode())
     (directory / "mox.toml").write_text(mox_toml(ips))  # last: its presence means "made"
     _set_passwords(directory)
     return LocalServeDir(directory, created=True)
@@ -84,12 +84,6 @@ def _set_passwords(directory: Path) -> None:
     cfg = load_config(directory / "mox.toml", PluginHost.load())
     set_password(cfg, ACCOUNT, PASSWORD)
     set_admin_password(directory, ADMIN_PASSWORD)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def sendmail_toml(ip: str) -> str:
@@ -126,9 +120,7 @@ def _write_certificate(directory: Path, ips: list[str]) -> None:
             .sign(key, hashes.SHA256()))
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    fd = os.open(directory / "localhost.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem)
+    write_private(directory / "localhost.key", key_pem)
     (directory / "localhost.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 

@@ -260,6 +260,21 @@ def generate_key(path: Path, bits: int = 2048, algorithm: str = "rsa") -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def public_key_of(path: Path) -> tuple[str, bytes]:
+    """(``k=`` algorithm, public key as DNS publishes it) of a DKIM private key file (PEM);
+    ValueError for a key that cannot sign DKIM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "ed25519", key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "rsa", key.public_key().public_bytes(serialization.Encoding.DER,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+    raise ValueError(f"{path}: a {type(key).__name__} cannot sign DKIM; use RSA or Ed25519")
+
+
 def dns_record(selector: str, domain: str, public_key: bytes, algorithm: str = "rsa") -> str:
     """The TXT record in zone-file syntax, split into strings of at most 255 characters."""
     value = f"v=DKIM1; k={algorithm}; p=" + base64.b64encode(public_key).decode()

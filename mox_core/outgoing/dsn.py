@@ -220,8 +220,11 @@ async def deliver(
         target = config.static.postmaster.account
         mailbox = config.static.postmaster.mailbox
         log.info("dsn_to_postmaster", account=account, postmaster=target)
-    prefix = (f"Return-Path: <postmaster@{config.static.hostname}>\r\n"
-              f"Delivered-To: <{mail_from}>\r\n").encode()
+    # Return-Path: the null reverse-path of every DSN (RFC 5321 §4.5.5: no report about a
+    # report). Delivered-To as the SMTP server writes it for every delivery (the bare address,
+    # as Postfix does): the same form is what its loop check compares.
+    prefix = ("Return-Path: <>\r\n"
+              f"Delivered-To: {mail_from}\r\n").encode()
     [path] = await store.deliver(
         [Delivery(account_maildir(config, target), dsn, prefix, mailbox)]
     )

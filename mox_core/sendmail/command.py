@@ -206,7 +206,8 @@ def run(args: Sequence[str], *, stdin: BinaryIO | None = None, stdout: TextIO | 
         return code
     say(f"message saved in {saved}")
     if attempt.recipients and attempt.sender is not None:
-        argv = ["-i", "-f", attempt.sender or "<>", "--", *attempt.recipients]
+        config = ["-C", opts.config] if opts.config else []
+        argv = [*config, "-i", "-f", attempt.sender or "<>", "--", *attempt.recipients]
         say(f"to retry: {prog} {shlex.join(argv)} < {shlex.quote(str(saved))}")
     return code
 
@@ -223,7 +224,8 @@ def _deliver(attempt: _Attempt, opts: Options, cfg: SendmailConfig, arg_rcpts: l
     ehlo_name = cfg.effective_ehlo_name
     try:
         composed = compose(attempt.data, from_header=from_header,
-                           msgid_domain=msgid_domain(from_address, ehlo_name))
+                           msgid_domain=msgid_domain(from_address, ehlo_name),
+                           to_recipients=() if opts.extract else arg_rcpts)
     except DataError as exc:
         say(str(exc))
         return EX_DATAERR

@@ -103,10 +103,30 @@ def _value(field_lines: list[bytes]) -> str:
     return unfolded.split(b":", 1)[1].decode("utf-8", "surrogateescape")
 
 
-def compose(raw: bytes, *, from_header: str | None, msgid_domain: str) -> Composed:
+def _to_field(recipients: Sequence[str]) -> bytes:
+    """``To:`` with ``recipients``, folded before a line would pass 78 characters."""
+    out = b"To: "
+    line = len(out)
+    for i, r in enumerate(recipients):
+        addr = r.encode("utf-8") + (b"," if i < len(recipients) - 1 else b"")
+        if i and line + 1 + len(addr) > 78:
+            out += b"\r\n\t"
+            line = 1
+        elif i:
+            out += b" "
+            line += 1
+        out += addr
+        line += len(addr)
+    return out
+
+
+def compose(raw: bytes, *, from_header: str | None, msgid_domain: str,
+            to_recipients: Sequence[str] = ()) -> Composed:
     """Parse ``raw`` into header and body, drop Bcc, add From/Date/Message-ID when missing.
 
-    ``from_header``: the From value to add if the message has none (``None``: add none). The
+    ``from_header``: the From value to add if the message has none (``None``: add none).
+    ``to_recipients``: the command-line recipients, written as ``To`` when the message has no
+    To, Cc or Bcc (as mox's sendmail does; the caller passes none with ``-t``). The
     header ends at the first empty line, or at the first line that is neither a header field
     nor a continuation; then an empty line is inserted so the body stays the body. A leading
     mbox ``From `` line is dropped, as Postfix does.
@@ -138,6 +158,8 @@ def compose(raw: bytes, *, from_header: str | None, msgid_domain: str) -> Compos
         out.append(b"Date: " + formatdate(localtime=True).encode())
     if b"message-id" not in names:
         out.append(b"Message-ID: " + make_msgid(domain=msgid_domain).encode())
+    if to_recipients and not any(n in (b"to", b"cc", b"bcc") for n in names):
+        out.append(_to_field(to_recipients))
     out.append(b"")
     out.extend(lines[body_start:])
     return Composed(b"\r\n".join(out) + b"\r\n", rcpt_values, from_values)

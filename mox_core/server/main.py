@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import structlog
 
 from mox_core.accounts.sasl import AuthFailureLimiter
+from mox_core.acme.manager import ACMEManager
+from mox_core.acme.names import uses_acme
 from mox_core.config.resolved import Config
 from mox_core.outgoing.ratelimit import RateLimits
 from mox_core.server.components import Components, clean_maildir_tmp, stop_on_signals
@@ -57,7 +59,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         parts.queue.wake = workers.wake
     else:
         await parts.queue.start()
-    ctl = CtlServer(socket_path(data_dir), parts.queue.ctl_handlers())
+    acme = await _prepare_acme(parts)
+    ctl = CtlServer(socket_path(data_dir), {**parts.queue.ctl_handlers(), **(acme.ctl_handlers() if acme else {})})
     await ctl.start()
 
     async def stop_feeding_the_queue() -> None:
@@ -81,16 +84,27 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         raise
     log.info("mox_started", hostname=config.static.hostname, config=str(config.path), pid=os.getpid(),
              listeners=len(workers.endpoints) if workers is not None else len(parts.listeners),
-             smtp_workers=workers.count if workers is not None else 0,
+             **_smtp_processes(workers),
              web_ports=sorted({wp.port for wp in ports}))
     if started is not None:
         started.set()
     parts.start_reloading(stop)
+    acme_task = asyncio.create_task(acme.run(stop)) if acme is not None else None
     try:
         await stop.wait()
     finally:
+        if acme_task is not None:
+            acme_task.cancel()
         await parts.close(before_queue=stop_feeding_the_queue)
         log.info("mox_stopped")
+
+
+def _smtp_processes(workers: SMTPWorkers | None) -> dict[str, int | str]:
+    """What serves SMTP, for the start-up line: the worker processes running, or the main
+    process itself (``smtp_workers = 1``, or one CPU)."""
+    if workers is None:
+        return {"smtp_processes": 1, "smtp_served_by": "main process"}
+    return {"smtp_processes": workers.count, "smtp_served_by": f"{workers.count} worker processes"}
 
 
 def _workers(parts: Components, ratelimits: RateLimits, auth_limiter: AuthFailureLimiter) -> SMTPWorkers | None:
@@ -122,3 +136,13 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def run(config: Config) -> None:
     run_loop(serve(config))
+
+
+async def _prepare_acme(parts: Components) -> ACMEManager | None:
+    """The ACME client, when a listener uses it, with a certificate file for every host name
+    before anything serves TLS (temporary ones until the CA's arrive; mox_core/acme/)."""
+    if not uses_acme(parts.holder.get()):
+        return None
+    acme = ACMEManager(parts.holder)
+    await asyncio.to_thread(acme.prepare)
+    return acme

@@ -37,6 +37,7 @@ __all__ = [
     "BAD_UTF8",
     "COMMAND_CONTROL_CHARS",
     "DATA_SYNTAX",
+    "DELIVERED_TO_LOOP",
     "DEFAULT_OK",
     "DUPLICATE_PARAMETER",
     "EHLO_FIRST",
@@ -46,6 +47,7 @@ __all__ = [
     "FROM_NOT_ONE_HEADER",
     "FROM_NOT_OWNED",
     "HELO_FIRST",
+    "IMPROPER_PIPELINING",
     "IDLE_TIMEOUT",
     "INTERNAL_ERROR",
     "LINE_TOO_LONG",
@@ -152,6 +154,13 @@ BAD_LINE_ENDING_IN_DATA = "554 5.6.0 bare carriage return or linefeed in message
 # offer BINARYMIME. A NUL next to the final dot is an SMTP smuggling form against servers
 # that strip NULs (".\0" or "\0." on a line of its own). RFC 3463 X.6.0.
 NUL_IN_DATA = "554 5.6.0 NUL character in message"
+
+# A client that sent commands it had to hold back: before our greeting, after DATA in the same
+# group, or ahead at all after HELO (not EHLO); the connection is then closed. RFC 2920 §3.1
+# (DATA, EHLO ... only as the last command of a group; pipelining only after EHLO offered it),
+# RFC 5321 §4.3.1 and §3.1 (a client waits for the greeting; 554 in place of it), RFC 3463
+# X.5.0 (other protocol status). Postfix's smtpd_forbid_unauth_pipelining answers alike.
+IMPROPER_PIPELINING = "554 5.5.0 smtp protocol synchronization error: improper command pipelining"
 
 # Idle timeout: RFC 5321 §4.5.3.2 (server timeout at least 5 minutes, then 421),
 # RFC 3463 X.4.2 (bad connection).
@@ -260,6 +269,11 @@ def destination_refused(text: str) -> str:
 # More than MAX_HOPS Received header fields: a mail loop. RFC 5321 §6.3 (loop detection by
 # counting Received header fields), RFC 3463 X.4.6 (routing loop detected).
 TOO_MANY_HOPS = "554 5.4.6 too many hops"
+
+# The message already carries a Delivered-To field naming the recipient it is being delivered
+# to: it went round (Postfix's local delivery refuses it alike, "mail forwarding loop").
+# RFC 5321 §6.3 (loop detection), RFC 3463 X.4.6 (routing loop detected).
+DELIVERED_TO_LOOP = "554 5.4.6 mail forwarding loop: message was already delivered to this recipient"
 
 # The From check of submissions. RFC 5322 §3.6 (exactly one From field), RFC 6409 §6.3 (an MSA
 # may refuse a message inconsistent with the submitting user's rights: 550 with 5.7.1).

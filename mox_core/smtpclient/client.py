@@ -229,12 +229,15 @@ class SMTPClient:
                 self._writer.transport, protocol, ctx, server_hostname=server_name,
                 ssl_handshake_timeout=self.timeouts.tls_handshake)
         except ssl.SSLCertVerificationError as exc:
+            self._broken = True  # no session to end politely: the handshake did not complete
             raise self._error(False, f"TLS certificate verification failed: {exc.verify_message or exc}",
                               command="tls", cls=SMTPTLSError) from None
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError, EOFError) as exc:
+            self._broken = True
             raise self._error(False, f"TLS handshake failed: {exc or type(exc).__name__}",
                               command="tls", cls=SMTPTLSError) from None
         if transport is None:
+            self._broken = True
             raise self._error(False, "TLS handshake failed: connection closed", command="tls", cls=SMTPTLSError)
         protocol.connection_made(transport)
         self._reader = reader
@@ -448,6 +451,16 @@ class SMTPClient:
             pass
         await self.close()
 
+    async def hang_up(self, error: SMTPClientError | None = None) -> None:
+        """End the session after giving up on it (because of ``error``): QUIT when the server
+        is still in step with us (it refused something: no matching AUTH mechanism, a refused
+        MAIL FROM, ...), as Postfix and mox do; just close a connection that broke or that the
+        server is closing (421, RFC 5321 §3.8)."""
+        if self._broken or (error is not None and error.code == 421):
+            await self.close()
+        else:
+            await self.quit()
+
     async def close(self) -> None:
         """Close the connection (the TLS layer first, so it can send its close_notify)."""
         if self._writer not in self._old_writers:
@@ -465,11 +478,15 @@ class SMTPClient:
 async def open_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **options: Any) -> SMTPClient:
     """Build an :class:`SMTPClient` (``options`` as its constructor) and run :meth:`~SMTPClient.setup`.
 
-    The connection is closed when setup fails.
+    When setup fails the session is ended: with QUIT if the server refused something, else
+    the connection is closed.
     """
     client = SMTPClient(reader, writer, **options)
     try:
         await client.setup()
+    except SMTPClientError as exc:
+        await client.hang_up(exc)
+        raise
     except BaseException:
         await client.close()
         raise

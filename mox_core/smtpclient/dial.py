@@ -12,7 +12,9 @@ so without it anyone could make us connect to 127.0.0.1:25 or to a cloud metadat
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -165,12 +167,25 @@ async def dial_host(host: str, ips: Sequence[str], port: int, *, dial: Dialer = 
                 conn: Any = await dial(host, ip, port, per_ip)
                 streams = await to_streams(conn)
             return streams, ip
-        except TimeoutError:
-            problems.append(f"{_addr(ip, port)}: connect timeout")
         except Exception as exc:  # any dialer error (OSError, proxy errors) is per address
-            problems.append(f"{_addr(ip, port)}: {exc or type(exc).__name__}")
+            problems.append(connect_error_text(exc, ip, port))
     raise SMTPClientError(False, None, "4.4.1", host, f"dialing {host}: " + "; ".join(problems), command="dial")
 
 
-def _addr(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+def connect_error_text(exc: BaseException, ip: str, port: int) -> str:
+    """Why connecting to ``ip`` ``port`` failed, in mail terms, for the queue, DSNs and
+    people ("connection refused by 192.0.2.1 port 25"), not Python's wording of the error
+    ("[Errno 111] Connect call failed ('192.0.2.1', 25)")."""
+    where = f"{ip} port {port}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} (connect timeout)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(exc, ConnectionResetError):
+        return f"connection reset by {where}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"{where}: {'network' if exc.errno == errno.ENETUNREACH else 'host'} unreachable"
+        reason = exc.strerror or os.strerror(exc.errno)
+        return f"connecting to {where}: {reason[:1].lower()}{reason[1:]}"
+    return f"connecting to {where}: {exc or type(exc).__name__}"  # a proxy's error, say

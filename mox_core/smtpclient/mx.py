@@ -339,6 +339,9 @@ async def session_deliver(message: OutgoingMessage, recipients: Sequence[str], *
     try:
         results = await client.deliver(message.mail_from, recipients, message.data, smtputf8=message.smtputf8,
                                        has_8bit=message.has_8bit, require_8bitmime=require_8bitmime)
+    except SMTPClientError as exc:
+        await client.hang_up(exc)  # QUIT after a refused MAIL FROM, close a broken connection
+        raise
     except BaseException:
         await client.close()
         raise
@@ -377,7 +380,7 @@ async def deliver_to_host(message: OutgoingMessage, *, host: str, port: int, ehl
                                                smtputf8=message.smtputf8, has_8bit=message.has_8bit,
                                                require_8bitmime=require_8bitmime)
             except SMTPClientError as exc:
-                await client.close()
+                await client.hang_up(exc)
                 if client.data_sent or not (client.broken or exc.code == 421):
                     raise
                 log.debug("cached_session_unusable", host=host, error=str(exc))

@@ -57,7 +57,7 @@ class AuthCommand:
     _reader: asyncio.StreamReader
     _tls_protocol: object | None  # aiosmtpd's SSLProtocol once STARTTLS has completed
 
-    @syntax("AUTH <mechanism>")
+    @syntax("AUTH <mechanism>", when="auth_offered")  # HELP lists AUTH only where EHLO offers it
     async def smtp_AUTH(self, arg: str | None) -> None:
         session = self.session
         if not session.host_name:

@@ -15,7 +15,8 @@ unstuffing).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 from aiosmtpd.smtp import MISSING, syntax
@@ -82,9 +83,13 @@ class DataCommand:
     _data_deadline: float
     _data_timeout: float
     _timeout_duration: float
+    _improper_pipelining: Callable[[str], Awaitable[NoReturn]]
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        if self._reader._buffer:  # type: ignore[attr-defined]
+            # RFC 2920 §3.1: DATA ends a group; the client waits for 354 before the message
+            await self._improper_pipelining("DATA")
         if not self.session.host_name:
             await self.push(codes.HELO_FIRST)
             return

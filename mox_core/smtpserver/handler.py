@@ -14,6 +14,7 @@ import functools
 import itertools
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +35,9 @@ from mox_core.outgoing import dkimsign
 from mox_core.outgoing.ratelimit import RateLimited
 from mox_core.smtp import codes
 from mox_core.smtp.domain import to_ascii, to_unicode
+from mox_core.smtpserver import headers
 from mox_core.smtpserver.fromheader import lean_from_address
+from mox_core.smtpserver.headers import header_section
 from mox_core.smtpserver.interfaces import MessageStore, OutgoingQueue, RateLimitToken, SubmissionRateLimits
 from mox_core.store import Delivery, StorageError
 
@@ -49,7 +52,6 @@ MAX_HOPS = 100
 # DKIM signing of a larger message runs in a thread (hashing releases the GIL); smaller ones
 # take well under a millisecond (dkimsign.py), less than the hand-off to a thread and back.
 SIGN_IN_THREAD_ABOVE = 256 * 1024
-_RECEIVED = re.compile(rb"^received:", re.I | re.M)
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ids = itertools.count(1)
 
@@ -245,33 +247,41 @@ class Handler:
             sr = special_reply(tx.simulated[0], "data")
             if sr is not None:
                 return await _simulated(sr)
-        end = data.find(b"\r\n\r\n")
-        head = data[: end + 2] if end >= 0 else data
-        if len(_RECEIVED.findall(head)) > MAX_HOPS:
+        head = header_section(data)
+        found = headers.scan(head, self.hostname)
+        if found.received > MAX_HOPS:
             self.metrics.message("rejected", "too_many_hops")
             return codes.TOO_MANY_HOPS
+        local = [r for r in tx.recipients if r.resolved is not None]
+        remote = [r for r in tx.recipients if r.resolved is None]
+        if found.delivered_to and any(r.address.lower() in found.delivered_to for r in local):
+            self.metrics.message("rejected", "mail_loop")
+            return codes.DELIVERED_TO_LOOP
         from_domain = ""
+        account = None
         if self.submission:
             problem, from_domain = self._check_from(session, head)
             if problem:
                 self.metrics.message("rejected", "from_header")
                 return problem
+            account = self._account_of(session)
         peer_ip = session.peer[0] if session.peer else "127.0.0.1"
         helo = session.host_name or ""
         msgid = f"{int(time.time())}.{os.getpid()}.{next(_ids)}"
-        received = self._received(server, session, peer_ip, helo, msgid)
+        received = self._received(server, session, peer_ip, helo, msgid, account)
         extra = b""
         if not self.submission and self.resolver is not None:
             results = await authres.check(data, peer_ip, helo, _sender(envelope), self.resolver)
             extra = results.header(self.hostname, peer_ip)
-        local = [r for r in tx.recipients if r.resolved is not None]
-        remote = [r for r in tx.recipients if r.resolved is None]
+        if found.drop:  # our authserv-id's Authentication-Results, Return-Path
+            data = headers.without(data, found.drop)
+        if self.submission and not (found.message_id and found.date):
+            data = self._missing_headers(found) + data
         deliveries = []
         return_path = f"Return-Path: <{_sender(envelope)}>\r\n".encode()
         for r in local:
             prefix = return_path + f"Delivered-To: {r.address}\r\n".encode() + extra + received
             deliveries.append(Delivery(self._maildir(r.resolved), data, prefix, r.resolved.mailbox or "Inbox"))
-        account = self._account_of(session) if self.submission else None
         rate: RateLimitToken | None = None
         if account is not None and self.ratelimits is not None:
             rate = self.ratelimits.prepare(
@@ -356,16 +366,37 @@ class Handler:
             return codes.FROM_NOT_OWNED, ""
         return None, split_address(addr)[1]
 
-    def _received(self, server: MoxSMTP, session: Session, ip: str, helo: str, msgid: str) -> bytes:
+    def _missing_headers(self, found: headers.HeaderScan) -> bytes:
+        """Message-ID and Date for a submission without them (RFC 6409 §8.2, §8.3), added
+        before DKIM signing so the signature covers them."""
+        out = b""
+        if not found.message_id:
+            out += f"Message-ID: <{secrets.token_urlsafe(18)}@{self.hostname}>\r\n".encode()
+        if not found.date:
+            out += f"Date: {_date_header_now()}\r\n".encode()
+        return out
+
+    def _received(self, server: MoxSMTP, session: Session, ip: str, helo: str, msgid: str,
+                  account: str | None = None) -> bytes:
+        """Our trace field (RFC 5321 §4.4), with the TLS version and cipher of a TLS session
+        and the account of an authenticated one, in Postfix's words."""
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         transport = getattr(server, "transport", None)
-        if session.ssl is not None or (transport is not None and transport.get_extra_info("ssl_object")):
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        comments = ""
+        if tls is not None:
+            proto += "S"
+            cipher = tls.cipher()
+            comments += f"\r\n\t(using {tls.version()} with cipher {cipher[0] if cipher else 'unknown'})"
+        elif session.ssl is not None:
             proto += "S"
         if session.authenticated:
             proto += "A"
+            if account:
+                comments += f"\r\n\t(Authenticated sender: {account})"
         helo_clean = _BAD_CHARS.sub("", helo)[:255] or "unknown"
         when = _date_header_now()
-        return (f"Received: from {helo_clean} ([{ip}])\r\n\tby {self.hostname} (mox) with {proto}"
+        return (f"Received: from {helo_clean} ([{ip}]){comments}\r\n\tby {self.hostname} (mox) with {proto}"
                 f"\r\n\tid {msgid}; {when}\r\n").encode("utf-8", "replace")
 
     def _maildir(self, resolved: Resolved) -> str:

@@ -32,16 +32,16 @@ if TYPE_CHECKING:
 log = structlog.get_logger(component="smtpserver")
 
 
-def tls_context(listener: Listener, config_dir: Path) -> ssl.SSLContext | None:
-    """Server TLS context from the listener's certificate files (TLS 1.2 or newer)."""
+def tls_context(listener: Listener, config_dir: Path, *, data_dir: Path | None = None,
+                hostname: str | None = None) -> ssl.SSLContext | None:
+    """Server TLS context of the listener (TLS 1.2 or newer): its certificate files, or its
+    ACME certificates (``data_dir``, ``hostname``); files are read again when they change
+    (:mod:`mox_core.server.tls`)."""
     if listener.tls is None:
         return None
-    cert = listener.tls.cert_file if listener.tls.cert_file.is_absolute() else config_dir / listener.tls.cert_file
-    key = listener.tls.key_file if listener.tls.key_file.is_absolute() else config_dir / listener.tls.key_file
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    from mox_core.server.tls import server_context
+
+    return server_context(listener.tls, config_dir, data_dir=data_dir, hostname=hostname)
 
 
 @dataclass
@@ -131,7 +131,7 @@ async def start_listeners(holder: ConfigHolder, *, store: MessageStore, credenti
     out: list[Listening] = []
     loop = asyncio.get_running_loop()
     for name, lst in cfg.static.listeners.items():
-        tls = tls_context(lst, cfg.config_dir)
+        tls = tls_context(lst, cfg.config_dir, data_dir=cfg.data_dir, hostname=lst.hostname or cfg.static.hostname)
         for service, port, options, implicit_tls in _services(lst, tls, credentials):
             if services is not None and service not in services:
                 continue

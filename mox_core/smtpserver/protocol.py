@@ -53,7 +53,7 @@ import re
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from aiosmtpd.smtp import (
@@ -135,6 +135,10 @@ def _ehlo_hook_version(hook: Callable[..., Any] | None) -> str | None:
 @functools.cache
 def _fqdn() -> str:
     return socket.getfqdn()
+
+
+class _Hangup(Exception):
+    """The session is over (the reply is sent, the connection closed): leave the command loop."""
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:
@@ -329,9 +333,32 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
                 self.session_limit.release(key)
             afterreply.run(self._after_reply)  # what a session ending without a reply left
 
+    async def _improper_pipelining(self, after: str) -> NoReturn:
+        """Refuse a client that did not wait for a reply it had to wait for (RFC 2920 §3.1;
+        Postfix's ``smtpd_forbid_unauth_pipelining``): answer 554, log it, close. What it sent
+        ahead is never run."""
+        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        log.info("smtp_improper_pipelining", peer=self._peer_ip(), after=after, input=sanitize(pending))
+        await self.push(codes.IMPROPER_PIPELINING)
+        self._close()
+        raise _Hangup
+
+    async def _greet(self) -> bool:
+        """The 220 greeting; False (and 554) for a client that talked first (RFC 5321 §3.1)."""
+        await asyncio.sleep(0)  # once per connection: bytes that came with it reach the reader
+        if self._reader._buffer:  # type: ignore[attr-defined]
+            try:
+                await self._improper_pipelining("CONNECT")
+            except (_Hangup, ConnectionError):
+                return False
+        await self.push(codes.greeting(self.hostname, self.__ident__))
+        return True
+
     async def _command_loop(self) -> None:
         self._trace = mox_logging.enabled("trace", "smtpserver")
-        await self.push(codes.greeting(self.hostname, self.__ident__))
+        if not await self._greet():
+            return
         reader = self._reader
         bogus_budget = BOGUS_LIMIT
         while self.transport is not None:
@@ -355,6 +382,9 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
                 except UnicodeDecodeError:
                     await self.push(codes.BAD_SYNTAX)
                     continue
+                # more bytes already here: commands sent ahead, which only EHLO allows
+                if reader._buffer and not self.session.extended_smtp and command != "QUIT":  # type: ignore[attr-defined]
+                    await self._improper_pipelining(command)
                 max_size = (self.command_size_limits.get(command, self.command_size_limit)
                             if self.session.extended_smtp else self.command_size_limit)
                 if len(line) > max_size:
@@ -393,7 +423,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except (_Hangup, ConnectionError, asyncio.IncompleteReadError):
                 self._close()
                 return
             except Exception as error:
@@ -438,9 +468,10 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
             mail_limit += 10  # RFC 6531 §3.4
         self.command_size_limits = {"MAIL": mail_limit, "AUTH": AUTH_LINE_LIMIT}
         response.append("250-PIPELINING")  # RFC 2920
-        if self.tls_context and not self._tls_protocol:
+        response.append("250-ENHANCEDSTATUSCODES")  # RFC 2034: our replies carry them
+        if self.starttls_offered:
             response.append("250-STARTTLS")
-        if self.auth_mechanisms and (self._tls_protocol or not self._auth_require_tls):
+        if self.auth_offered:
             response.append("250-AUTH " + " ".join(self.auth_mechanisms))
         response.append("250 HELP")
         if self._ehlo_hook_ver is None:
@@ -449,7 +480,17 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
             response = await self._call_handler_hook("EHLO", hostname, response)
         await self.push("\r\n".join(response))
 
-    @syntax("STARTTLS", when="tls_context")
+    # What HELP lists (aiosmtpd's smtp_HELP asks _syntax_available, which reads the attribute
+    # named by a command's ``when``): only what EHLO would offer on this connection now.
+    @property
+    def starttls_offered(self) -> bool:
+        return bool(self.tls_context) and not self._tls_protocol
+
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.auth_mechanisms) and bool(self._tls_protocol or not self._auth_require_tls)
+
+    @syntax("STARTTLS", when="starttls_offered")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             await self.push(codes.TLS_ALREADY_ACTIVE)

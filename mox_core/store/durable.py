@@ -177,12 +177,13 @@ def _same_content(a: Delivery, b: Delivery) -> bool:
 
 def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
     """Put every file of ``unit`` into its ``tmp/``, fsynced; hard-link identical copies."""
-    sources: list[tuple[Delivery, int | None, str]] = []  # written files a link may reuse
+    sources: list[tuple[Delivery, tuple[int | None, tuple[int, int] | None], str]] = []  # files a link may reuse
     for d in unit.deliveries:
         md = maildirs.get(d.root, d.mailbox)
         name = unique_name(d.size)
         f = _File(os.path.join(md.tmp, name), os.path.join(md.new, name), md.new)
-        src = next((path for sd, dev, path in sources if dev == md.dev and _same_content(sd, d)), None)
+        place = (md.dev, md.owner)  # a link shares its inode's owner too
+        src = next((path for sd, at, path in sources if at == place and _same_content(sd, d)), None)
         if src is not None:
             try:
                 # The source inode is already fsynced; the new name becomes durable with the
@@ -196,14 +197,14 @@ def _write_unit(unit: _Unit, maildirs: MaildirCache, stats: StoreStats) -> None:
                 stats.files_linked += 1
                 continue
         try:
-            write_file(f.path_tmp, d.prefix, d.message)
+            write_file(f.path_tmp, d.prefix, d.message, md.owner)
         except FileNotFoundError:
             md.ensure()  # the Maildir was removed behind our back since we cached it
-            write_file(f.path_tmp, d.prefix, d.message)
+            write_file(f.path_tmp, d.prefix, d.message, md.owner)
         unit.files.append(f)
         stats.files_written += 1
         stats.file_fsyncs += 1
-        sources.append((d, md.dev, f.path_tmp))
+        sources.append((d, (md.dev, md.owner), f.path_tmp))
 
 
 def write_units(units: Sequence[_Unit], maildirs: MaildirCache, stats: StoreStats) -> None:

@@ -179,6 +179,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# Running as root, what mox creates in a Maildir takes the owner of the directory it is created
+# in: a directory its parent's, a message file its Maildir's. So a Maildir that a mail user owns
+# (the one Dovecot reads it as; Dovecot never reads mail as root) stays that user's, as Postfix's
+# virtual(8) writes as the mailbox's owner. Not running as root: everything is ours anyway.
+_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def owner_of(path: str) -> tuple[int, int] | None:
+    """(uid, gid) that files created in directory ``path`` get, when not ours as root."""
+    if not _AS_ROOT:
+        return None
+    st = os.stat(path)
+    return (st.st_uid, st.st_gid) if (st.st_uid, st.st_gid) != (0, 0) else None
+
+
+def _inherit_owner(path: str) -> None:
+    owner = owner_of(os.path.dirname(path) or ".")
+    if owner is not None:
+        os.chown(path, *owner)
+
+
 def mkdir_durable(path: str) -> bool:
     """Create ``path`` (and missing parents) with mode 0700, fsyncing each changed parent.
 
@@ -200,6 +221,8 @@ def mkdir_durable(path: str) -> bool:
             os.mkdir(path, 0o700)
         except FileExistsError:  # created concurrently: someone else fsyncs the parent
             return False
+    if _AS_ROOT:
+        _inherit_owner(path)
     fsync_dir(os.path.dirname(path) or ".")
     return True
 
@@ -225,8 +248,9 @@ def _write_all(fd: int, prefix: bytes, body: bytes) -> None:
         n += w
 
 
-def write_file(path: str, prefix: bytes, body: bytes) -> None:
-    """Create ``path`` exclusively (0600), write ``prefix + body``, fsync and close it.
+def write_file(path: str, prefix: bytes, body: bytes, owner: tuple[int, int] | None = None) -> None:
+    """Create ``path`` exclusively (0600, owned by ``owner`` if given), write ``prefix + body``,
+    fsync and close it.
 
     On any error the file is removed before the error propagates, so ``tmp/`` does not
     collect partial files (the 36 h cleanup is only a backstop for crashes). A failed close
@@ -235,6 +259,8 @@ def write_file(path: str, prefix: bytes, body: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             _write_all(fd, prefix, body)
             os.fsync(fd)
         finally:
@@ -266,7 +292,7 @@ class Maildir:
     a second copy.
     """
 
-    __slots__ = ("cur", "dev", "new", "path", "subfolder", "tmp")
+    __slots__ = ("cur", "dev", "new", "owner", "path", "subfolder", "tmp")
 
     def __init__(self, path: str | os.PathLike[str], *, subfolder: bool = False) -> None:
         self.path = os.fspath(path)
@@ -275,6 +301,7 @@ class Maildir:
         self.cur = os.path.join(self.path, "cur")
         self.subfolder = subfolder
         self.dev: int | None = None
+        self.owner: tuple[int, int] | None = None  # see owner_of()
 
     @classmethod
     def for_mailbox(cls, root: str | os.PathLike[str], mailbox: str = INBOX) -> Maildir:
@@ -295,19 +322,26 @@ class Maildir:
             Maildir(os.path.dirname(self.path)).ensure()
         mkdir_durable(self.path)
         changed = False
+        self.owner = owner_of(self.path)
         for sub in (self.tmp, self.new, self.cur):
             try:
                 os.mkdir(sub, 0o700)
                 changed = True
             except FileExistsError:
-                pass
+                continue
+            if self.owner is not None:
+                os.chown(sub, *self.owner)
         if self.subfolder:
             marker = os.path.join(self.path, "maildirfolder")
             try:
-                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-                changed = True
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 pass
+            else:
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+                os.close(fd)
+                changed = True
         if changed:
             fsync_dir(self.path)
         self.dev = os.stat(self.tmp).st_dev

@@ -5,7 +5,8 @@ In this order, as mox:
 1. per client IP, a rate limit (429; not on a webserver port with ``rate_limit_disabled``);
 2. the path is cleaned (``.``/``..`` resolved; a NUL or backslash is a 400);
 3. the host is parsed from the Host header (port removed; an IP or a lower-case domain);
-4. system handlers, which web handlers cannot override: the MTA-STS policy on
+4. system handlers, which web handlers cannot override: ACME http-01 challenges at
+   ``/.well-known/acme-challenge/`` (plain HTTP ports of listeners with ACME), the MTA-STS policy on
    ``mta-sts.<domain>``, autoconfig and autodiscover on ``autoconfig.<domain>`` and our host
    names, metrics at ``/metrics`` (and ``/`` on a metrics-only port);
 5. on ports with the web server: domain redirects, then the web handlers in config order
@@ -32,6 +33,7 @@ from urllib.parse import quote
 import structlog
 
 from mox_core import metrics
+from mox_core.acme.store import HTTP01_PREFIX, http01_key_authorization
 from mox_core.config.holder import ConfigHolder
 from mox_core.config.resolved import Config
 from mox_core.metrics import METRICS
@@ -176,6 +178,14 @@ class WebApp:
         if scope["type"] != "http":
             return False
         send = ex.send
+        if port.acme_http and path.startswith(HTTP01_PREFIX):
+            ex.handler = "acme-http-01"
+            answer = http01_key_authorization(cfg.data_dir, path[len(HTTP01_PREFIX):])
+            if answer is None:
+                await send_text(send, 404, "404 - not found")
+            else:
+                await _send(send, 200, answer, b"application/octet-stream")
+            return True
         if port.mta_sts is not None and path == wellknown.MTA_STS_PATH:
             domain = wellknown.mta_sts_domain(host)
             if domain is not None:

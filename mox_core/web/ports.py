@@ -31,6 +31,8 @@ class WebPort:
     mta_sts: WellKnownService | None = None
     autoconfig: WellKnownService | None = None
     metrics: bool = False
+    acme_tls: bool = False  # answers ACME tls-alpn-01 challenges (RFC 8737)
+    acme_http: bool = False  # answers ACME http-01 challenges (RFC 8555 §8.3)
 
     @property
     def forwarded(self) -> bool:
@@ -43,7 +45,7 @@ class WebPort:
 
     def services(self) -> list[str]:
         names = [n for n in ("account", "admin", "webserver", "mta_sts", "autoconfig") if getattr(self, n) is not None]
-        return names + (["metrics"] if self.metrics else [])
+        return names + (["metrics"] if self.metrics else []) + (["acme"] if self.acme_tls or self.acme_http else [])
 
 
 def _port_of(ports: dict[int, WebPort], name: str, lst: Listener, port: int, tls: bool, hostname: str) -> WebPort:
@@ -69,6 +71,7 @@ def web_ports(static: StaticConfig) -> list[WebPort]:
                 wp.metrics = True
             else:
                 setattr(wp, kind, svc)
+        _acme_ports(static, name, lst, ports, hostname)
         for wp in ports.values():
             for ip in wp.ips:
                 other = seen.setdefault((ip, wp.port), name)
@@ -76,3 +79,21 @@ def web_ports(static: StaticConfig) -> list[WebPort]:
                     raise MoxError(f"listeners {other} and {name} both serve web services on {ip} port {wp.port}")
             out.append(wp)
     return out
+
+
+def _acme_ports(static: StaticConfig, name: str, lst: Listener, ports: dict[int, WebPort], hostname: str) -> None:
+    """A listener with ACME answers tls-alpn-01 on the provider's HTTPS port (served for that
+    alone if no web service uses it), and http-01 on its plain HTTP port if it serves one."""
+    provider = static.acme.get(lst.tls.acme) if lst.tls is not None and lst.tls.acme else None
+    if provider is None:
+        return
+    if "tls-alpn-01" in provider.challenges:
+        wp = _port_of(ports, name, lst, provider.port, True, hostname)
+        if not wp.tls:
+            raise MoxError(f"listener {name}: port {provider.port} serves plain HTTP, but ACME answers "
+                           "tls-alpn-01 there (set port of the ACME provider, or its challenges)")
+        wp.acme_tls = True
+    if "http-01" in provider.challenges:
+        wp = ports.get(provider.http_port)
+        if wp is not None and not wp.tls:
+            wp.acme_http = True

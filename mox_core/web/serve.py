@@ -183,7 +183,10 @@ async def serve_web(config: Config, parent: int, channel_fd: int, sockets: Mappi
     for wp in ports:
         socks = [socket.socket(fileno=sockets[(ip, wp.port)]) for ip in wp.ips if (ip, wp.port) in sockets]
         tls = config.static.listeners[wp.listener].tls
-        ctx = server_context(tls, config.config_dir, alpn=["http/1.1"]) if wp.tls and tls else None
+        ctx = None
+        if wp.tls and tls:
+            ctx = server_context(tls, config.config_dir, alpn=["http/1.1"], data_dir=config.data_dir,
+                                 hostname=wp.hostname, acme_challenges=wp.acme_tls)
         server = _uvicorn(app, ctx, limits.keepalive_timeout)
         servers.append(server)
         serving.append(asyncio.create_task(server.serve(sockets=socks)))

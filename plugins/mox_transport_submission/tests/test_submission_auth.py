@@ -126,6 +126,24 @@ async def test_no_matching_mechanism_is_permanent(tmp_path, postfix_smarthost_fa
     assert (r.status, r.remote_host) == (PERMANENT, "smarthost.test")
     assert r.text == f"no matching authentication mechanisms, server supports {named}"
     assert sasl_methods(sh) == [] and sh.messages() == []
+    # we gave up on the server, and said QUIT rather than dropping the connection
+    wait_for(lambda: sessions(sh), 5, what="the session logged")
+    assert sessions(sh) == ["ehlo=2 starttls=1 quit=1 commands=4"]
+
+
+async def test_refused_mail_from_ends_with_quit(tmp_path, postfix_smarthost_factory, dns_server, dns_resolver):
+    sh = postfix_smarthost_factory(main_cf={
+        "smtpd_delay_reject": "no",  # refuse at MAIL FROM, not at the first RCPT
+        "smtpd_sender_restrictions": "check_sender_access inline:{ admin@example.org=REJECT }"})
+    dns_server.add("smarthost.test", "A", sh.host)
+    cfg = sub_config(tmp_path, sh.port, f'ca_file = "{sh.cafile}"')
+    [r] = await deliver(transport_from(cfg), ctx_for(cfg, dns_resolver))
+    assert (r.status, r.code, r.remote_host) == (PERMANENT, 554, "smarthost.test"), r
+    assert "Sender address rejected" in r.text and sh.messages() == []
+    # MAIL, RCPT and DATA went in one group (PIPELINING); then QUIT, not a dropped connection
+    wait_for(lambda: sessions(sh), 5, what="the session logged")
+    [counts] = sessions(sh)
+    assert counts.startswith("ehlo=2 starttls=1 auth=1 mail=0/1 ") and counts.endswith(" quit=1 commands=5/8"), counts
 
 
 async def test_plain_only_over_tls(tmp_path, postfix_smarthost_factory, dns_server, dns_resolver):
@@ -143,9 +161,9 @@ async def test_plain_only_over_tls(tmp_path, postfix_smarthost_factory, dns_serv
     assert r.status is TEMPORARY
     assert r.text == "refusing to send AUTH PLAIN credentials over a connection without TLS"
     assert sasl_methods(sh) == ["CRAM-MD5"]
-    # Postfix's per-session command counts: EHLO, then we hung up; no AUTH was sent at all
+    # Postfix's per-session command counts: EHLO, then we said QUIT; no AUTH was sent at all
     wait_for(lambda: len(sessions(sh)) == 2, 5, what="second session logged")
-    assert sessions(sh) == ["ehlo=1 auth=1 mail=1 rcpt=1 data=1 quit=1 commands=6", "ehlo=1 commands=1"]
+    assert sessions(sh) == ["ehlo=1 auth=1 mail=1 rcpt=1 data=1 quit=1 commands=6", "ehlo=1 quit=1 commands=2"]
     # Postfix said 250; its delivery into the Maildir follows on its own time
     wait_for(lambda: len(sh.messages()) == 1, 10, what="the first message in Postfix's Maildir")
 

@@ -34,6 +34,9 @@ class OpenFile:
     fd: int
     st: os.stat_result
     name: str  # for guessing the content type
+    # the first CHUNK bytes, read in the same trip to a thread as the lookup: a small file is
+    # then served without another one (each trip costs more than reading from the page cache)
+    head: bytes = b""
 
 
 def etag_of(st: os.stat_result) -> str:
@@ -141,15 +144,17 @@ def parse_range(value: str, size: int) -> list[tuple[int, int]]:
     return out
 
 
-async def _read(fd: int, offset: int, n: int) -> bytes:
-    return await anyio.to_thread.run_sync(os.pread, fd, n, offset)
+async def _read(f: OpenFile, offset: int, n: int) -> bytes:
+    if offset + n <= len(f.head):
+        return f.head[offset:offset + n]
+    return await anyio.to_thread.run_sync(os.pread, f.fd, n, offset)
 
 
-async def _send_span(send: Any, fd: int, start: int, length: int, last: bool) -> None:
+async def _send_span(send: Any, f: OpenFile, start: int, length: int, last: bool) -> None:
     """Send ``length`` bytes from ``start``; with ``last`` the response ends with them."""
     end = start + length
     while start < end:
-        chunk = await _read(fd, start, min(CHUNK, end - start))
+        chunk = await _read(f, start, min(CHUNK, end - start))
         if not chunk:  # the file shrank: end the response short rather than hang
             break
         start += len(chunk)
@@ -178,7 +183,7 @@ async def serve_file(scope: dict[str, Any], send: Any, f: OpenFile, extra: Heade
         await respond(scope, send, 412, "412 - precondition failed", extra)
         return
     if content_type is None:
-        content_type = guess_type(f.name, await _read(f.fd, 0, 512))
+        content_type = guess_type(f.name, await _read(f, 0, min(512, f.st.st_size)))
     base: Headers = [(b"content-type", content_type.encode("latin-1")), (b"last-modified", last_modified.encode()),
                      (b"etag", etag.encode()), (b"accept-ranges", b"bytes")]
     base = merge_headers(base, extra)
@@ -207,7 +212,7 @@ async def _send_whole(scope: dict[str, Any], send: Any, f: OpenFile, base: Heade
     if scope["method"] == "HEAD":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    await _send_span(send, f.fd, 0, f.st.st_size, True)
+    await _send_span(send, f, 0, f.st.st_size, True)
 
 
 async def _send_range(scope: dict[str, Any], send: Any, f: OpenFile, base: Headers,
@@ -219,7 +224,7 @@ async def _send_range(scope: dict[str, Any], send: Any, f: OpenFile, base: Heade
     if scope["method"] == "HEAD":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    await _send_span(send, f.fd, start, length, True)
+    await _send_span(send, f, start, length, True)
 
 
 async def _send_multipart(scope: dict[str, Any], send: Any, f: OpenFile, base: Headers,
@@ -241,5 +246,5 @@ async def _send_multipart(scope: dict[str, Any], send: Any, f: OpenFile, base: H
         return
     for head, (start, length) in zip(heads, ranges, strict=True):
         await send({"type": "http.response.body", "body": head, "more_body": True})
-        await _send_span(send, f.fd, start, length, False)
+        await _send_span(send, f, start, length, False)
     await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -29,7 +29,7 @@ from mox_webhandlers.common import (
     respond,
     single_slash,
 )
-from mox_webhandlers.files import OpenFile, serve_file
+from mox_webhandlers.files import CHUNK, OpenFile, serve_file
 from mox_webhandlers.settings import StaticSettings
 
 # errno values that mean "no such file here": not found, or with continue_not_found the next handler.
@@ -139,7 +139,12 @@ def lookup(root: str, rel: str) -> Found:
     except OSError as exc:
         os.close(fd)
         return _classify(exc)
-    return Found("file", path, OpenFile(fd, fst, os.path.basename(path)), root=real_root)
+    try:
+        head = os.pread(fd, CHUNK, 0)
+    except OSError as exc:
+        os.close(fd)
+        return _classify(exc)
+    return Found("file", path, OpenFile(fd, fst, os.path.basename(path), head), root=real_root)
 
 
 def _size(st: os.stat_result) -> tuple[str, bool]:

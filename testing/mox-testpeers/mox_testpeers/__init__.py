@@ -67,6 +67,9 @@ DEBIAN_PACKAGES = (
     "microsocks",  # microsocks
     "libpam-pwdfile",  # pam_pwdfile.so for dante's username/password method
     "swaks",  # used by tests
+    "pebble",  # the ACME test CA (pebble.py)
+    "nginx",  # reverse proxy in front of mox (quickstart's configuration)
+    "caddy",  # the same, validated
 )
 
 
