@@ -132,9 +132,7 @@ def _ehlo_hook_version(hook: Callable[..., Any] | None) -> str | None:
     return "new"
 
 
-@functools.cache
-def _fqdn() -> str:
-    return socket.getfqdn()
+_fqdn = functools.cache(socket.getfqdn)
 
 
 class _Hangup(Exception):
@@ -313,14 +311,12 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
 
     async def _handle_client(self) -> None:
         self._after_reply = afterreply.collect()
-        key = None
-        if self.session_limit is not None:
-            key = self.session_limit.acquire(self._peer_ip())
-            if key is None:  # this address has all the sessions it may have
-                log.info("smtp_too_many_sessions", peer=self._peer_ip())
-                await self.push(codes.TOO_MANY_SESSIONS)
-                self._close()
-                return
+        key = self.session_limit.acquire(self._peer_ip()) if self.session_limit else None
+        if self.session_limit is not None and key is None:  # the address has all it may have
+            log.info("smtp_too_many_sessions", peer=self._peer_ip())
+            await self.push(codes.TOO_MANY_SESSIONS)
+            self._close()
+            return
         sessions = self.metrics.sessions if self.metrics is not None else None
         if sessions is not None:
             sessions.inc()
