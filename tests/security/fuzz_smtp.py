@@ -138,6 +138,7 @@ async def session(data: bytes, cuts: list[int]) -> tuple[bytes, list[bytes]]:
     transport.protocol = proto
     proto.connection_made(transport)
     task = proto._handler_coroutine
+    await _settle(proto, task)  # the greeting first: a client that talks before it gets 554
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
     for a, b in zip(bounds, bounds[1:], strict=False):
         if transport.closed:
