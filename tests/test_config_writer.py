@@ -131,3 +131,12 @@ def test_cli_adds_an_account_that_a_running_server_accepts_mail_for_at_once(tmp_
         assert 'accounts.carol.destinations."carol@unknown.example": unknown domain for address' in r.stderr
     finally:
         server.stop()
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    writer, _, _ = writer_for(tmp_path)
+    stale = tmp_path / ".domains.toml.999999.tmp"
+    stale.write_text("half a file")
+    writer.change(lambda doc: edits.add_account(doc, "alice", "alice@example.org"))
+    assert not stale.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -163,6 +163,14 @@ class Listener(Model):
     smtp_max_message_size: int = Field(
         104857600, ge=1024, description="Largest message accepted, in bytes (SIZE extension)."
     )
+    smtp_max_sessions_per_ip: int = Field(
+        50, ge=0, description="SMTP, submission and submissions sessions one client address (IPv6: its /64) may "
+        "have open at once, per service and process; one more gets 421 and is closed. 0: no limit.",
+    )
+    smtp_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds an SMTP session may wait for the client's next command (or the next "
+        "bytes of a message) before 421 and close. RFC 5321 asks for at least 300.",
+    )
     smtp: SMTPListener = Field(default_factory=SMTPListener, description="Incoming SMTP (port 25).")
     submission: SubmissionListener = Field(
         default_factory=SubmissionListener, description="Submission (port 587)."

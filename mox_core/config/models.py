@@ -130,6 +130,11 @@ class StaticConfig(Model):
 
     hostname: str = Field(description="Fully qualified host name of this mail server.")
     data_dir: Path = Field(Path("data"), description="Data directory, relative to this file.")
+    min_free_space: int | None = Field(
+        None, ge=0, description="Bytes kept free on the data directory's file system: with less, MAIL FROM gets "
+        "452 4.3.1 (so does a SIZE= larger than what is free), before the client sends any data. Default: 1.5 "
+        "times the listener's smtp_max_message_size, as Postfix. 0: no check.",
+    )
     log_level: LogLevel = Field("info", description="Default log level.")
     package_log_levels: dict[str, LogLevel] = Field(
         default_factory=dict, description="Log level per component, e.g. smtpserver = \"debug\"."

@@ -116,6 +116,11 @@ class DomainsWriter:
 
     def _write(self, data: bytes) -> None:
         path = self.path
+        # Under the lock no other writer is between its temp file and its rename: a temp file
+        # here is what a writer killed mid-write left behind.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:

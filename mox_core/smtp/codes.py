@@ -14,6 +14,8 @@ aiosmtpd words them, which carry no enhanced codes.
 from __future__ import annotations
 
 __all__ = [
+    "ADDRESS_TOO_LONG_RECIPIENT",
+    "ADDRESS_TOO_LONG_SENDER",
     "AUTH_ABORTED",
     "AUTH_ALREADY_DONE",
     "AUTH_BAD_BASE64",
@@ -37,8 +39,8 @@ __all__ = [
     "BAD_UTF8",
     "COMMAND_CONTROL_CHARS",
     "DATA_SYNTAX",
-    "DELIVERED_TO_LOOP",
     "DEFAULT_OK",
+    "DELIVERED_TO_LOOP",
     "DUPLICATE_PARAMETER",
     "EHLO_FIRST",
     "EHLO_SYNTAX",
@@ -47,8 +49,9 @@ __all__ = [
     "FROM_NOT_ONE_HEADER",
     "FROM_NOT_OWNED",
     "HELO_FIRST",
-    "IMPROPER_PIPELINING",
     "IDLE_TIMEOUT",
+    "IMPROPER_PIPELINING",
+    "INSUFFICIENT_STORAGE",
     "INTERNAL_ERROR",
     "LINE_TOO_LONG",
     "MAIL_PARAMETERS_UNKNOWN",
@@ -61,6 +64,7 @@ __all__ = [
     "NEED_RCPT",
     "NESTED_MAIL",
     "NO_SUCH_USER",
+    "NULL_SENDER_ONE_RECIPIENT",
     "NUL_IN_DATA",
     "QUEUE_UNAVAILABLE",
     "RCPT_PARAMETERS_UNKNOWN",
@@ -74,13 +78,15 @@ __all__ = [
     "SENDER_OK",
     "SIZE_TOO_BIG",
     "SMTPUTF8_DISABLED",
+    "SMTPUTF8_REQUIRED",
     "SMTPUTF8_WITH_ARGUMENT",
-    "START_DATA",
     "STARTTLS_AFTER_AUTH",
+    "START_DATA",
     "STRICT_ASCII",
     "TLS_ALREADY_ACTIVE",
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
+    "TOO_MANY_SESSIONS",
     "TOO_MANY_UNRECOGNIZED",
     "auth_challenge",
     "destination_deferred",
@@ -136,6 +142,12 @@ STARTTLS_AFTER_AUTH = "503 5.5.1 STARTTLS not allowed after AUTH"
 # (message too big for system).
 SIZE_TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
 
+# Less free space on the data directory's file system than the server keeps in reserve
+# (mox.toml min_free_space), or than the SIZE the client declared: refused at MAIL, before any
+# data is sent, as Postfix does. RFC 5321 §4.2.3 (452 insufficient system storage), RFC 1870
+# §6.2, RFC 3463 X.3.1 (mail system full).
+INSUFFICIENT_STORAGE = "452 4.3.1 insufficient system storage, try again later"
+
 # Message data larger than the limit, answered after the final dot. RFC 5321 §4.5.3.1.10
 # (552 for too much mail data), RFC 3463 X.3.4.
 MESSAGE_TOO_BIG = "552 5.3.4 message too big"
@@ -143,6 +155,10 @@ MESSAGE_TOO_BIG = "552 5.3.4 message too big"
 # RFC 5321 §4.5.3.1.10 (recipients buffer: 452, at least 100 must be accepted),
 # RFC 3463 X.5.3 (too many recipients).
 TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
+
+# Port 25: a message with the null reverse-path (a bounce, RFC 5321 §4.5.5) has one recipient;
+# more is backscatter spam. As mox. RFC 3463 X.5.3 (too many recipients).
+NULL_SENDER_ONE_RECIPIENT = "452 4.5.3 only one recipient for a message with the null sender"
 
 # Bare CR or bare LF anywhere in message data, which includes every SMTP smuggling form
 # (\n.\n, \n.\r\n, \r\n.\n, \r.\r, ...). RFC 5321 §2.3.8 (CR and LF only as CRLF) and §4.1.4.
@@ -164,6 +180,11 @@ IMPROPER_PIPELINING = "554 5.5.0 smtp protocol synchronization error: improper c
 # Idle timeout: RFC 5321 §4.5.3.2 (server timeout at least 5 minutes, then 421),
 # RFC 3463 X.4.2 (bad connection).
 IDLE_TIMEOUT = "421 4.4.2 idle timeout, closing connection"
+
+# One client address has as many sessions open as the listener allows
+# (``smtp_max_sessions_per_ip``; Postfix: "421 4.7.0 ... too many connections from ...").
+# RFC 5321 §3.8 (421: service not available, closing the channel), RFC 3463 X.7.0.
+TOO_MANY_SESSIONS = "421 4.7.0 too many connections from your address, try again later"
 
 # ---- AUTH (RFC 4954) ----------------------------------------------------------------------
 
@@ -343,6 +364,16 @@ BAD_BODY = "501 Error: BODY can only be one of 7BIT, 8BITMIME"
 # RFC 6531 §3.4: the SMTPUTF8 parameter has no value.
 SMTPUTF8_WITH_ARGUMENT = "501 Error: SMTPUTF8 takes no arguments"
 SMTPUTF8_DISABLED = "501 Error: SMTPUTF8 disabled"
+
+# RFC 6531 §3.4: an address with non-ASCII characters in a transaction that did not declare
+# SMTPUTF8 on MAIL. RFC 6531 §3.6.1 (X.6.7: non-ASCII addresses not permitted).
+SMTPUTF8_REQUIRED = "553 5.6.7 non-ASCII address needs SMTPUTF8 on MAIL FROM"
+
+# RFC 5321 §4.5.3.1: a domain is at most 255 octets; local-parts over 128 octets are refused as
+# mox does (RFC 5321's 64 is not enforced: SRS and VERP senders exceed it, and §4.5.3.1 asks
+# servers to be liberal). RFC 3463 X.1.7 (bad sender address syntax), X.1.3 (recipient).
+ADDRESS_TOO_LONG_SENDER = "501 5.1.7 sender address too long (RFC 5321 section 4.5.3.1)"
+ADDRESS_TOO_LONG_RECIPIENT = "501 5.1.3 recipient address too long (RFC 5321 section 4.5.3.1)"
 
 # RFC 5321 §4.1.1.11: parameters the server does not recognize or implement get 555.
 MAIL_PARAMETERS_UNKNOWN = "555 MAIL FROM parameters not recognized or not implemented"

@@ -22,17 +22,16 @@ import base64
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
 
 from mox_core import logging as moxlog
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
-from mox_core.smtpclient import sasl
+from mox_core.smtpclient import sasl, wire
 from mox_core.smtpclient.errors import SMTPClientError, SMTPTLSError
 from mox_core.smtpclient.tls import TLSMode, make_ssl_context
-from mox_core.smtpclient.wire import Extensions, Reply, ascii_domain, needs_smtputf8, parse_extensions, prepare_data
+from mox_core.smtpclient.wire import Extensions, Reply, Timeouts, ascii_domain, needs_smtputf8, parse_extensions
 
 __all__ = ["SMTPClient", "Timeouts", "open_client"]
 
@@ -40,16 +39,6 @@ log = structlog.get_logger(component="smtpclient")
 
 _READ_LIMIT = 64 * 1024  # longest reply line we accept (RFC 5321 §4.5.3.1.5 says 512)
 _MAX_REPLY_LINES = 500
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds; defaults follow RFC 5321 §4.5.3.2 (greeting/MAIL/RCPT 5 min, DATA end 10 min)."""
-
-    connect: float = 30.0  # TCP connect (whole budget per host; split over its IPs)
-    command: float = 300.0  # each command reply, and the greeting
-    data: float = 600.0  # writing the message plus the reply to the final dot
-    tls_handshake: float = 60.0
 
 
 class SMTPClient:
@@ -307,7 +296,7 @@ class SMTPClient:
             return []
         ext = self.extensions
         try:
-            body = prepare_data(data)
+            body = wire.prepare_data(data)
         except ValueError as exc:
             raise SMTPClientError(True, None, "5.6.0", None, str(exc), command="data") from None
         if ext.size and len(data) > ext.size:  # RFC 1870 §6
@@ -424,11 +413,23 @@ class SMTPClient:
             for i in accepted:
                 results[i] = err.result(results[i].recipient)
             return results, retry
+        await self._message(body, accepted, results)
+        return results, retry
+
+    async def _message(self, body: bytes, accepted: list[int], results: dict[int, RecipientResult]) -> None:
+        """Send the message data; the reply to the final dot becomes the accepted recipients'
+        results. Without a reply (lost connection, timeout) the server may have taken the
+        message (RFC 1047): the error says that a retry can deliver a duplicate."""
         if moxlog.enabled("tracedata", "smtpclient"):
             self._log.debug("smtp_data", _level="tracedata", size=len(body))
         self.data_sent = True
         await self._write(body, self.timeouts.data, "message data")
-        final = await self._read_reply("data", self.timeouts.data)
+        try:
+            final = await self._read_reply("data", self.timeouts.data)
+        except SMTPClientError as exc:
+            exc.text += "; the server may have taken the message: a retry can deliver a duplicate"
+            self._log.warning("smtp_no_reply_after_data", error=str(exc), duplicate_risk=True)
+            raise
         self._in_transaction = False
         if final.code == 250:
             for i in accepted:
@@ -438,7 +439,6 @@ class SMTPClient:
             err = self._reply_error(final, "message refused", "data")
             for i in accepted:
                 results[i] = err.result(results[i].recipient)
-        return results, retry
 
     # ---------------------------------------------------------------- teardown
 

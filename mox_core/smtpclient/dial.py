@@ -23,7 +23,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from mox_core.smtpclient.errors import SMTPClientError
+from mox_core.smtpclient.errors import RefusedTargetError, SMTPClientError
 
 __all__ = [
     "Dialer",
@@ -158,8 +158,9 @@ async def dial_host(host: str, ips: Sequence[str], port: int, *, dial: Dialer = 
         else:
             allowed.append(ip)
     if not allowed:
-        raise SMTPClientError(False, None, "4.4.1", host, f"dialing {host}: " + "; ".join(problems or ["no addresses"]),
-                              command="dial")
+        cls = RefusedTargetError if problems else SMTPClientError
+        raise cls(False, None, "4.4.1", host, f"dialing {host}: " + "; ".join(problems or ["no addresses"]),
+                  command="dial")
     per_ip = timeout / len(allowed)
     for ip in allowed:
         try:

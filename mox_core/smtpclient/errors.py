@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mox_core.outgoing.results import DeliveryStatus, RecipientResult
 
-__all__ = ["SMTPClientError", "SMTPTLSError"]
+__all__ = ["RefusedTargetError", "SMTPClientError", "SMTPTLSError"]
 
 
 class SMTPClientError(Exception):
@@ -44,3 +44,9 @@ class SMTPClientError(Exception):
 
 class SMTPTLSError(SMTPClientError):
     """TLS could not be set up: handshake failed, or STARTTLS was refused or not offered."""
+
+
+class RefusedTargetError(SMTPClientError):
+    """Every address of a host is one mox does not connect to (loopback, private, link-local,
+    the any-address; see ``dial.refused_target``): nothing was dialed. Temporary for dialing
+    in general; direct delivery to an MX makes it permanent (5.4.4)."""

@@ -28,7 +28,7 @@ from mox_core.plugins.kinds import DeliveryContext, DeliveryStatus, OutgoingMess
 from mox_core.smtp.domain import to_ascii
 from mox_core.smtpclient.client import SMTPClient, Timeouts, open_client
 from mox_core.smtpclient.dial import Dialer, dial_host, dns_error_text, gather_ips, order_ips, tcp_dial
-from mox_core.smtpclient.errors import SMTPClientError, SMTPTLSError
+from mox_core.smtpclient.errors import RefusedTargetError, SMTPClientError, SMTPTLSError
 from mox_core.smtpclient.mtasts import MTASTSCache, Policy
 from mox_core.smtpclient.sasl import AuthCredentials
 from mox_core.smtpclient.sessions import SessionCache
@@ -292,6 +292,13 @@ class _Run:
                 results = await self._session(host, [ip], recipients, TLSMode.SKIP)
             except SMTPClientError as exc2:
                 return [exc2.result(r) for r in recipients], False
+        except RefusedTargetError as exc:
+            # an MX on loopback, private or any-address space is a misconfiguration (or an attempt
+            # to reach our own network), not an outage: permanent, as KumoMTA's prohibited_hosts
+            # and Postfix's "loops back to myself"; the next MX may still be fine
+            log.info("delivery_host_refused", host=host, error=str(exc))
+            err = SMTPClientError(True, None, "5.4.4", host, exc.text, command="dial")
+            return [err.result(r) for r in recipients], True
         except SMTPClientError as exc:
             log.info("delivery_host_failed", host=host, error=str(exc), permanent=exc.permanent)
             return [exc.result(r) for r in recipients], exc.permanent and exc.command == "greeting"

@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 
 from mox_core.smtp.lines import only_crlf
 
-__all__ = ["Extensions", "Reply", "ascii_domain", "needs_smtputf8", "parse_extensions", "prepare_data"]
+__all__ = ["Extensions", "Reply", "Timeouts", "ascii_domain", "needs_smtputf8", "parse_extensions", "prepare_data"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; defaults follow RFC 5321 §4.5.3.2 (greeting/MAIL/RCPT 5 min, DATA end 10 min)."""
+
+    connect: float = 30.0  # TCP connect (whole budget per host; split over its IPs)
+    command: float = 300.0  # each command reply, and the greeting
+    data: float = 600.0  # writing the message plus the reply to the final dot
+    tls_handshake: float = 60.0
 
 
 @dataclass(frozen=True)

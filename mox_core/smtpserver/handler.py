@@ -150,6 +150,9 @@ class Handler:
                           mail_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
             return codes.BAD_SENDER_ADDRESS
+        if not self._room_for(server.data_size_limit, mail_options):
+            self.metrics.message("rejected", "storage")
+            return codes.INSUFFICIENT_STORAGE
         local = self.holder.get().static.localserve
         if local is not None and local.simulate_failures and (sr := special_reply(address, "mail")) is not None:
             return await _simulated(sr)
@@ -173,12 +176,31 @@ class Handler:
         tx.simulated.clear()
         return codes.SENDER_OK
 
+    def _room_for(self, size_limit: int | None, mail_options: list[str]) -> bool:
+        """Whether the data directory's file system has the reserve free (mox.toml
+        ``min_free_space``, default 1.5 x the size limit as Postfix's ``smtpd_check_queue``) and
+        room for the SIZE the client declared (RFC 1870 §6.2)."""
+        cfg = self.holder.get()
+        reserve = cfg.static.min_free_space
+        if reserve is None:
+            reserve = (size_limit or 0) * 3 // 2
+        declared = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=") and o[5:].isdigit()), 0)
+        if not reserve and not declared:
+            return True
+        try:
+            fs = os.statvfs(cfg.data_dir)
+        except OSError:  # the write will say what is wrong
+            return True
+        return fs.f_bavail * fs.f_frsize >= max(reserve, declared)
+
     # -- RCPT -----------------------------------------------------------------------------
 
     async def handle_RCPT(self, server: MoxSMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if _BAD_CHARS.search(address):
             return codes.BAD_RECIPIENT_ADDRESS
+        if envelope.rcpt_tos and not self.submission and envelope.mail_from in ("<>", ""):
+            return codes.NULL_SENDER_ONE_RECIPIENT  # a bounce has one recipient (as mox)
         cfg = self.holder.get()
         addr = _strip_source_route(address)
         try:

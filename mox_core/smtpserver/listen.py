@@ -24,6 +24,7 @@ from mox_core.config.models import Listener
 from mox_core.metrics import ServiceMetrics
 from mox_core.smtpserver.handler import Handler
 from mox_core.smtpserver.interfaces import CredentialStore, MessageStore, OutgoingQueue, SubmissionRateLimits
+from mox_core.smtpserver.sessionlimit import SessionLimit
 
 if TYPE_CHECKING:
     from mox_core.smtpserver.protocol import MoxSMTP
@@ -97,10 +98,11 @@ def _factory(holder: ConfigHolder, listener: str, lst: Listener, service: str, o
                       resolver=resolver if service == "smtp" else None, queue=queue,
                       hostname=hostname, ratelimits=ratelimits, metrics=counts)
     size = lst.smtp_max_message_size
+    limit = SessionLimit(lst.smtp_max_sessions_per_ip) if lst.smtp_max_sessions_per_ip else None
 
     def factory() -> MoxSMTP:
-        return MoxSMTP(handler, hostname=hostname, max_message_size=size,
-                       auth_limiter=auth_limiter, metrics=counts, **options)
+        return MoxSMTP(handler, hostname=hostname, max_message_size=size, idle_timeout=lst.smtp_idle_timeout,
+                       auth_limiter=auth_limiter, metrics=counts, session_limit=limit, **options)
 
     return factory
 

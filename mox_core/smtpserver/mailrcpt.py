@@ -31,6 +31,12 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _FAST_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
 
+# RFC 5321 §4.5.3.1.2: a domain is at most 255 octets. §4.5.3.1.1 says 64 for a local-part,
+# but asks servers to impose no limit where they can, and SRS and VERP senders exceed 64: the
+# hard limit is mox's, 128 (codes.ADDRESS_TOO_LONG_*).
+MAX_DOMAIN = 255
+MAX_LOCAL_PART = 128
+
 
 class MailRcptCommands:
     """``smtp_MAIL``, ``smtp_RCPT`` and their parsing (``_getaddr`` also serves aiosmtpd's
@@ -91,6 +97,10 @@ class MailRcptCommands:
             return codes.MALFORMED_ADDRESS
         if not address or (not self.session.extended_smtp and rest):
             return self._syntax_error(keyword)
+        if len(address) > MAX_LOCAL_PART:  # octets, as UTF-8 (RFC 6531 §3.3)
+            local, _, domain = address.encode(errors="replace").rpartition(b"@")
+            if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+                return codes.ADDRESS_TOO_LONG_SENDER if keyword == "FROM:" else codes.ADDRESS_TOO_LONG_RECIPIENT
         return address, rest.upper().split() if rest else []
 
     def _parse_params(self, options: list[str], keyword: str) -> dict[str, str | bool] | str:
@@ -133,6 +143,9 @@ class MailRcptCommands:
         if smtputf8 and not self.enable_SMTPUTF8:
             await self.push(codes.SMTPUTF8_DISABLED)
             return
+        if not smtputf8 and not address.isascii():
+            await self.push(codes.SMTPUTF8_REQUIRED)
+            return
         envelope.smtp_utf8 = smtputf8
         size = params.pop("SIZE", None)
         if size is not None:
@@ -172,6 +185,9 @@ class MailRcptCommands:
         params = self._parse_params(rcpt_options, "TO:")
         if isinstance(params, str):
             await self.push(params)
+            return
+        if not envelope.smtp_utf8 and not address.isascii():
+            await self.push(codes.SMTPUTF8_REQUIRED)
             return
         if params:  # no RCPT parameters are supported
             await self.push(codes.RCPT_PARAMETERS_UNKNOWN)

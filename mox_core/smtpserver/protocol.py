@@ -75,6 +75,7 @@ from mox_core.smtp import codes
 from mox_core.smtpserver.auth import AUTH_LINE_LIMIT, AuthCommand
 from mox_core.smtpserver.datareader import DataCommand
 from mox_core.smtpserver.mailrcpt import MailRcptCommands
+from mox_core.smtpserver.sessionlimit import SessionLimit
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MoxSMTP"]
 
@@ -131,9 +132,7 @@ def _ehlo_hook_version(hook: Callable[..., Any] | None) -> str | None:
     return "new"
 
 
-@functools.cache
-def _fqdn() -> str:
-    return socket.getfqdn()
+_fqdn = functools.cache(socket.getfqdn)
 
 
 class _Hangup(Exception):
@@ -176,6 +175,8 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
     :param metrics: the counts of this listener's service (sessions open, failed logins).
     :param enable_smtputf8: offer SMTPUTF8 (RFC 6531); commands are then decoded as UTF-8.
     :param ident: text after the host name in the 220 greeting.
+    :param session_limit: open sessions per client address, shared by the connections of a
+        listener's service; a session over the limit gets 421 4.7.0 and is closed.
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         enable_smtputf8: bool = True,
         ident: str = "ESMTP",
         loop: asyncio.AbstractEventLoop | None = None,
+        session_limit: SessionLimit | None = None,
     ) -> None:
         # SMTP.__init__ is deliberately not called: it does per-connection introspection.
         # Every attribute it sets is set here instead, so that no inherited method finds one
@@ -253,6 +255,7 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         self._trace = False
         self._after_reply = afterreply.Pending(None)  # afterreply.later() of this session
         self.metrics = metrics  # sessions open, failed logins (mox_core.metrics)
+        self.session_limit = session_limit
 
     # ---- timeouts --------------------------------------------------------------------------
 
@@ -308,6 +311,12 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
 
     async def _handle_client(self) -> None:
         self._after_reply = afterreply.collect()
+        key = self.session_limit.acquire(self._peer_ip()) if self.session_limit else None
+        if self.session_limit is not None and key is None:  # the address has all it may have
+            log.info("smtp_too_many_sessions", peer=self._peer_ip())
+            await self.push(codes.TOO_MANY_SESSIONS)
+            self._close()
+            return
         sessions = self.metrics.sessions if self.metrics is not None else None
         if sessions is not None:
             sessions.inc()
@@ -316,6 +325,8 @@ class MoxSMTP(MailRcptCommands, DataCommand, AuthCommand, SMTP):
         finally:
             if sessions is not None:
                 sessions.dec()
+            if key is not None:
+                self.session_limit.release(key)
             afterreply.run(self._after_reply)  # what a session ending without a reply left
 
     async def _improper_pipelining(self, after: str) -> NoReturn:

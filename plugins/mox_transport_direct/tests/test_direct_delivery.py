@@ -253,7 +253,7 @@ async def test_private_target_refused_without_test_setting(tmp_path, dns_server,
     strict = load(tmp_path / "strict")  # no [testing] section
     for cfg in (strict, None):
         [r] = await deliver(transport_from(strict), make_ctx(cfg, dns_resolver), ["b@dest.test"])
-        assert r.status is TEMPORARY
+        assert r.status is PERMANENT and r.enhanced_code == "5.4.4"  # never dialed, and never retried
         assert f"not connecting to {sink.host}: loopback address" in r.text and r.remote_host == "mx.dest.test"
     await asyncio.sleep(0.2)
     assert sink.count == 0 and sink.dump_files(include_partial=True) == []

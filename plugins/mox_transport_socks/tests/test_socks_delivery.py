@@ -270,7 +270,7 @@ async def test_private_target_guard_applies_to_the_mx(tmp_path, socks_dante, dns
     asked: the guard judges the final destination, not the (admin-chosen) proxy."""
     cfg = socks_config(tmp_path, proxy_addr(socks_dante), testing=False)
     [r] = await deliver(transport_from(cfg), ctx_for(cfg, dns_resolver))
-    assert r.status is TEMPORARY
+    assert r.status is PERMANENT and r.enhanced_code == "5.4.4"
     assert f"not connecting to {mx.host}: loopback address" in r.text
     await asyncio.sleep(0.2)
     assert mx.count == 0
