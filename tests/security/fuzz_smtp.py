@@ -139,7 +139,7 @@ async def session(data: bytes, cuts: list[int]) -> tuple[bytes, list[bytes]]:
     proto.connection_made(transport)
     task = proto._handler_coroutine
     await _settle(proto, task)  # the greeting first: a client that talks before it gets 554
-    bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
     for a, b in zip(bounds, bounds[1:], strict=False):
         if transport.closed:
             break
@@ -166,11 +166,19 @@ def check(data: bytes, cuts: list[int]) -> None:
         raise Finding(f"{len(messages)} messages from {data.count(b'.')} terminators")
 
 
+def lockstep(data: bytes) -> list[int]:
+    """Cuts after every line: a client that waits for each reply, as one without PIPELINING
+    must (RFC 2920); the session then reaches every state instead of ending in 554 5.5.0."""
+    return [i + 1 for i in range(len(data)) if data[i] == 10]
+
+
 def one_input(raw: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(raw)
+    in_step = fdp.ConsumeBool()
     ncuts = fdp.ConsumeIntInRange(0, 4)
     cuts = [fdp.ConsumeIntInRange(0, 4096) for _ in range(ncuts)]
-    check(fdp.ConsumeBytes(fdp.remaining_bytes()), cuts)
+    data = fdp.ConsumeBytes(fdp.remaining_bytes())
+    check(data, cuts + lockstep(data) if in_step else cuts)
 
 
 def main() -> None:
@@ -180,10 +188,11 @@ def main() -> None:
     for seed in SEEDS:  # the seeds must pass before fuzzing starts
         check(seed, [])
         check(seed, [1, len(seed) // 2])
+        check(seed, lockstep(seed))
     corpus = [Path(a) for a in sys.argv[1:] if not a.startswith("-") and Path(a).is_dir()]
     if corpus and not os.listdir(corpus[0]):
         for i, seed in enumerate(SEEDS):
-            (corpus[0] / f"seed-{i}").write_bytes(b"\x00\x00" + seed)
+            (corpus[0] / f"seed-{i}").write_bytes(b"\x01\x00\x00" + seed)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
