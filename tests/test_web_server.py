@@ -413,8 +413,12 @@ def test_a_web_port_in_use_stops_the_start_naming_it(tmp_path):
 def test_the_web_process_is_started_again_when_it_dies(web):
     w = web(domains=STATIC_HANDLERS)
     assert w.get("/", host="www.example.org", tls=True).status_code == 200
-    [pid] = [json.loads(line)["pid"] for line in w.mox.log_text().splitlines()
-             if '"web_process_started"' in line]
+    deadline = time.monotonic() + 15
+    while not (pids := [json.loads(line)["pid"] for line in w.mox.log_text().splitlines()
+                        if '"web_process_started"' in line]):  # logged once the child said it is ready
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [pid] = pids
     subprocess.run(["kill", "-9", str(pid)], check=True)
     deadline = time.monotonic() + 15
     while True:

@@ -130,7 +130,7 @@ def stuffed(data: bytes) -> bytes:
     return out + b".\r\n"
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
     """Poll until ``predicate()`` is truthy; return its value or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while True:

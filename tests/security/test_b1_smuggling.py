@@ -122,10 +122,23 @@ def test_b08_outbound_sendmail_cli_lf_input_goes_out_as_crlf(site, tmp_path):
 
 
 def test_b09a_early_talker_is_refused(site):
-    with Raw(site.smtp_port, greeting=False) as c:
-        c.send(b"EHLO x\r\n")
-        assert c.reply().startswith("554 5.5.0")
-        assert c.closed()
+    """The client's bytes must be there before the server greets: sent right after connect
+    they usually are, but a busy machine may run the server's greeting first (then the EHLO
+    came after the 220 and is served). Some of a few tries must be caught, each one either
+    refused or served correctly."""
+    refused = 0
+    for _ in range(10):
+        with Raw(site.smtp_port, greeting=False) as c:
+            c.send(b"EHLO x\r\n")
+            first = c.reply()
+            if first.startswith("554 5.5.0"):
+                assert c.closed()
+                refused += 1
+                if refused == 3:
+                    break
+            else:
+                assert first.startswith("220") and c.reply().startswith("250")
+    assert refused >= 1
 
 
 def test_b09b_data_pipelined_before_354_is_refused(site):
