@@ -28,8 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import atheris
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.security
+from tests.security import memsession  # noqa: E402
+from tests.security.memsession import Policy  # noqa: E402
 
 with atheris.instrument_imports(include=["mox_core", "aiosmtpd"]):
     from mox_core.accounts.passwords import make_credentials
@@ -55,59 +60,8 @@ SEEDS = [
 ]
 
 
-class Transport(asyncio.Transport):
-    """Collects what the server writes; a socket that never blocks. As a socket transport:
-    writes after close() are dropped, and connection_lost() follows on the next turn."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-        self.protocol = None
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
-
-    def write(self, data) -> None:
-        if not self.closed:
-            self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        if not self.closed and self.protocol is not None:
-            asyncio.get_running_loop().call_soon(self._lost)
-        self.closed = True
-
-    def _lost(self) -> None:
-        if self.protocol.transport is not None:
-            self.protocol.connection_lost(None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 class Finding(Exception):
     pass
-
-
-class Policy:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.messages.append(envelope.content)
-        return "250 2.0.0 ok"
 
 
 class Store:
@@ -119,40 +73,14 @@ LOOP = asyncio.new_event_loop()
 asyncio.set_event_loop(LOOP)
 
 
-async def _settle(proto: MoxSMTP, task: asyncio.Task) -> None:
-    """Let the session work until it waits for input that will not come."""
-    idle = 0
-    while not task.done() and idle < 20:
-        before = (len(proto._reader._buffer), len(proto.transport.out) if proto.transport else 0)
-        await asyncio.sleep(0)
-        after = (len(proto._reader._buffer), len(proto.transport.out) if proto.transport else 0)
-        idle = idle + 1 if before == after else 0
-
-
 async def session(data: bytes, cuts: list[int]) -> tuple[bytes, list[bytes]]:
     policy = Policy()
     proto = MoxSMTP(policy, hostname="mx.test", max_message_size=4096, max_recipients=5,
                     credential_store=Store(), auth_require_tls=False, auth_failure_delay=0,
                     auth_limiter=AuthFailureLimiter(), idle_timeout=60, loop=LOOP)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)
-    task = proto._handler_coroutine
-    await _settle(proto, task)  # the greeting first: a client that talks before it gets 554
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        if transport.closed:
-            break
-        proto.data_received(data[a:b])
-        await _settle(proto, task)
-    await asyncio.wait_for(_settle(proto, task), 5)
-    if proto.transport is not None:
-        proto.connection_lost(None)
-    try:
-        await asyncio.wait_for(task, 5)
-    except asyncio.CancelledError:
-        pass
-    return bytes(transport.out), policy.messages
+    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return await memsession.run_session(proto, chunks, quiet=20), policy.messages
 
 
 def check(data: bytes, cuts: list[int]) -> None:
@@ -183,7 +111,6 @@ def one_input(raw: bytes) -> None:
 
 def main() -> None:
     import os
-    from pathlib import Path
 
     for seed in SEEDS:  # the seeds must pass before fuzzing starts
         check(seed, [])

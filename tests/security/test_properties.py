@@ -20,69 +20,10 @@ from mox_core.smtp import codes
 from mox_core.smtp.domain import to_ascii
 from mox_core.smtp.lines import only_crlf
 from mox_core.smtpserver.protocol import MoxSMTP
+from tests.security import memsession
+from tests.security.memsession import Policy
 
 # ---- a whole SMTP session over an in-memory transport ------------------------------------
-
-
-class Transport(asyncio.Transport):
-    """Like a socket transport: writes after close() are dropped, and the protocol hears
-    connection_lost() on the next turn of the loop."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-        self.protocol = None
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
-
-    def write(self, data) -> None:
-        if not self.closed:
-            self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        if not self.closed and self.protocol is not None:
-            asyncio.get_running_loop().call_soon(self._lost)
-        self.closed = True
-
-    def _lost(self) -> None:
-        if self.protocol.transport is not None:
-            self.protocol.connection_lost(None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-class Policy:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.messages.append(envelope.content)
-        return "250 2.0.0 ok"
-
-
-async def _idle(proto: MoxSMTP, task: asyncio.Task) -> None:
-    """Run until the session waits for input that is not there."""
-    quiet = 0
-    while not task.done() and quiet < 10:
-        before = (len(proto._reader._buffer), len(proto.transport.out) if proto.transport else -1)
-        await asyncio.sleep(0)
-        quiet = quiet + 1 if before == (len(proto._reader._buffer),
-                                        len(proto.transport.out) if proto.transport else -1) else 0
 
 
 async def run_session(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
@@ -91,24 +32,7 @@ async def run_session(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
     policy = Policy()
     proto = MoxSMTP(policy, hostname="mx.test", max_message_size=2048, max_recipients=3, idle_timeout=60,
                     loop=asyncio.get_running_loop())
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)
-    task = proto._handler_coroutine
-    await _idle(proto, task)  # a client waits for the greeting (RFC 5321 §3.1)
-    for chunk in chunks:
-        if transport.closed:
-            break
-        proto.data_received(chunk)
-        await _idle(proto, task)
-    await asyncio.wait_for(_idle(proto, task), 5)
-    if proto.transport is not None:
-        proto.connection_lost(None)
-    try:
-        await asyncio.wait_for(task, 5)
-    except asyncio.CancelledError:
-        pass
-    return bytes(transport.out), policy.messages
+    return await memsession.run_session(proto, chunks), policy.messages
 
 
 VERBS = [b"EHLO x", b"HELO x", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<>", b"RCPT TO:<u@l.test>", b"DATA", b"RSET",
