@@ -6,10 +6,14 @@ failing fsync) are in test_disk_full.py; the crash loop (test_crash_loop.py) rep
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import smtplib
 import sys
+import time
 
 import pytest
 
@@ -118,6 +122,26 @@ def test_b38_crash_right_after_the_250_loses_nothing(world, service):
         back.cleanup()
 
 
+class _TracedProcess(PeerProcess):
+    """strace and the ``mox serve`` it runs, in a session of their own. strace detaches from
+    its tracees when it gets SIGTERM, so stopping it alone would leave mox running: the
+    whole group gets SIGTERM, then SIGKILL if anything is left after 10 s."""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        group = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        super().stop()
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)  # ProcessLookupError once none is left
+                time.sleep(0.1)
+            os.killpg(group, signal.SIGKILL)
+
+
 class StracedMox(MoxServer):
     """``mox serve`` (one process: smtp_workers = 1) under strace, recording the syscalls that
     make data durable or visible, and the writes to sockets."""
@@ -128,9 +152,9 @@ class StracedMox(MoxServer):
             pytest.fail("strace not found: install the Debian package strace (scripts/install does)", pytrace=False)
         self.trace = self.directory / "trace.txt"
         calls = "openat,open,fsync,fdatasync,rename,renameat,renameat2,link,linkat,write,sendto,sendmsg,writev,close"
-        self.process = PeerProcess([strace, "-f", "-qq", "-e", f"trace={calls}", "-s", "64", "-o", str(self.trace),
-                                    sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
-                                   log_file=self.log_path, stop_timeout=10)
+        self.process = _TracedProcess([strace, "-f", "-qq", "-e", f"trace={calls}", "-s", "64", "-o", str(self.trace),
+                                       sys.executable, "-m", "mox_core", "--config", str(self.config_path), "serve"],
+                                      log_file=self.log_path, stop_timeout=10, start_new_session=True)
         self.process.start(lambda proc: wait_banner(self.host, self.smtp_port, timeout=timeout * 3, proc=proc))
 
 
