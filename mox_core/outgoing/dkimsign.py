@@ -8,8 +8,9 @@ modification time. ``mox dkim gen`` makes a key and prints the DNS record to pub
 Signing runs for every submitted message, so it is written for speed: the signature is made
 by OpenSSL (``cryptography``: 0.4 ms for RSA-2048, where dkimpy's pure-Python RSA takes 6 ms)
 and the body is canonicalized with a few scans and replaces in C (most bodies need no change
-at all; dkimpy's regular expressions take 4 ms per 100 KB). Verification of incoming mail
-stays with dkimpy (``authres.py``), which the tests also use to check these signatures.
+at all; dkimpy's regular expressions take 4 ms per 100 KB). Incoming mail is verified in
+``checks/dkimverify.py`` and ``checks/authres.py``; the tests check these signatures with
+dkimpy.
 """
 
 from __future__ import annotations
