@@ -180,11 +180,13 @@ def _dkim_results(data: bytes, dnsfunc, timeout: float) -> list[tuple[str, str, 
     """(result, d=, s=) of each DKIM-Signature: "pass" (or "temperror") from the fast path
     (``dkimverify``) where it can tell, else dkimpy's verdict (:class:`_Verifier`). A key
     lookup that timed out is "temperror" (RFC 8601 §2.7.1), where dkimpy would say "fail"."""
-    header_end = data.find(b"\r\n\r\n")
-    headers = data[: header_end if header_end >= 0 else len(data)]
-    nsig = len(_SIG.findall(headers))
+    fast = Message.parse(data)
+    if fast is not None:
+        nsig = len(fast.signatures)
+    else:
+        header_end = data.find(b"\r\n\r\n")
+        nsig = len(_SIG.findall(data[: header_end if header_end >= 0 else len(data)]))
     results: list[tuple[str, str, str]] = []
-    fast = Message.parse(data) if nsig else None
     d = None
     for idx in range(nsig):
         if fast is not None:

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import dkim
+import nacl.exceptions  # PyNaCl: dkimpy's Ed25519, imported by dkim already
 
 from mox_core.outgoing.dkimsign import canonical_body
 
@@ -81,18 +82,24 @@ def body_hash(body: bytes, method: str, hash_name: str) -> bytes:
 _rsa_keys: dict[tuple[int, int], Any] = {}
 
 
+_rsa_args: dict[bytes, tuple[Any, ...]] = {}  # a= -> (InvalidSignature, padding, Prehashed)
+
+
 def rsa_verify(pk: dict, signature: bytes, digest: bytes, algorithm: bytes) -> bool:
     """RSASSA-PKCS1-v1_5 with OpenSSL for the key dkimpy parsed from DNS (``modulus``,
-    ``publicExponent``); public keys kept by their numbers."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, utils
+    ``publicExponent``); public keys kept by their numbers. (cryptography is imported at the
+    first signature, not with this module: see ``dkimsign``.)"""
+    args = _rsa_args.get(algorithm)
+    if args is None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, utils
 
-    key = _rsa_key(pk)
-    hash_algorithm = hashes.SHA1() if algorithm == b"rsa-sha1" else hashes.SHA256()
+        hash_algorithm = hashes.SHA1() if algorithm == b"rsa-sha1" else hashes.SHA256()
+        args = _rsa_args[algorithm] = (InvalidSignature, padding.PKCS1v15(), utils.Prehashed(hash_algorithm))
     try:
-        key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hash_algorithm))
-    except InvalidSignature:
+        _rsa_key(pk).verify(signature, digest, args[1], args[2])
+    except args[0]:
         return False
     return True
 
@@ -292,25 +299,27 @@ def _without_b(value: bytes) -> bytes:
     removes, after "b", white space and "=", the longest run of base64 characters and white
     space that ends in a base64 character, and a line end right after it that ends the value.
     Where "b=" is found more than once, RE_BTAG itself does it."""
-    starts = _B_START.findall(value)
+    starts = [m.end() for m in _B_START.finditer(value)]
     if len(starts) != 1:
         return dkim.RE_BTAG.sub(b"\\1", value)
-    start = _B_START.search(value).end()  # type: ignore[union-attr]
+    start = starts[0]
     end = start + len(value[start:_B_VALUE.match(value, start).end()].rstrip(_SPACE))  # type: ignore[union-attr]
     rest = value[end:]
     return value[:start] + (b"" if rest in (b"\r\n", b"\n") else rest)
 
 
 def _canonical(name: bytes, value: bytes, method: str) -> bytes:
-    """One field as it is hashed (RFC 6376 §3.4.1, §3.4.2; dkimpy's unfolding and stripping)."""
+    """One field as it is hashed (RFC 6376 §3.4.1, §3.4.2; dkimpy's unfolding and stripping).
+    Relaxed: runs of WSP become one space, which changes nothing without a tab or two spaces."""
     if method == "simple":
         return name + b":" + value
-    return name.lower() + b":" + _WSP.sub(b" ", value.replace(b"\r\n", b"")).strip() + b"\r\n"
+    value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP.sub(b" ", value)
+    return name.lower() + b":" + value.strip() + b"\r\n"
 
 
 def _ed25519_verify(pk: Any, signature: bytes, digest: bytes) -> bool:
-    import nacl.exceptions
-
     try:
         pk.verify(digest, signature)
     except (nacl.exceptions.BadSignatureError, ValueError, TypeError):

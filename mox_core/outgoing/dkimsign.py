@@ -116,8 +116,10 @@ def canonical_header(field: bytes, method: str) -> bytes:
     if method == "simple":
         return field
     name, _, value = field.partition(b":")
-    value = _WSP.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
-    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+    value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:  # else every run of WSP is one space already
+        value = _WSP.sub(b" ", value)
+    return name.rstrip(b" \t").lower() + b":" + value.strip(b" ") + b"\r\n"
 
 
 def _split(message: bytes) -> tuple[list[bytes], bytes]:
