@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mox_core.checks import authres, dkimverify
+from mox_core.outgoing import dkimsign
 from mox_core.outgoing.dkimsign import _Key, _split, canonical_body, signature_header
 
 # a 512-bit RSA key (cryptography does not generate keys this small): below dkimpy's minimum
@@ -339,6 +340,25 @@ def test_body_hash_is_dkimpys(world):
             for hash_name in ("sha256", "sha1"):
                 want = hashlib.new(hash_name, canon.canonicalize_body(body)).digest()
                 assert dkimverify.body_hash(body, method, hash_name) == want, (body, method)
+
+
+def test_large_bodies_hash_as_dkimpy_hashes_them():
+    # above dkimsign.MEMMEM_ABOVE the scans for what relaxed canonicalization changes are libc's
+    rng = random.Random(20)
+    filler = b"word and word\r\n" * (dkimsign.MEMMEM_ABOVE // 15 + 1)
+    for _ in range(200):
+        extra = b"".join(rng.choice(WORDS + [b"\x00"]) for _ in range(rng.randrange(0, 6)))
+        at = rng.randrange(0, len(filler) + 1)
+        body = rng.choice([filler[:at] + extra + filler[at:], filler + extra, extra + filler])
+        for method, canon in (("relaxed", dkimpy_c.Relaxed), ("simple", dkimpy_c.Simple)):
+            want = hashlib.sha256(canon.canonicalize_body(body)).digest()
+            assert dkimverify.body_hash(body, method, "sha256") == want, (extra, at, method)
+            assert dkimsign.canonical_body(body, method) == canon.canonicalize_body(body)
+    for _ in range(2000):
+        data = bytes(rng.choice(b" \r\n\x00a") for _ in range(rng.randrange(0, 40)))
+        data = rng.choice([data + filler, filler + data, filler[:100] + data + filler])
+        needle = rng.choice([b"  ", b" \r\n", b"\x00 ", b"a"])
+        assert dkimsign.contains(data, needle) == (needle in data), (data[:50], data[-50:], needle)
 
 
 def test_header_split_is_dkimpys():

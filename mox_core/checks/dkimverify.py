@@ -35,7 +35,7 @@ from typing import Any
 import dkim
 import nacl.exceptions  # PyNaCl: dkimpy's Ed25519, imported by dkim already
 
-from mox_core.outgoing.dkimsign import canonical_body
+from mox_core.outgoing.dkimsign import body_hash
 
 __all__ = ["Message", "body_hash", "rsa_verify"]
 
@@ -59,22 +59,6 @@ SLOP = 36000  # dkimpy's leeway for t= and x=, 10 hours
 
 def _nows(value: bytes) -> bytes:
     return value.translate(None, _SPACE)
-
-
-def body_hash(body: bytes, method: str, hash_name: str) -> bytes:
-    """The hash of ``body`` canonicalized by ``method`` (``dkimsign.canonical_body``), without
-    a copy of the body where canonicalization changes nothing but the trailing empty lines."""
-    h = hashlib.new(hash_name)
-    if method == "relaxed" and (b"\t" in body or b"  " in body or b" \r\n" in body):
-        h.update(canonical_body(body, method))
-        return h.digest()
-    end = len(body)
-    while body.endswith(b"\r\n", 0, end):
-        end -= 2
-    h.update(memoryview(body)[:end])
-    if end or method == "simple":
-        h.update(b"\r\n")
-    return h.digest()
 
 
 # ---- keys -------------------------------------------------------------------------------------
