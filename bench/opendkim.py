@@ -2,15 +2,18 @@
 of ``bench/dkimcost.py``.
 
 * :class:`OpenDKIM`: a private ``opendkim`` (Debian's package) in the foreground, listening on
-  ``inet:PORT@127.0.0.1``, its config, pid and nothing else under the benchmark's directory.
+  a unix socket in its directory as Debian configures it (``local:``; ``inet:PORT@127.0.0.1``
+  with ``unix=False``), its config, pid and nothing else under the benchmark's directory.
   One instance per job, as OpenDKIM wants one ``SignatureAlgorithm`` per instance: a verifier
   (``Mode v``, keys from the benchmark's DNS responder), an RSA signer and an Ed25519 signer
   (``Mode s``, ``InternalHosts 127.0.0.0/8``: every loopback client is signed). Settings are
   Debian's ``/etc/opendkim.conf`` apart from what a private instance needs (socket, pid, no
-  syslog, the key, ``RequireSafeKeys no`` for a key under /tmp). Stopped with SIGKILL: it
+  syslog, the key, ``RequireSafeKeys no`` for a key under /tmp) and ``Canonicalization
+  relaxed/relaxed`` (Debian's file says relaxed/simple), which mox signs with by default, so
+  that both sign alike. Stopped with SIGKILL: it
   keeps no state, and SIGTERM takes it 3-5 s.
 * :class:`PostfixMilters`: the ``accept`` Postfix of ``common.PostfixBench`` with one more
-  smtpd listener per milter (``-o smtpd_milters=inet:127.0.0.1:PORT``; with AUTH for a signer,
+  smtpd listener per milter (``-o smtpd_milters=`` the milter's socket; with AUTH for a signer,
   like the submission listener), and for each a twin whose cleanup logs (``header_checks``
   WARN) the header the milter adds, which the benchmark checks once before measuring. The
   measured listeners run the stock cleanup. ``milter_default_action`` stays ``tempfail``
