@@ -203,3 +203,12 @@ async def test_an_ed25519_signature_verifies(dns_server, spf_resolver):
     changed = await authres.check(signed.replace(b"hello", b"HELLO"), "127.0.0.1", "client.example",
                                   "a@sender.example", spf_resolver)
     assert changed.dkim == [("fail", "sender.example", "ed")]
+
+
+async def test_a_key_lookup_that_times_out_is_a_dkim_temperror(dns_server, spf_resolver, signed):
+    # RFC 8601 §2.7.1: a retry may give a final result (dkimpy itself says "fail")
+    dns_server.add("sender.example", "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=300)
+    dns_server.timeout("sel._domainkey.sender.example", "TXT")
+    result = await authres.check(signed, "127.0.0.1", "client.example", "a@sender.example", spf_resolver)
+    assert result.dkim == [("temperror", "sender.example", "sel")]
+    assert b"dkim=temperror header.d=sender.example header.s=sel" in result.header("mx.example", "127.0.0.1")
