@@ -145,12 +145,15 @@ def rcpt(mox, address: str, port: int | None = None) -> tuple[int, bytes]:
     ("ALICE@Example.ORG", "alice"),            # case-insensitive domain
     ("alice+news@example.org", "alice"),       # separator +
     ("alice-x+y@example.org", "alice"),        # separators - and +
+    ("alice+a+b@example.org", "alice"),        # the same separator twice: cut at the first
+    ("alice-a+b-c@example.org", "alice"),
     ("bob@catch.example", "bob"),              # explicit beats catch-all
     ("anything@catch.example", "catcher"),     # catch-all
     ("bob+tag@catch.example", "catcher"),      # no separator configured in catch.example
     ("Alice@case.example", "alice"),           # case-sensitive domain, exact case
     ("postmaster@example.org", "admin"),       # postmaster fallback
     ("postmaster@mail.example.org", "admin"),  # postmaster at our host name
+    ("PostMaster@MAIL.Example.ORG", "admin"),  # ... in any letter case
 ])
 def test_recipient_resolution(mox, address, account):
     with smtplib.SMTP("127.0.0.1", mox.smtp_port, timeout=10) as s:
