@@ -9,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from mox_core.builtin.route_matchers import domain_matches, parse_domain_list
 from mox_core.cli.main import cli
 from mox_core.cli.queue import register
 from mox_core.config.holder import ConfigHolder
@@ -66,12 +67,50 @@ def test_account_then_sender_domain_then_global_first_match_wins(cfg):
     assert pick(cfg, "x@acct.example", account=None) == ("relay", "route", "domain example.org")
     assert pick(cfg, "x@a.dom.example", account=None) == ("backup", "route", "domain example.org")
     assert pick(cfg, "x@dom.example", account=None) == ("backup", "route", "domain example.org")
+    # .dom.example is dom.example and its subdomains, label by label: not notdom.example
+    assert pick(cfg, "x@notdom.example", account=None) == ("backup", "route", "global")
+    assert pick(cfg, "x@a.notdom.example", account=None) == ("backup", "route", "global")
     # sender domain routes only for that sender domain; global ones for everyone
     assert pick(cfg, "x@dom.example", sender="a@other.example", account=None) == (
         "", "default", None)
     assert pick(cfg, "x@else.example", attempts=3) == ("relay", "route", "global")
     assert pick(cfg, "x@else.example", attempts=2) == ("backup", "route", "global")
     assert pick(cfg, "x@else.example", sender="", account=None) == ("", "default", None)
+
+
+@pytest.mark.parametrize("entries, domain, expected", [
+    ((".dom.example",), "dom.example", True),
+    ((".dom.example",), "a.dom.example", True),
+    ((".dom.example",), "a.b.dom.example", True),
+    ((".dom.example",), "A.Dom.Example.", True),
+    ((".dom.example",), "notdom.example", False),   # the label boundary counts
+    ((".dom.example",), "a.notdom.example", False),
+    ((".dom.example",), "dom.example.com", False),
+    ((".dom.example",), "", False),
+    (("dom.example",), "dom.example", True),
+    (("dom.example",), "DOM.example.", True),
+    (("dom.example",), "a.dom.example", False),       # without the dot: that domain only
+    (("dom.example",), "xdom.example", False),
+    ((".",), "", True),                                # "." is the empty domain of IP literals
+    ((".",), "dom.example", False),
+    (("a.example", ".dom.example"), "b.dom.example", True),
+    (("a.example", ".dom.example"), "b.example", False),
+    ((), "anything.example", True),                    # no entries: no restriction
+    ((), "", True),
+])
+def test_domain_matches(entries, domain, expected):
+    assert domain_matches(entries, domain) is expected
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["dom.example"], ("dom.example",)),
+    ([".Dom.Example"], (".dom.example",)),
+    (["."], (".",)),
+    (["bücher.example", ".bücher.example"], ("xn--bcher-kva.example", ".xn--bcher-kva.example")),
+    (["A.example", ".", "b.example"], ("a.example", ".", "b.example")),
+])
+def test_parse_domain_list(values, expected):
+    assert parse_domain_list(values) == expected
 
 
 def test_no_routes_means_default_direct_transport(tmp_path):
