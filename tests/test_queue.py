@@ -213,21 +213,27 @@ async def test_concurrent_adds_are_group_committed(cfg):
         await q.close()
 
 
-async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are(cfg):
+async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are(cfg, monkeypatch):
     """Before/after an attempt, rows change without an fsync (a crash repeats a delivery, as
     with Postfix); an add is fsynced (synchronous=FULL at its COMMIT); before a message file is
-    unlinked, the write-ahead log holding its row's deletion is fsynced."""
+    unlinked, the write-ahead log holding its row's deletion is fsynced.
+
+    The fsync of the log is seen at the system call's level (``os.fsync`` on the file
+    ``index.db-wal``), not by replacing the method that does it."""
     q = Queue(cfg, clock=FakeClock())
     await q.open()
     statements: list[str] = []
-    wal_syncs: list[list[str]] = []  # the queue files present at each log fsync
-    sync_wal = q.store._sync_wal
+    # at each fsync of the log: the queue files present, and the COMMITs traced before it
+    wal_syncs: list[tuple[list[str], int]] = []
+    wal = os.path.realpath(cfg.data_dir / "queue" / "index.db-wal")
+    real_fsync = os.fsync
 
-    def recording_sync_wal():
-        wal_syncs.append(queue_files(cfg))
-        sync_wal()
+    def spying_fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == wal:
+            wal_syncs.append((queue_files(cfg), statements.count("COMMIT")))
 
-    q.store._sync_wal = recording_sync_wal
+    monkeypatch.setattr(os, "fsync", spying_fsync)
 
     async def commit_level(coro):
         """The synchronous level in force at the COMMIT of ``coro``'s transaction."""
@@ -250,13 +256,15 @@ async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are
         assert await commit_level(q.store.start_attempt([(small, 2000.0, 8)], 1000.0, {})) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([], [(small, {"text": "451 later"})])) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([small], [])) == "NORMAL"
-        assert wal_syncs == []  # its data went with its row
+        assert wal_syncs == []  # its data went with its row: no file, no fsync of the log
         q.store.inline_max = 0
         [large] = await add(q, "b@d2.example")
         [file] = queue_files(cfg)
         assert await commit_level(q.store.start_attempt([(large, 2000.0, 8)], 1000.0, {})) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([large], [])) == "NORMAL"
-        assert wal_syncs == [[file]] and queue_files(cfg) == []  # log fsynced, then the file went
+        # the log fsynced after the COMMIT deleting the row, while the file was still there;
+        # then the file went
+        assert wal_syncs == [([file], 1)] and queue_files(cfg) == []
     finally:
         q.store.db.set_trace_callback(None)
         await q.close()
