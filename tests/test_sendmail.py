@@ -276,6 +276,125 @@ def test_server_down_exits_75_and_saves_privately(tmp_path):
     assert str(saved) in r.stderr
 
 
+# A real SMTP peer refusing at one step: smtp-sink's -r (4xx) and -f (5xx), and an aiosmtpd
+# server answering each recipient as its localpart says. 4xx is temporary (75), 5xx
+# permanent (69); one temporary refusal among permanent ones keeps the whole thing
+# temporary (sysexits.h, Postfix sendmail(1)).
+
+TEMP_REPLY = "450 4.3.0 Error: command failed"
+PERM_REPLY = "500 5.3.0 Error: command failed"
+
+
+def sink_config(tmp_path: Path, sink) -> Path:
+    return write_config(tmp_path / "sendmail.toml", host=sink.host, port=sink.port, tls="none",
+                        from_address="cron@client.example", failures_dir=str(tmp_path / "failures"))
+
+
+@pytest.mark.parametrize("command, code, reply", [
+    ("RCPT", EX_TEMPFAIL, TEMP_REPLY),
+    ("DATA", EX_TEMPFAIL, TEMP_REPLY),
+    (".", EX_TEMPFAIL, TEMP_REPLY),
+    ("RCPT", EX_UNAVAILABLE, PERM_REPLY),
+    ("DATA", EX_UNAVAILABLE, PERM_REPLY),
+    (".", EX_UNAVAILABLE, PERM_REPLY),
+])
+def test_refusal_at_rcpt_or_data_exit_status(tmp_path, smtp_sink_factory, command, code, reply):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, **{"reject_4xx" if code == EX_TEMPFAIL else "reject_5xx": command})
+    cfg = sink_config(tmp_path, sink)
+    r = sendmail(cfg, "one@dest.example", "two@dest.example", input=b"Subject: refused\n\nkeep me\n")
+    assert r.returncode == code, r.stderr
+    kind = "temporary" if code == EX_TEMPFAIL else "permanent"
+    for rcpt in ("one@dest.example", "two@dest.example"):
+        line = next(line for line in r.stderr.splitlines() if line.startswith(f"sendmail: {rcpt}: "))
+        assert line.startswith(f"sendmail: {rcpt}: {kind} failure: {reply[:9]}") and line.endswith(reply), line
+    [saved] = saved_files(tmp_path / "failures")
+    assert saved.read_bytes().endswith(b"\r\n\r\nkeep me\r\n")
+    assert "to retry: sendmail -i -f cron@client.example -- one@dest.example two@dest.example <" in r.stderr
+
+
+@pytest.mark.parametrize("code", [EX_TEMPFAIL, EX_UNAVAILABLE])
+def test_refusal_at_mail_exit_status(tmp_path, smtp_sink_factory, code):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, **{"reject_4xx" if code == EX_TEMPFAIL else "reject_5xx": "MAIL"})
+    r = sendmail(sink_config(tmp_path, sink), "one@dest.example")
+    assert r.returncode == code, r.stderr
+    assert (TEMP_REPLY if code == EX_TEMPFAIL else PERM_REPLY).split(" ", 1)[0] in r.stderr
+
+
+def test_421_greeting_exits_75(tmp_path, smtp_sink_factory):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, reply_421="CONNECT")
+    r = sendmail(sink_config(tmp_path, sink), "one@dest.example")
+    assert r.returncode == EX_TEMPFAIL, r.stderr
+    assert "421" in r.stderr and len(saved_files(tmp_path / "failures")) == 1
+
+
+class _PerRecipient:
+    """aiosmtpd handler: ``temp-*@`` gets 451, ``perm-*@`` 550, the rest 250."""
+
+    def __init__(self) -> None:
+        self.received: list[list[str]] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("temp-"):
+            return "451 4.7.1 try again later"
+        if address.startswith("perm-"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append(list(envelope.rcpt_tos))
+        return "250 OK queued"
+
+
+@pytest.fixture
+def per_recipient_server():
+    from aiosmtpd.controller import Controller
+
+    from mox_testpeers import free_port
+
+    handler = _PerRecipient()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("recipients, code, accepted", [
+    (["temp-a@dest.example", "ok@dest.example"], EX_TEMPFAIL, ["ok@dest.example"]),
+    (["perm-a@dest.example", "temp-b@dest.example"], EX_TEMPFAIL, None),
+    (["temp-a@dest.example", "perm-b@dest.example", "ok@dest.example"], EX_TEMPFAIL, ["ok@dest.example"]),
+    (["perm-a@dest.example", "ok@dest.example"], EX_UNAVAILABLE, ["ok@dest.example"]),
+    (["ok@dest.example", "ok2@dest.example"], 0, ["ok@dest.example", "ok2@dest.example"]),
+])
+def test_exit_status_with_recipients_refused_differently(tmp_path, per_recipient_server, recipients, code, accepted):
+    """In process (``run``), as ``mox sendmail`` calls it."""
+    import io
+
+    from mox_core.sendmail.command import run
+
+    handler, port = per_recipient_server
+    cfg = write_config(tmp_path / "sendmail.toml", host="127.0.0.1", port=port, tls="none",
+                       from_address="cron@client.example", failures_dir=str(tmp_path / "failures"))
+    out, err = io.StringIO(), io.StringIO()
+    status = run(["-C", str(cfg), *recipients], stdin=io.BytesIO(b"Subject: mixed\n\nhello\n"), stdout=out,
+                 stderr=err)
+    assert status == code, err.getvalue()
+    assert handler.received == ([accepted] if accepted else [])
+    text = err.getvalue()
+    for r in recipients:
+        if r.startswith("temp-"):
+            assert f"sendmail: {r}: temporary failure: 451 4.7.1 try again later" in text
+        elif r.startswith("perm-"):
+            assert f"sendmail: {r}: permanent failure: 550 5.1.1 no such user" in text
+    failed = [r for r in recipients if not r.startswith("ok")]
+    assert len(saved_files(tmp_path / "failures")) == (1 if failed else 0)
+    if failed:
+        assert f"to retry: sendmail -i -f cron@client.example -- {' '.join(failed)} <" in text
+
+
 def test_bare_cr_is_refused_and_saved(tmp_path, mox):
     cfg = mox_config(tmp_path, mox)
     raw = b"Subject: cr\n\nx\r.\r\nMAIL FROM:<evil@example.org>\n"
