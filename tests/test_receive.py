@@ -19,6 +19,8 @@ import dkim
 import pytest
 import scramp
 
+from tests.conftest import program
+
 DOMAINS = """
 [domains."example.org"]
 localpart_catchall_separators = ["+", "-"]
@@ -117,7 +119,7 @@ def test_incoming_dkim_pass_and_fail(mox, tmp_path):
 
 
 def test_incoming_swaks_delivers(mox):
-    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(mox.smtp_port),
+    r = subprocess.run([program("swaks", "swaks"), "--server", "127.0.0.1", "--port", str(mox.smtp_port),
                         "--from", "x@sender.example", "--to", "alice@example.org",
                         "--header", "Subject: via swaks"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -319,7 +321,7 @@ def test_submission_with_scram(mox, mechanism):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_submission_with_swaks(mox, mechanism):
-    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(mox.submission_port), "--tls",
+    r = subprocess.run([program("swaks", "swaks"), "--server", "127.0.0.1", "--port", str(mox.submission_port), "--tls",
                         "--auth", mechanism, "--auth-user", "alice@example.org", "--auth-password", "alice-secret",
                         "--from", "alice@example.org", "--to", "admin@example.org",
                         "--header", "From: alice@example.org", "--header", f"Subject: swaks {mechanism}"],

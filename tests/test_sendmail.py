@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from mox_core.sendmail.command import parse_args, sendmail_command
 from mox_core.sendmail.config import SendmailConfig
+from tests.conftest import program
 
 DOMAINS = """
 [domains."example.org"]
@@ -542,7 +543,7 @@ def test_git_send_email(tmp_path, mox, wrapper):
     repo.mkdir()
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run([program("git", "git"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
 
     assert git("init", "-q").returncode == 0
     (repo / "notes.txt").write_text("first\n.starts with a dot\n.\n")
@@ -568,7 +569,7 @@ def test_bsd_mailx(tmp_path, mox, wrapper):
     mailrc.write_text(f"set sendmail={wrapper}\n")
     env = dict(os.environ, HOME=str(tmp_path), MAILRC=str(mailrc), MOX_SENDMAIL_CONFIG=str(cfg))
     # mailx runs "sendmail -i -t -f alice@example.org" with no recipient arguments
-    r = subprocess.run(["mail", "-n", "-s", "mailx subject", "-r", "Alice <alice@example.org>",
+    r = subprocess.run([program("mail", "bsd-mailx"), "-n", "-s", "mailx subject", "-r", "Alice <alice@example.org>",
                         "-c", "carol@example.org", "-b", "bob@example.org", "admin@example.org"],
                        input="body via mailx\n.\nafter a dot\n", env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
