@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from mox_core.accounts.addresses import AddressNotFound, lookup, split_address
+from mox_core.accounts import addresses
+from mox_core.accounts.addresses import AddressNotFound, is_local_domain, lookup, split_address
 from mox_core.config.models import Domain
 from mox_core.testing import load
 
@@ -26,6 +27,11 @@ mailbox = "Postmaster"
 ips = ["127.0.0.1"]
 hostname = "MX.Example.NET"
 [listeners.local.smtp]
+enabled = true
+
+[listeners.other]
+ips = ["127.0.0.2"]
+[listeners.other.smtp]
 enabled = true
 """
 
@@ -191,6 +197,55 @@ def test_unknown_addresses(cfg, address, reason):
     with pytest.raises(AddressNotFound) as exc:
         lookup(cfg, address)
     assert (exc.value.reason, exc.value.address) == (reason, address)
+    assert str(exc.value) == f"{reason.replace('_', ' ')}: {address}"
+
+
+def test_address_not_found_text():
+    assert str(AddressNotFound("domain_not_found", "a@b.example")) == "domain not found: a@b.example"
+    assert str(AddressNotFound("address_not_found", "x@y.example")) == "address not found: x@y.example"
+
+
+def test_the_destination_comes_with_the_account(cfg):
+    exact = lookup(cfg, "alice+x@example.org")
+    assert exact.destination is not None and exact.destination.mailbox == "Alice"
+    caught = lookup(cfg, "anyone@catch.example")
+    assert caught.destination is not None and caught.destination.mailbox == "Caught" and caught.catchall
+    assert lookup(cfg, "postmaster@example.org").destination is None  # the fallback has none
+
+
+@pytest.mark.parametrize("domain, local", [
+    ("example.org", True),
+    ("Example.ORG", True),
+    ("off.example", True),       # disabled, but ours
+    ("other.example", False),
+    ("mail.example.org", False),  # our host name is not a mail domain
+    ("bad..example", False),
+    ("", False),
+])
+def test_is_local_domain(cfg, domain, local):
+    assert is_local_domain(cfg, domain) is local
+
+
+def test_a_listener_without_host_name_adds_no_name(cfg):
+    """Listener "other" has no hostname: it names no host whose postmaster is ours."""
+    for address in ("postmaster@xxxx", "postmaster@none"):
+        with pytest.raises(AddressNotFound):
+            lookup(cfg, address)
+
+
+def test_our_host_names_are_kept_per_static_config(cfg, monkeypatch):
+    """The host names are computed once per static config (id and identity), and used."""
+    monkeypatch.setattr(addresses, "_hostnames", {})
+    lookup(cfg, "postmaster")
+    assert addresses._hostnames == {id(cfg.static): (cfg.static, frozenset({"mail.example.org", "mx.example.net", ""}))}
+    # what is kept is what is used ...
+    addresses._hostnames[id(cfg.static)] = (cfg.static, frozenset({"kept.example"}))
+    assert lookup(cfg, "postmaster@kept.example").account == "admin"
+    # ... unless it was kept for another config that had the same id
+    addresses._hostnames[id(cfg.static)] = (object(), frozenset({"stale.example"}))
+    with pytest.raises(AddressNotFound):
+        lookup(cfg, "postmaster@stale.example")
+    assert lookup(cfg, "postmaster@mx.example.net").account == "admin"
 
 
 @pytest.mark.parametrize("address, expected", [
@@ -201,6 +256,8 @@ def test_unknown_addresses(cfg, address, reason):
     ('"a\\"b"@c.example', ('a"b', "c.example")),
     ('"a\\\\b"@c.example', ("a\\b", "c.example")),
     ('"a@b"', ("a@b", "")),
+    ('""@c.example', ("", "c.example")),
+    ('"x"', ("x", "")),
 ])
 def test_split_address(address, expected):
     assert split_address(address) == expected
@@ -208,5 +265,5 @@ def test_split_address(address, expected):
 
 @pytest.mark.parametrize("address", ['"', '"abc', '"a"b@c.example'])
 def test_split_address_refuses_broken_quoting(address):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^bad address "):
         split_address(address)
