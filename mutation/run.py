@@ -44,17 +44,34 @@ KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 DO_NOT_MUTATE = [r"^\s*(self\.)?(log|logger)\.(debug|info|warning|warn|error|exception|critical)\("]
 
 
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE|ATTACH|DETACH|"
+                  r"PRAGMA|CREATE|ON CONFLICT)\b", re.IGNORECASE)
+
+
+_QUOTED = re.compile(r"'[^']*'")  # SQL string literals: their case matters
+
+
 @dataclass
 class Equivalent:
+    """A surviving mutant recorded as equivalent: by its lines (``before`` -> ``after``), or
+    by a rule: ``sql-case``, only the letter case changed in a line of SQL, outside its
+    quoted literals (SQLite reads keywords and names in any case)."""
+
     module: str
     function: str
     before: str  # the original line, stripped
     after: str  # the mutated line, stripped
     why: str
+    rule: str = ""
 
     def matches(self, function: str, removed: list[str], added: list[str]) -> bool:
-        return (fnmatch.fnmatch(function, self.function) and self.before in removed
-                and self.after in added)
+        if not fnmatch.fnmatch(function, self.function):
+            return False
+        if self.rule == "sql-case":
+            return (len(removed) == len(added) > 0 and all(_SQL.search(a) for a in removed)
+                    and all(a != b and a.lower() == b.lower() and _QUOTED.findall(a) == _QUOTED.findall(b)
+                            for a, b in zip(removed, added, strict=True)))
+        return self.before in removed and self.after in added
 
 
 @dataclass
@@ -99,8 +116,8 @@ class Result:
 
 def load_config(path: Path = CONFIG) -> tuple[dict[str, dict], list[Equivalent]]:
     data = tomllib.loads(path.read_text())
-    equivalents = [Equivalent(e["module"], e["function"], e["from"], e["to"], e["why"])
-                   for e in data.get("equivalent", [])]
+    equivalents = [Equivalent(e["module"], e["function"], e.get("from", ""), e.get("to", ""), e["why"],
+                              e.get("rule", "")) for e in data.get("equivalent", [])]
     return data["modules"], equivalents
 
 
@@ -183,6 +200,7 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("MOX_CONFIG", None)
+    env.update(spec.get("env", {}))
     only = spec.get("only", [])
     start = time.monotonic()
     with (work / "mutmut.log").open("w") as log:
@@ -206,7 +224,7 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
         shown = mutmut(work, "show", m.name, env=env).stdout
         m.removed, m.added = diff_lines(shown)
         for e in equivalents:
-            if e.module == key and e.matches(m.function, m.removed, m.added):
+            if fnmatch.fnmatch(key, e.module) and e.matches(m.function, m.removed, m.added):
                 m.why = e.why
                 break
     return Result(key, mutants, seconds)

@@ -225,3 +225,66 @@ def test_the_limiters_are_registered_with_their_names():
     assert kinds["messages_per_day"].settings_model is LimitSettings
     assert kinds["messages_per_day"].factory is MessagesPerDay
     assert kinds["first_time_recipients_per_day"].factory is FirstTimeRecipientsPerDay
+
+
+def test_a_recipient_first_sent_to_exactly_now_is_not_new(db):
+    record(db, NOW, "x@r.example")
+    assert OutgoingLog.first_time_count(db, "a", ["x@r.example"], NOW) == 1  # in the window, not new too
+
+
+def test_first_time_records_in_the_minute_after_the_edge_count_once(db):
+    record(db, NOW - 86_340, "next@x.example")  # the minute after the window's first minute
+    record(db, NOW - 86_330, "next2@x.example")
+    assert OutgoingLog.first_time_count(db, "a", [], NOW) == 2
+    assert OutgoingLog.in_window(db, "a", NOW) == 2
+
+
+def test_a_submission_recorded_again_adds_its_new_recipients(db):
+    record(db, NOW, "x@r.example", sid="s1")
+    record(db, NOW, "x@r.example", "y@r.example", "z@r.example", sid="s1")
+    assert [r[1] for r in rows(db, "outgoing")] == ["x@r.example", "y@r.example", "z@r.example"]
+    assert rows(db, "outgoing_minute") == [("a", 30_000_000, 3, 3)]
+
+
+def test_first_time_limit_looks_at_the_account_records_even_for_one_recipient(db, tmp_path):
+    """Records in the window count towards reaching the limit: with 2 first-time recipients
+    already, a third (one recipient, below the limit on its own) is refused."""
+    record(db, NOW - HOUR, "p@x.example")
+    record(db, NOW - HOUR, "q@x.example")
+    assert first_limiter(tmp_path, 2).check(db, sub("r1@x.example")).code == 451
+    assert first_limiter(tmp_path, None).check(db, sub("r1@x.example", config=Account(
+        max_first_time_recipients_per_day=2))).text == FIRST_TEXT.format(2)
+    assert first_limiter(tmp_path, None).check(db, sub("r1@x.example", config=Account(
+        max_first_time_recipients_per_day=3))) is None
+
+
+def test_a_limiter_imports_the_records_of_earlier_versions(tmp_path):
+    """ratelimit/outgoing.db (beside the limiter's state directory) is imported by setup."""
+    legacy = tmp_path / "ratelimit" / "outgoing.db"
+    legacy.parent.mkdir()
+    old = sqlite3.connect(legacy)
+    old.execute("CREATE TABLE outgoing (account TEXT NOT NULL, recipient TEXT NOT NULL, submitted REAL NOT NULL, "
+                "submission TEXT NOT NULL, UNIQUE (submission, recipient))")
+    old.execute("INSERT INTO outgoing VALUES ('a', 'x@r.example', ?, 's1')", (NOW - HOUR,))
+    old.commit()
+    old.close()
+    db = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+    messages_limiter(tmp_path, 5).setup(db)
+    assert OutgoingLog.in_window(db, "a", NOW) == 1
+    assert not legacy.exists() and (tmp_path / "ratelimit" / "outgoing.db.imported").exists()
+    db.close()
+
+
+def test_a_failing_import_is_rolled_back_and_kept(tmp_path):
+    legacy = tmp_path / "outgoing.db"
+    old = sqlite3.connect(legacy)
+    old.execute("CREATE TABLE outgoing (account TEXT, recipient TEXT, submitted REAL)")  # no submission
+    old.commit()
+    old.close()
+    db = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="no such column: submission"):
+        OutgoingLog(legacy).setup(db)
+    assert not db.in_transaction
+    assert [r[1] for r in db.execute("PRAGMA database_list")] == ["main"]  # detached again
+    assert legacy.exists()  # not renamed: tried again at the next start
+    db.close()

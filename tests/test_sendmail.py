@@ -68,15 +68,45 @@ def mox_config(tmp_path: Path, mox, **overrides) -> Path:
     return write_config(tmp_path / "sendmail.toml", **keys)
 
 
+# MOX_SENDMAIL_TESTS_IN_PROCESS=1 (set by scripts/mutation for this module): the same calls
+# go to main() in this process, with the environment, umask, stdin and output of a process, so
+# that mutmut sees which test runs which function (it cannot see into subprocesses).
+IN_PROCESS = os.environ.get("MOX_SENDMAIL_TESTS_IN_PROCESS") == "1"
+
+
 def sendmail(config: Path | None, *args: str, input: bytes = b"Subject: test\n\nhello\n",
              env: dict[str, str] | None = None, umask: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mox_core.sendmail.command [-C config] ARGS`` as a caller would."""
     e = {k: v for k, v in os.environ.items() if k != "MOX_SENDMAIL_CONFIG"}
     e.update(env or {})
-    cmd = [sys.executable, "-m", "mox_core.sendmail.command", *(["-C", str(config)] if config else []), *args]
+    argv = [*(["-C", str(config)] if config else []), *args]
+    if IN_PROCESS:
+        return _sendmail_in_process(argv, input, e, umask)
+    cmd = [sys.executable, "-m", "mox_core.sendmail.command", *argv]
     r = subprocess.run(cmd, input=input, capture_output=True, env=e, timeout=60,
                        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def _sendmail_in_process(argv: list[str], input: bytes, env: dict[str, str],
+                         umask: int | None) -> subprocess.CompletedProcess[str]:
+    import contextlib
+    import io
+    from unittest import mock
+
+    from mox_core.sendmail.command import main
+
+    stdin = io.TextIOWrapper(io.BytesIO(input))
+    out, err = io.StringIO(), io.StringIO()
+    old_umask = os.umask(umask) if umask is not None else None
+    try:
+        with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "stdin", stdin), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def parse(raw: bytes) -> email.message.EmailMessage:
