@@ -59,8 +59,8 @@ class Equivalent:
 
     module: str
     function: str
-    before: str  # the original line, stripped
-    after: str  # the mutated line, stripped
+    before: str  # the original line, stripped ("*": any text)
+    after: str  # the mutated line, stripped ("*": any text)
     why: str
     rule: str = ""
 
@@ -71,7 +71,12 @@ class Equivalent:
             return (len(removed) == len(added) > 0 and all(_SQL.search(a) for a in removed)
                     and all(a != b and a.lower() == b.lower() and _QUOTED.findall(a) == _QUOTED.findall(b)
                             for a, b in zip(removed, added, strict=True)))
-        return self.before in removed and self.after in added
+        return any(_like(self.before, r) for r in removed) and any(_like(self.after, a) for a in added)
+
+
+def _like(pattern: str, text: str) -> bool:
+    """``text`` equals ``pattern``, where ``*`` in the pattern stands for any text."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), text) is not None
 
 
 @dataclass
@@ -230,16 +235,25 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
     return Result(key, mutants, seconds)
 
 
-def print_result(res: Result) -> None:
+def print_result(res: Result, verbose: bool = False) -> None:
     statuses: dict[str, int] = {}
     for m in res.mutants:
         statuses[m.status] = statuses.get(m.status, 0) + 1
     print(f"\n== {res.module}: {res.rate:.1f} % killed ({res.killed} of {len(res.mutants)} mutants, "
           f"{len(res.equivalent)} equivalent) in {res.seconds:.0f} s  {statuses}", flush=True)
-    for m in res.equivalent:
-        print(f"   equivalent {m.name}\n      {m.describe()}\n      why: {m.why}")
+    for why, group in equivalent_groups(res).items():
+        print(f"   equivalent ({len(group)}): {why}")
+        for m in group if verbose else []:
+            print(f"      {m.name}: {m.describe()}")
     for m in res.survivors:
         print(f"   SURVIVED ({m.status}) {m.name}\n      {m.describe()}")
+
+
+def equivalent_groups(res: Result) -> dict[str, list[Mutant]]:
+    groups: dict[str, list[Mutant]] = {}
+    for m in res.equivalent:
+        groups.setdefault(m.why, []).append(m)
+    return groups
 
 
 def markdown(results: list[Result], command: str) -> str:
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--target", type=float, default=90.0, help="kill rate a module must reach (%%)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every equivalent mutant")
     args = parser.parse_args(argv)
     modules, equivalents = load_config()
     if args.list:
@@ -275,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.modules or list(modules):
         print(f"-- {key}: mutating {', '.join(modules[key]['paths'])}", flush=True)
         res = run_module(key, modules[key], equivalents, args.workdir, args.jobs)
-        print_result(res)
+        print_result(res, args.verbose)
         results.append(res)
     command = "scripts/mutation" + "".join(f" {m}" for m in args.modules)
     print("\n" + markdown(results, command))

@@ -267,3 +267,26 @@ def test_scram_before_the_initial_response():
     m = Scram("SCRAM-SHA-256", "u", "p")
     with pytest.raises(SASLError, match="^server requested unexpected continuation of authentication$"):
         m.respond(b"r=abc,s=MDEyMzQ1Njc=,i=4096")
+
+
+def test_cram_md5_invalid_challenge_text_shows_its_first_100_bytes():
+    challenge = b"x" * 150
+    with pytest.raises(SASLError) as exc:
+        CramMD5("u", "p").respond(challenge)
+    assert str(exc.value) == f"invalid challenge {b'x' * 100!r}"
+
+
+def test_scram_salt_must_be_strict_base64():
+    m = Scram("SCRAM-SHA-256", "u", "p")
+    nonce = m.initial().decode().split("r=")[1]
+    # decodes to 12 bytes when the "!" is skipped: refused, not skipped
+    with pytest.raises(SASLError, match="^malformed SCRAM server-first message$"):
+        m.respond(f"r={nonce}abcdefgh,s=MDEy!MzQ1Njc4OWFi,i=4096".encode())
+
+
+def test_scram_salt_of_8_bytes_passes_mox_check():
+    """mox's minimum is 8 bytes: an 8-byte salt passes it (scramp, wanting 12, refuses it)."""
+    m = Scram("SCRAM-SHA-256", "u", "p")
+    with pytest.raises(SASLError) as exc:
+        m.respond(server_first(m, salt=b"01234567"))
+    assert str(exc.value).startswith("SCRAM: ")  # not "SCRAM salt too short (8 bytes)"
