@@ -62,6 +62,8 @@ def test_clean_path_refuses_nul_and_backslash(path):
     ("[::1]:8443", "::1", True, "8443", None),
     ("[2001:DB8::1]:80", "2001:db8::1", True, "80", None),
     ("localhost", "localhost", False, "", "localhost"),
+    ("WWW.EXAMPLEX", "www.examplex", False, "", "www.examplex"),
+    ("mail.X.", "mail.x", False, "", "mail.x"),
 ])
 def test_parse_host(value, name, ip, port, domain):
     h = parse_host(value)
@@ -78,6 +80,9 @@ def test_parse_host(value, name, ip, port, domain):
     ("example.org:http", "bad host"),
     ("example.org:80x", "bad host"),
     ("example.org:-1", "bad host"),
+    ("[::1]:http", "bad host"),
+    ("[::1]:80]", "bad host"),
+    ("[::1]:-1", "bad host"),
     ("exa mple.org", "bad host"),
     ("a..b", "bad host"),
 ])
