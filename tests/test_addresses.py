@@ -162,6 +162,13 @@ def test_postmaster_at_our_host_names_in_any_case(cfg, address):
     assert resolved(cfg, address) == ("admin", "Postmaster", "postmaster@mail.example.org", False)
 
 
+def test_postmaster_without_domain_in_a_config_without_listeners(tmp_path):
+    """No listener without a host name adds "" to the names: "postmaster" alone is ours anyway."""
+    bare = load(tmp_path)
+    assert lookup(bare, "postmaster").account == "admin"
+    assert lookup(bare, "PostMaster").canonical == "postmaster@mail.example.org"
+
+
 def test_postmaster_of_a_domain_falls_back_to_the_postmaster_account(cfg):
     assert resolved(cfg, "postmaster@example.org") == ("admin", "Postmaster", "postmaster@example.org", False)
     assert resolved(cfg, "PostMaster@Example.org") == ("admin", "Postmaster", "postmaster@example.org", False)
