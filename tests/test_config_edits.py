@@ -206,3 +206,55 @@ def test_comments_above_the_next_table_stay_above_it():
     text = tomlkit.dumps(d)
     assert text.index("[accounts.dave]") < text.index("# routes come last") < text.index("[[routes]]")
     assert text.endswith('\n\n# routes come last\n[[routes]]\ntransport = "relay"\n')
+
+
+def test_a_created_table_without_keys_still_has_its_header():
+    d = tomlkit.parse("x = 1\n")
+    table(d, "a", "b", create=True)
+    assert tomlkit.dumps(d) == "x = 1\n\n[a.b]\n"
+    assert tomlkit.parse(tomlkit.dumps(d)).unwrap() == {"x": 1, "a": {"b": {}}}
+
+
+def test_append_table_moves_a_comment_that_follows_directly():
+    from mox_core.config.edits import append_table
+
+    d = tomlkit.parse("[a.x]\nk = 1\n# about b\n[b]\nv = 2\n")
+    append_table(d["a"], "y", tomlkit.table())
+    assert tomlkit.dumps(d) == "[a.x]\nk = 1\n\n[a.y]\n\n# about b\n[b]\nv = 2\n"
+    top = tomlkit.parse("k = 1\n")
+    append_table(top, "z", tomlkit.table())  # to the document itself
+    assert tomlkit.dumps(top) == "k = 1\n\n[z]\n\n"
+
+
+def test_edits_of_a_document_without_accounts():
+    d = tomlkit.parse('[domains."a.example"]\n')
+    remove_domain(d, "a.example")
+    assert "a.example" not in tomlkit.dumps(d)
+    assert refused(remove_address, tomlkit.parse("x = 1\n"), "a@b.example") == "no account has address a@b.example"
+    d = tomlkit.parse('[domains."a.example"]\n')
+    add_account(d, "first", "first@a.example")
+    assert tomlkit.parse(tomlkit.dumps(d)).unwrap()["accounts"] == {
+        "first": {"domain": "a.example", "destinations": {"first@a.example": {}}}}
+    assert "[accounts]\n" not in tomlkit.dumps(d)
+
+
+def test_an_account_without_destinations_does_not_use_a_domain():
+    d = tomlkit.parse('[domains."a.example"]\n\n[accounts.x]\ndomain = "b.example"\n')
+    remove_domain(d, "a.example")
+    assert "a.example" not in tomlkit.dumps(d)
+
+
+def test_a_quoted_localpart_with_at_signs():
+    d = doc()
+    add_account(d, "q", '"a@b"@example.org')
+    assert tomlkit.parse(tomlkit.dumps(d)).unwrap()["accounts"]["q"]["domain"] == "example.org"
+    add_domain(d, "c.example")
+    add_address(d, "q", '"x@c.example"@example.org')
+    remove_domain(d, "c.example")  # the localpart names c.example, the address is not in it
+    assert "c.example" not in tomlkit.dumps(d).split("[accounts")[0]
+
+
+def test_a_new_destinations_table_has_no_header_of_its_own():
+    d = tomlkit.parse('[accounts.carol]\ndomain = "example.org"\n')
+    add_address(d, "carol", "c@example.org")
+    assert "[accounts.carol.destinations]\n" not in tomlkit.dumps(d)
