@@ -139,17 +139,35 @@ def copy_tree(dest: Path) -> None:
         shutil.copy2(src, target)
 
 
+def mutated_paths(spec: dict) -> list[str]:
+    """The files to mutate as mutmut sees them in the copy: a plugin's package
+    (``plugins/<dist>/<package>/...``) is placed at the copy's top level (see
+    :func:`place_plugins`), so that mutmut's module names (from the path under ``mutants/``)
+    are the names the tests import, e.g. ``mox_webhandlers.static``."""
+    return [str(Path(*Path(p).parts[2:])) if p.startswith("plugins/") else p for p in spec["paths"]]
+
+
+def place_plugins(work: Path, spec: dict) -> None:
+    """Copy the package of each mutated plugin file to the top level of the copy. mutmut puts
+    ``mutants/`` first on sys.path, so the tests import the mutated package from there and
+    not the work tree's editable install."""
+    for p in spec["paths"]:
+        if p.startswith("plugins/"):
+            package = Path(*Path(p).parts[:3])
+            shutil.copytree(work / package, work / package.name, dirs_exist_ok=True)
+
+
 def mutmut_table(spec: dict, top: list[str]) -> str:
     """The [tool.mutmut] table for one module."""
-    paths = spec["paths"]
-    sources = sorted({"mox_core" if p.startswith("mox_core/") else str(Path(p).parent) for p in paths})
+    paths = mutated_paths(spec)
+    sources = sorted({Path(p).parts[0] for p in paths})
     lines = [
         "",
         "[tool.mutmut]",
         f"source_paths = {json.dumps(sources)}",
         f"only_mutate = {json.dumps(paths)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(spec['tests'])}",
-        f"also_copy = {json.dumps(sorted(set(top) - {'mox_core'}))}",
+        f"also_copy = {json.dumps(sorted(set(top) - set(sources)))}",
         f"do_not_mutate_patterns = {json.dumps(DO_NOT_MUTATE)}",
         "use_git_change_detection = false",
         "use_setproctitle = false",
@@ -157,16 +175,6 @@ def mutmut_table(spec: dict, top: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def import_paths(work: Path, spec: dict) -> list[str]:
-    """PYTHONPATH entries for mutated plugin packages: their copies in ``mutants/`` before
-    the editable installs of the work tree (pytest's ``pythonpath = ["."]`` covers
-    ``mox_core``; mutants/ itself on PYTHONPATH keeps mutmut from seeing which test calls
-    which function)."""
-    mutants = work / "mutants"
-    return list(dict.fromkeys(str(mutants / Path(p).parts[0] / Path(p).parts[1])
-                              for p in spec["paths"] if p.startswith("plugins/")))
 
 
 def mutmut(work: Path, *args: str, env: dict[str, str] | None = None, log=None, timeout: float | None = None):
@@ -197,13 +205,11 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     copy_tree(work)
+    place_plugins(work, spec)
     top = sorted(p.name for p in work.iterdir())
     with (work / "pyproject.toml").open("a") as f:
         f.write(mutmut_table(spec, top))
     env = dict(os.environ)
-    paths = import_paths(work, spec) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("MOX_CONFIG", None)
     env.update(spec.get("env", {}))
     only = spec.get("only", [])
