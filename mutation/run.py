@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,16 +174,29 @@ def mutmut_table(spec: dict, top: list[str]) -> str:
         "use_git_change_detection = false",
         "use_setproctitle = false",
         f"timeout_multiplier = {float(spec.get('timeout_multiplier', 15.0))}",
+        # mutmut's time estimate counts a test's call only, not its fixtures (servers started)
+        f"timeout_constant = {float(spec.get('timeout_constant', 1.0))}",
         "",
     ]
     return "\n".join(lines)
 
 
 def mutmut(work: Path, *args: str, env: dict[str, str] | None = None, log=None, timeout: float | None = None):
+    """Run mutmut in a session of its own; afterwards whatever is left of it is killed: the
+    peers (mox, smtp-sink) started by a test process that mutmut killed at its time limit."""
     exe = Path(sys.executable).parent / "mutmut"
-    return subprocess.run([str(exe), *args], cwd=work, env=env, text=True, timeout=timeout,
-                          stdout=log if log is not None else subprocess.PIPE,
-                          stderr=subprocess.STDOUT if log is not None else subprocess.PIPE)
+    proc = subprocess.Popen([str(exe), *args], cwd=work, env=env, text=True, start_new_session=True,
+                            stdout=log if log is not None else subprocess.PIPE,
+                            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 _FUNC = re.compile(r"\.x_(.+?)__mutmut_\d+$|\.x\u01c1(.+?)\u01c1(.+?)__mutmut_\d+$")
