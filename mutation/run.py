@@ -66,14 +66,29 @@ class Equivalent:
     why: str
     rule: str = ""
 
-    def matches(self, function: str, removed: list[str], added: list[str]) -> bool:
+    def matches(self, function: str, removed: list[str], added: list[str], original: list[str] = ()) -> bool:
         if not fnmatch.fnmatch(function, self.function):
             return False
         if self.rule == "sql-case":
-            return (len(removed) == len(added) > 0 and all(_SQL.search(a) for a in removed)
+            return (len(removed) == len(added) > 0 and all(_in_sql(a, list(original)) for a in removed)
                     and all(a != b and a.lower() == b.lower() and _QUOTED.findall(a) == _QUOTED.findall(b)
                             for a, b in zip(removed, added, strict=True)))
         return any(_like(self.before, r) for r in removed) and any(_like(self.after, a) for a in added)
+
+
+def _in_sql(line: str, original: list[str]) -> bool:
+    """``line`` is SQL: it has a keyword, or it continues a string literal (the lines before
+    it in ``original``, the hunk as it was, are string literals back to one with a keyword)."""
+    if _SQL.search(line):
+        return True
+    if line[:1] not in ('"', "'") or line not in original:
+        return False
+    for prev in reversed(original[:original.index(line)]):
+        if prev[:1] not in ('"', "'"):
+            return False
+        if _SQL.search(prev):
+            return True
+    return False
 
 
 def _like(pattern: str, text: str) -> bool:
@@ -209,10 +224,14 @@ def function_of(name: str) -> str:
     return m.group(1) if m.group(1) else f"{m.group(2)}.{m.group(3)}"
 
 
-def diff_lines(diff: str) -> tuple[list[str], list[str]]:
-    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
-    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    return removed, added
+def diff_lines(diff: str) -> tuple[list[str], list[str], list[str]]:
+    """The removed and the added lines of a mutant's diff, and its hunk as it was (context
+    and removed lines), each stripped."""
+    lines = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@", "#"))]
+    removed = [line[1:].strip() for line in lines if line.startswith("-")]
+    added = [line[1:].strip() for line in lines if line.startswith("+")]
+    original = [line[1:].strip() for line in lines if line.startswith(("-", " "))]
+    return removed, added, original
 
 
 def read_results(work: Path, env: dict[str, str], only: list[str]) -> list[Mutant]:
@@ -271,9 +290,9 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
         if m.status in KILLED:
             continue
         shown = mutmut(work, "show", m.name, env=env).stdout
-        m.removed, m.added = diff_lines(shown)
+        m.removed, m.added, original = diff_lines(shown)
         for e in equivalents:
-            if fnmatch.fnmatch(key, e.module) and e.matches(m.function, m.removed, m.added):
+            if fnmatch.fnmatch(key, e.module) and e.matches(m.function, m.removed, m.added, original):
                 m.why = e.why
                 break
     return Result(key, mutants, seconds)

@@ -138,6 +138,7 @@ async def test_failing_limiter_fails_only_its_submission(cfg):
                   rate_limit=bad), return_exceptions=True)
         assert isinstance(results[0], list)
         assert getattr(results[1], "code", None) == 451
+        assert (results[1].step, results[1].detail) == ("ratelimit", "RuntimeError('bug')")  # for the log
         [m] = await q.list_messages()
         assert m.recipient == "a@remote.example" and stored(cfg) == [m.file]
     finally:
