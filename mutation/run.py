@@ -17,8 +17,8 @@ docs/testing.md. Exit status 1 when a module is below ``--target`` (default 90 %
 survivor is not recorded as equivalent.
 
 Kill rate = (killed + timed out) / (mutants - recorded equivalents). A mutant no selected
-test calls ("no tests") counts as surviving. Mutants that time out are run again, one at a
-time with 4 times the time limit, before they count (a busy machine makes tests slow).
+test calls ("no tests") counts as surviving. Mutants that time out are run again,
+with twice the time limit, before they count (a busy machine makes tests slow).
 """
 
 from __future__ import annotations
@@ -247,18 +247,18 @@ def read_results(work: Path, env: dict[str, str], only: list[str]) -> list[Mutan
     return mutants
 
 
-def recheck_timeouts(work: Path, env: dict[str, str], only: list[str], names: list[str]) -> list[Mutant]:
-    """Run the mutants that timed out again, one at a time, with 4 times the time limit: on
+def recheck_timeouts(work: Path, env: dict[str, str], only: list[str], names: list[str], jobs: int) -> list[Mutant]:
+    """Run the mutants that timed out again with twice the time limit: on
     a machine busy with other work a slow test is not a mutant caught. Those timing out again
     hang or slow the tests down for real (counted as killed, as mutmut does)."""
     pyproject = work / "pyproject.toml"
     text = pyproject.read_text()
     m = re.search(r"^timeout_multiplier = ([0-9.]+)$", text, re.MULTILINE)
     assert m is not None
-    pyproject.write_text(text[:m.start(1)] + str(4 * float(m.group(1))) + text[m.end(1):])
-    print(f"   {len(names)} timed out: running them again with 4 times the time limit", flush=True)
+    pyproject.write_text(text[:m.start(1)] + str(2 * float(m.group(1))) + text[m.end(1):])
+    print(f"   {len(names)} timed out: running them again with twice the time limit", flush=True)
     with (work / "mutmut.log").open("a") as log:
-        mutmut(work, "run", "--max-children", "1", *names, env=env, log=log)
+        mutmut(work, "run", "--max-children", str(jobs), *names, env=env, log=log)
     return read_results(work, env, only)
 
 
@@ -284,7 +284,7 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
         raise SystemExit(f"mutmut run failed for {key} (exit {r.returncode}), see {work}/mutmut.log:\n{tail}")
     timed_out = [m.name for m in mutants if m.status == "timeout"]
     if timed_out:
-        mutants = recheck_timeouts(work, env, only, timed_out)
+        mutants = recheck_timeouts(work, env, only, timed_out, jobs)
     seconds = time.monotonic() - start
     for m in mutants:
         if m.status in KILLED:
