@@ -19,6 +19,18 @@ from tests.browser import HOST_RULES, SCREENSHOTS, require_chromium
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def program(name: str, package: str) -> str:
+    """The path of the program ``name`` a test runs as a peer (swaks, curl, mail, ...). A
+    missing one fails the test with the Debian package to install; it never skips, since
+    scripts/install installs every one of them."""
+    from mox_testpeers import MissingToolError, require_tool
+
+    try:
+        return require_tool(name, package)
+    except MissingToolError as exc:
+        pytest.fail(f"{exc}; scripts/install installs it", pytrace=False)
+
+
 def run_mox(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the ``mox`` command of this venv as a user would."""

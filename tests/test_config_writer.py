@@ -114,6 +114,88 @@ def test_edits_refuse_what_does_not_apply(tmp_path):
         writer.change(lambda doc: edits.remove_domain(doc, "example.org"))
 
 
+def test_the_stale_text():
+    assert str(StaleConfig()) == "domains.toml was changed since you loaded it; nothing was written, load it again"
+
+
+def test_read_gives_the_document_and_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    writer, _, _ = writer_for(tmp_path)
+    f = writer.read()
+    assert f.version == hashlib.sha256(COMMENTED.encode()).hexdigest()
+    assert f.doc.unwrap()["accounts"]["admin"]["domain"] == "example.org"
+    assert f.doc.as_string() == COMMENTED
+
+
+def test_the_new_config_has_the_files_time_and_is_checked_against_mox_toml(tmp_path):
+    writer, holder, _ = writer_for(tmp_path)
+    new = writer.change(lambda doc: edits.add_domain(doc, "t.example"))
+    assert new.dynamic.mtime == (tmp_path / "domains.toml").stat().st_mtime and holder.get() is new
+    path = str(tmp_path / "domains.toml")
+    # the postmaster account of mox.toml, and the transports of mox.toml, are checked too
+    with pytest.raises(ConfigError) as exc:
+        writer.change(lambda doc: edits.remove_account(doc, "admin"))
+    assert [(p.file, p.path, p.message) for p in exc.value.problems] == [
+        (path, "accounts", "postmaster account 'admin' (from mox.toml) is not defined")]
+
+    def route_to_nowhere(doc):
+        doc["routes"][0]["transport"] = "nowhere"
+
+    with pytest.raises(ConfigError) as exc:
+        writer.change(route_to_nowhere)
+    assert [p.file for p in exc.value.problems] == [path]
+    assert "nowhere" in str(exc.value.problems[0])
+
+
+def test_an_edit_that_makes_bad_toml_writes_nothing(tmp_path, monkeypatch):
+    import tomlkit
+
+    writer, _, _ = writer_for(tmp_path)
+    before = (tmp_path / "domains.toml").read_bytes()
+    monkeypatch.setattr(tomlkit, "dumps", lambda doc: "[broken\n")
+    with pytest.raises(ConfigError) as exc:
+        writer.change(lambda doc: None)
+    [problem] = exc.value.problems
+    assert (problem.file, problem.path) == (str(tmp_path / "domains.toml"), "")
+    assert problem.message.startswith("invalid TOML: ")
+    assert (tmp_path / "domains.toml").read_bytes() == before
+
+
+def test_the_file_keeps_its_mode(tmp_path):
+    writer, _, _ = writer_for(tmp_path)
+    os.chmod(tmp_path / "domains.toml", 0o640)
+    writer.change(lambda doc: edits.add_domain(doc, "m.example"))
+    assert os.stat(tmp_path / "domains.toml").st_mode & 0o777 == 0o640
+
+
+def test_a_failing_chmod_does_not_stop_the_write(tmp_path, monkeypatch):
+    writer, _, _ = writer_for(tmp_path)
+
+    def no_chmod(path, mode):
+        raise PermissionError(1, "not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    writer.change(lambda doc: edits.add_domain(doc, "c.example"))
+    assert "c.example" in (tmp_path / "domains.toml").read_text()
+
+
+def test_a_failing_write_leaves_the_file_and_no_temporary_file(tmp_path, monkeypatch):
+    from mox_core.config import writer as writer_module
+
+    writer, _, _ = writer_for(tmp_path)
+    before = (tmp_path / "domains.toml").read_bytes()
+
+    def no_open(path, mode):
+        raise PermissionError(13, "denied", str(path))
+
+    monkeypatch.setattr(writer_module, "open", no_open, raising=False)
+    with pytest.raises(PermissionError, match="denied"):
+        writer.change(lambda doc: edits.add_domain(doc, "w.example"))
+    assert (tmp_path / "domains.toml").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_cli_adds_an_account_that_a_running_server_accepts_mail_for_at_once(tmp_path):
     server = MoxServer(tmp_path / "mox", static_top="smtp_workers = 2\n", domains=COMMENTED.split("# Routes")[0])
     server.start()

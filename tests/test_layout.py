@@ -151,3 +151,36 @@ def test_no_product_module_is_longer_than_the_limit():
 
 def test_no_product_function_is_longer_than_the_limit():
     assert [f for p in _product_files() for f in _long_functions(p)] == []
+
+
+_SKIPS = {"skip", "skipif", "importorskip", "skipIf", "skipUnless", "SkipTest"}
+
+
+def _skips(path: Path, root: Path = ROOT) -> list[str]:
+    """``pytest.skip(...)``, ``pytest.mark.skipif``, ``pytest.importorskip``, ``unittest.skip*``
+    and ``SkipTest`` in ``path`` (read from the syntax tree, so text that names them does not
+    count)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in _SKIPS:
+            out.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom) and any(a.name in _SKIPS for a in node.names):
+            out.append(f"{path.relative_to(root)}:{node.lineno} from {node.module} import ...")
+    return out
+
+
+def test_no_test_skips():
+    """A missing peer program fails its test with the package to install (``program()`` in
+    tests/conftest.py, the peers' fixtures): a skipped test would pass CI without testing."""
+    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/**/*.py"),
+             *ROOT.glob("testing/*/mox_testpeers/**/*.py")]
+    assert len(files) > 50
+    assert [s for p in sorted(files) for s in _skips(p)] == []
+
+
+def test_the_skip_check_finds_a_skip(tmp_path):
+    path = tmp_path / "t.py"
+    path.write_text("import pytest\nneeds = pytest.mark.skipif(True, reason='x')\n"
+                    "def test_a():\n    pytest.skip('no tool')\n    assert 'pytest.skip'\n")
+    assert _skips(path, tmp_path) == ["t.py:2 pytest.mark.skipif", "t.py:4 pytest.skip"]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from mox_testpeers import free_port, wait_banner, wait_for
-from tests.conftest import run_mox
+from tests.conftest import program, run_mox
 
 
 def init(directory: Path) -> dict[str, int]:
@@ -92,7 +92,7 @@ def test_first_start_makes_the_folder_and_mail_to_any_address_arrives(localserve
         assert (ls.directory / name).exists(), name
     assert (ls.directory / "localhost.key").stat().st_mode & 0o077 == 0
     # incoming SMTP with swaks to an address of no configured domain: the mox account has it
-    out = subprocess.run(["swaks", "--server", f"127.0.0.1:{ports['smtp']}", "--from", "app@example.net",
+    out = subprocess.run([program("swaks", "swaks"), "--server", f"127.0.0.1:{ports['smtp']}", "--from", "app@example.net",
                           "--to", "anyone@wherever.example", "--header", "Subject: via swaks"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

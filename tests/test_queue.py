@@ -20,7 +20,16 @@ from mox_core.queue.checkpoint import WAL_AUTOCHECKPOINT_PAGES, WAL_SIZE_LIMIT
 from mox_core.queue.scheduler import remaining_schedule
 from mox_core.store import Delivery, StorageError
 from tests.conftest import ROOT
-from tests.plugins.queue_helpers import MSG, cfg, maildir_new, make_config, queue_files, reset_script, running  # noqa: F401 (fixtures)
+from tests.plugins.queue_helpers import (  # noqa: F401 (fixtures)
+    MSG,
+    cfg,
+    maildir_new,
+    make_config,
+    queue_files,
+    reset_script,
+    running,
+    scheduler_waiting,
+)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 INTERVALS = [450, 900, 1800, 3600, 7200, 14400, 28800]
@@ -213,21 +222,27 @@ async def test_concurrent_adds_are_group_committed(cfg):
         await q.close()
 
 
-async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are(cfg):
+async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are(cfg, monkeypatch):
     """Before/after an attempt, rows change without an fsync (a crash repeats a delivery, as
     with Postfix); an add is fsynced (synchronous=FULL at its COMMIT); before a message file is
-    unlinked, the write-ahead log holding its row's deletion is fsynced."""
+    unlinked, the write-ahead log holding its row's deletion is fsynced.
+
+    The fsync of the log is seen at the system call's level (``os.fsync`` on the file
+    ``index.db-wal``), not by replacing the method that does it."""
     q = Queue(cfg, clock=FakeClock())
     await q.open()
     statements: list[str] = []
-    wal_syncs: list[list[str]] = []  # the queue files present at each log fsync
-    sync_wal = q.store._sync_wal
+    # at each fsync of the log: the queue files present, and the COMMITs traced before it
+    wal_syncs: list[tuple[list[str], int]] = []
+    wal = os.path.realpath(cfg.data_dir / "queue" / "index.db-wal")
+    real_fsync = os.fsync
 
-    def recording_sync_wal():
-        wal_syncs.append(queue_files(cfg))
-        sync_wal()
+    def spying_fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == wal:
+            wal_syncs.append((queue_files(cfg), statements.count("COMMIT")))
 
-    q.store._sync_wal = recording_sync_wal
+    monkeypatch.setattr(os, "fsync", spying_fsync)
 
     async def commit_level(coro):
         """The synchronous level in force at the COMMIT of ``coro``'s transaction."""
@@ -250,13 +265,15 @@ async def test_attempt_bookkeeping_is_not_fsynced_but_adds_and_file_removals_are
         assert await commit_level(q.store.start_attempt([(small, 2000.0, 8)], 1000.0, {})) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([], [(small, {"text": "451 later"})])) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([small], [])) == "NORMAL"
-        assert wal_syncs == []  # its data went with its row
+        assert wal_syncs == []  # its data went with its row: no file, no fsync of the log
         q.store.inline_max = 0
         [large] = await add(q, "b@d2.example")
         [file] = queue_files(cfg)
         assert await commit_level(q.store.start_attempt([(large, 2000.0, 8)], 1000.0, {})) == "NORMAL"
         assert await commit_level(q.store.finish_attempt([large], [])) == "NORMAL"
-        assert wal_syncs == [[file]] and queue_files(cfg) == []  # log fsynced, then the file went
+        # the log fsynced after the COMMIT deleting the row, while the file was still there;
+        # then the file went
+        assert wal_syncs == [([file], 1)] and queue_files(cfg) == []
     finally:
         q.store.db.set_trace_callback(None)
         await q.close()
@@ -585,11 +602,7 @@ async def test_concurrency_limit_and_one_delivery_per_domain(tmp_path):
         for i in range(6):
             await add(q, f"u@d{i}.example")
         await add(q, "v@d0.example")  # same domain as an in-flight delivery
-        for _ in range(200):
-            if SCRIPT.active == 3:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
         SCRIPT.gate.set()
         await q.scheduler.settle()
@@ -606,11 +619,7 @@ async def test_one_inflight_delivery_per_domain(cfg):
         await add(q, "a@remote.example")
         await add(q, "b@remote.example")
         await add(q, "c@other.example")
-        for _ in range(200):
-            if SCRIPT.active == 2:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert sorted(c.recipients[0] for c in SCRIPT.calls) == ["a@remote.example", "c@other.example"]
         SCRIPT.gate.set()
         await q.scheduler.settle()
@@ -632,14 +641,14 @@ async def test_adding_to_a_domain_at_its_limit_costs_no_scheduler_pass(cfg):
 
         q.store.pick_and_next_due = counting_pick
         await add(q, "a@remote.example")
-        await _until(lambda: SCRIPT.active == 1)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
+        assert SCRIPT.active == 1
         before = passes
         await add(q, "b@remote.example")  # remote.example takes one delivery at a time
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert passes == before
         await add(q, "c@other.example")
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert passes > before and SCRIPT.active == 2
         SCRIPT.gate.set()
         await q.scheduler.settle()
@@ -663,8 +672,7 @@ async def test_transport_destination_concurrency_runs_several_deliveries_to_one_
     async with running(cfg) as q:
         for i in range(5):
             await add(q, f"u{i}@one.example")
-        await _until(lambda: SCRIPT.active == 3)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
         assert sorted(c.recipients[0] for c in SCRIPT.calls) == [f"u{i}@one.example" for i in range(3)]
         SCRIPT.gate.set()
@@ -688,8 +696,7 @@ async def test_messages_queued_before_start_leave_in_parallel_to_one_domain(tmp_
         await q.close()
     SCRIPT.gate = asyncio.Event()
     async with running(cfg) as q:
-        await _until(lambda: SCRIPT.active == 3)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert SCRIPT.active == 3 and len(SCRIPT.calls) == 3
         SCRIPT.gate.set()
         await q.scheduler.settle()
@@ -707,14 +714,13 @@ async def test_attempt_through_a_one_per_domain_transport_waits_for_the_domain(t
         await add(q, "r2@one.example")
         [b] = await add(q, "b@one.example", transport="backup")  # backup: one per domain
         await add(q, "r4@one.example")
-        await _until(lambda: SCRIPT.active == 2)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert sorted(c.recipients[0] for c in SCRIPT.calls) == ["r1@one.example", "r2@one.example"]
         assert (await q.store.get(b)).attempts == 0
         SCRIPT.gate = asyncio.Event()  # the next deliveries wait on a new gate
         first_gate.set()
         await _until(lambda: len(SCRIPT.calls) == 3 and SCRIPT.active == 1)
-        await asyncio.sleep(0.05)
+        await scheduler_waiting(q)
         assert SCRIPT.calls[2].recipients == ["b@one.example"] and SCRIPT.calls[2].transport == "backup"
         assert SCRIPT.active == 1 and len(SCRIPT.calls) == 3  # r4 waits for b
         SCRIPT.gate.set()

@@ -18,7 +18,7 @@ from email.parser import BytesHeaderParser
 
 import pytest
 
-from mox_core.builtin.rate_limiters import DAY, LimitSettings, MessagesPerDay, OutgoingLog
+from mox_core.builtin.rate_limiters import LimitSettings, MessagesPerDay, OutgoingLog
 from mox_core.outgoing.ratelimit import RateLimitCheck, RateLimited
 from mox_core.plugins.kinds import Submission
 from mox_core.queue import FakeClock, Queue
@@ -27,6 +27,8 @@ from mox_core.queue.headers import header_summary_quick as _header_summary_quick
 from mox_core.smtpserver.fromheader import lean_from_address as _lean_from
 from tests.conftest import ROOT
 from tests.plugins.queue_helpers import MSG, make_config, queue_files
+
+DAY = 86_400.0  # the limiters' window, written out (not the module's constant)
 
 
 @pytest.fixture
@@ -136,6 +138,7 @@ async def test_failing_limiter_fails_only_its_submission(cfg):
                   rate_limit=bad), return_exceptions=True)
         assert isinstance(results[0], list)
         assert getattr(results[1], "code", None) == 451
+        assert (results[1].step, results[1].detail) == ("ratelimit", "RuntimeError('bug')")  # for the log
         [m] = await q.list_messages()
         assert m.recipient == "a@remote.example" and stored(cfg) == [m.file]
     finally:

@@ -40,12 +40,19 @@ def send(mox, to: str) -> tuple[int, bytes]:
 
 def old_record(data_dir: Path, account: str, recipient: str, age: float) -> None:
     """A record as versions before the queue kept them (ratelimit/outgoing.db): imported."""
+    old_records(data_dir, account, [(recipient, age)])
+
+
+def old_records(data_dir: Path, account: str, records: list[tuple[str, float]]) -> None:
+    """Records (recipient, age in seconds) in the ratelimit/outgoing.db of earlier versions."""
     path = data_dir / "ratelimit" / "outgoing.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE outgoing (account TEXT NOT NULL, recipient TEXT NOT NULL, submitted REAL NOT NULL, "
                "submission TEXT NOT NULL, UNIQUE (submission, recipient))")
-    db.execute("INSERT INTO outgoing VALUES (?, ?, ?, 'old')", (account, recipient, time.time() - age))
+    now = time.time()
+    db.executemany("INSERT INTO outgoing VALUES (?, ?, ?, ?)",
+                   [(account, r, now - age, f"old{i}") for i, (r, age) in enumerate(records)])
     db.commit()
     db.close()
 
@@ -69,6 +76,28 @@ def test_sequence_of_mox_limit_test(mox_server_factory, dns_server):
     mox.stop()
     mox.start()
     assert send(mox, "b@remote.example")[0] == 451
+
+
+def test_records_23_hours_old_count_and_25_hours_old_do_not(mox_server_factory, dns_server):
+    """The rolling window is 24 hours (86,400 s): of two records, 23 and 25 hours old, only
+    the first counts, for both limits."""
+    domains = DOMAINS.replace("max_outgoing_messages_per_day = 4", "max_outgoing_messages_per_day = 3")
+    mox = mox_server_factory(domains, nameserver=dns_server.nameserver, passwords={"alice": "pw"}, start=False)
+    old_records(mox.data_dir, "alice", [("old@remote.example", 25 * 3600), ("recent@remote.example", 23 * 3600)])
+    dns_server.fail("remote.example", mode="SERVFAIL")  # deliveries fail temporarily: they stay queued
+    mox.start()
+    first_time = (b"4.7.1 max number of new/first-time recipients (2) over past 24h reached, "
+                  b"try increasing per-account setting max_first_time_recipients_per_day")
+    messages = (b"4.7.1 max number of messages (3) over past 24h reached, "
+                b"try increasing per-account setting max_outgoing_messages_per_day")
+    # new1: 1 record in the window + 1 <= 3; first-time: recent@ and new1@, 2 <= 2
+    assert send(mox, "new1@remote.example")[0] == 250
+    # new2: first-time recent@, new1@, new2@: 3 > 2
+    assert send(mox, "new2@remote.example") == (451, first_time)
+    # old@ was first sent to 25 hours ago: not a first-time recipient; 2 + 1 <= 3 records
+    assert send(mox, "old@remote.example")[0] == 250
+    # 3 records in the window (recent@, new1@, old@) + 1 > 3
+    assert send(mox, "new1@remote.example") == (451, messages)
 
 
 def test_concurrent_submissions_cannot_pass_the_limit_together(mox_server_factory, dns_server):

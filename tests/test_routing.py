@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -9,6 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from mox_core.builtin.route_matchers import domain_matches, mox_register_route_matchers, parse_domain_list
 from mox_core.cli.main import cli
 from mox_core.cli.queue import register
 from mox_core.config.holder import ConfigHolder
@@ -66,12 +68,57 @@ def test_account_then_sender_domain_then_global_first_match_wins(cfg):
     assert pick(cfg, "x@acct.example", account=None) == ("relay", "route", "domain example.org")
     assert pick(cfg, "x@a.dom.example", account=None) == ("backup", "route", "domain example.org")
     assert pick(cfg, "x@dom.example", account=None) == ("backup", "route", "domain example.org")
+    # .dom.example is dom.example and its subdomains, label by label: not notdom.example
+    assert pick(cfg, "x@notdom.example", account=None) == ("backup", "route", "global")
+    assert pick(cfg, "x@a.notdom.example", account=None) == ("backup", "route", "global")
     # sender domain routes only for that sender domain; global ones for everyone
     assert pick(cfg, "x@dom.example", sender="a@other.example", account=None) == (
         "", "default", None)
     assert pick(cfg, "x@else.example", attempts=3) == ("relay", "route", "global")
     assert pick(cfg, "x@else.example", attempts=2) == ("backup", "route", "global")
     assert pick(cfg, "x@else.example", sender="", account=None) == ("", "default", None)
+
+
+@pytest.mark.parametrize("entries, domain, expected", [
+    ((".dom.example",), "dom.example", True),
+    ((".dom.example",), "a.dom.example", True),
+    ((".dom.example",), "a.b.dom.example", True),
+    ((".dom.example",), "A.Dom.Example.", True),
+    ((".dom.example",), "notdom.example", False),   # the label boundary counts
+    ((".dom.example",), "a.notdom.example", False),
+    ((".dom.example",), "dom.example.com", False),
+    ((".dom.example",), "", False),
+    (("dom.example",), "dom.example", True),
+    (("dom.example",), "DOM.example.", True),
+    (("dom.example",), "a.dom.example", False),       # without the dot: that domain only
+    (("dom.example",), "xdom.example", False),
+    ((".",), "", True),                                # "." is the empty domain of IP literals
+    ((".",), "dom.example", False),
+    (("a.example", ".dom.example"), "b.dom.example", True),
+    (("a.example", ".dom.example"), "b.example", False),
+    ((), "anything.example", True),                    # no entries: no restriction
+    ((), "", True),
+])
+def test_domain_matches(entries, domain, expected):
+    assert domain_matches(entries, domain) is expected
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["dom.example"], ("dom.example",)),
+    ([".Dom.Example"], (".dom.example",)),
+    (["."], (".",)),
+    (["bücher.example", ".bücher.example"], ("xn--bcher-kva.example", ".xn--bcher-kva.example")),
+    (["A.example", ".", "b.example"], ("a.example", ".", "b.example")),
+])
+def test_parse_domain_list(values, expected):
+    assert parse_domain_list(values) == expected
+
+
+def test_minimum_attempts_is_0_or_more():
+    kind = {k.name: k for k in mox_register_route_matchers()}["minimum_attempts"]
+    assert kind.parse(0) == 0 and kind.parse(3) == 3
+    with pytest.raises(ValueError, match="^must be 0 or more$"):
+        kind.parse(-1)
 
 
 def test_no_routes_means_default_direct_transport(tmp_path):
@@ -216,3 +263,121 @@ async def test_permanent_result_through_a_route(cfg):
         await q.scheduler.settle()
     assert [c.transport for c in SCRIPT.calls] == ["relay"]
     assert len(maildir_new(cfg, "alice")) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the parts, one by one (expected values written out)
+
+
+@pytest.mark.parametrize("address, domain", [
+    ("a@Dom.Example", "dom.example"),
+    ("A@DOM.EXAMPLE", "dom.example"),
+    ('"a@b"@dom.example', "dom.example"),        # the last @ separates the domain
+    ("a@b@dom.example", "dom.example"),
+    ("a@bücher.example", "xn--bcher-kva.example"),
+    ("a@[192.0.2.1]", "[192.0.2.1]"),
+    ("a@[IPv6:2001:DB8::1]", "[ipv6:2001:db8::1]"),
+    ("a@Bad..Example", "bad..example"),           # not a valid name: lower case as written
+    ("nodomain", "nodomain"),
+])
+def test_address_domain(address, domain):
+    from mox_core.outgoing.routing import address_domain
+
+    assert address_domain(address) == domain
+
+
+def test_route_context():
+    ctx = route_context(mail_from="Alice@Example.ORG", recipient="bob@Dest.Example", attempts=2, account="alice")
+    assert (ctx.from_domain, ctx.to_domain, ctx.attempts, ctx.account, ctx.sender, ctx.recipient) == (
+        "example.org", "dest.example", 2, "alice", "Alice@Example.ORG", "bob@Dest.Example")
+    # the null sender and a sender without a domain have no sender domain
+    assert route_context(mail_from="", recipient="b@d.example", attempts=0, account=None).from_domain == ""
+    assert route_context(mail_from="postmaster", recipient="b@d.example", attempts=0, account=None).from_domain == ""
+
+
+def test_routes_for_keeps_the_configured_lists(cfg):
+    from mox_core.outgoing.routing import routes_for
+
+    wheres = [(r.where, r.index) for r in routes_for(cfg, "alice", "Example.ORG")]
+    assert wheres == [("account alice", 0), ("domain example.org", 0), ("domain example.org", 1),
+                      ("global", 0), ("global", 1)]
+    assert [(r.where, r.index) for r in routes_for(cfg, "alice", "example.org")] == wheres  # unchanged
+    assert len(cfg.dynamic.routes_account["alice"]) == 1 and len(cfg.dynamic.routes_global) == 2
+    # an account without routes of its own, and no account
+    assert [(r.where, r.index) for r in routes_for(cfg, "bob", "other.example")] == [("global", 0), ("global", 1)]
+    assert [(r.where, r.index) for r in routes_for(cfg, None, "other.example")] == [("global", 0), ("global", 1)]
+    assert pick(cfg, "x@acct.example", account="bob", sender="bob@example.org") == (
+        "relay", "route", "domain example.org")
+
+
+def test_a_route_to_a_missing_transport(tmp_path):
+    cfg = make_config(tmp_path, domains='[[routes]]\nto_domain = ["gone.example"]\ntransport = "relay"\n')
+    # the transport is removed from the resolved config, as after an edit of mox.toml
+    cfg = dataclasses.replace(cfg, transports={k: v for k, v in cfg.transports.items() if k != "relay"})
+    r = resolve(cfg, route_context(mail_from="a@example.org", recipient="b@gone.example", attempts=0, account=None))
+    assert (r.name, r.source, r.kind, r.entry, r.error) == ("relay", "route", None, None, 'cannot find transport "relay"')
+    assert r.route is not None and (r.route.where, r.route.index) == ("global", 0)
+    assert explain(cfg, "a@example.org", "b@gone.example", 1).lines()[-1] == (
+        "transport: 'relay': cannot find transport \"relay\" (attempt fails temporarily)")
+
+
+def test_transport_cache_builds_with_the_settings_and_says_what_is_missing(cfg):
+    cache = TransportCache()
+    res = resolve(cfg, route_context(mail_from="a@other.example", recipient="x@else.example", attempts=3,
+                                     account=None))
+    t = cache.get(cfg, res)
+    assert (res.name, t.name, t.settings.label) == ("relay", "relay", "relay")
+    assert cache.get(cfg, res) is t
+    plugins = copy.copy(cfg.plugins)
+    plugins.transports = {}
+    no_kinds = dataclasses.replace(cfg, plugins=plugins)
+    with pytest.raises(TransportUnavailable, match='^transport kind "queue_scripted" is not installed$'):
+        TransportCache().get(no_kinds, res)
+    default = resolve(cfg, route_context(mail_from="", recipient="x@else.example", attempts=0, account=None))
+    with pytest.raises(TransportUnavailable, match='^no transport kind "direct" installed for default delivery$'):
+        TransportCache().get(no_kinds, default)
+
+
+def test_explain_texts(tmp_path):
+    cfg = make_config(tmp_path, domains=(
+        '[[routes]]\nfrom_domain = ["a.example"]\nto_domain = ["b.example"]\nminimum_attempts = 2\n'
+        'transport = "relay"\n'))
+    lines = explain(cfg, "", "x@c.example", 1).lines()
+    assert lines == [
+        "attempt 1 (0 attempt(s) made before), from domain (none), to domain c.example, account (none)",
+        "global route #1 (from_domain=('a.example',), to_domain=('b.example',), minimum_attempts=2) -> transport "
+        "'relay': no match: "
+        "from_domain ['a.example'] does not include '(empty)'; to_domain ['b.example'] does not include "
+        "'c.example'; minimum_attempts = 2, but 0 attempt(s) made",
+        "transport: direct delivery (default, no route matched)",
+    ]
+    over = explain(cfg, "alice@example.org", "x@c.example", 2, override="backup").lines()
+    assert over[0] == "attempt 2 (1 attempt(s) made before), from domain example.org, to domain c.example, account alice"
+    assert over[-1] == "transport: backup (kind queue_scripted), override"
+    empty = explain(make_config(tmp_path / "none"), "bob@other.example", "x@c.example", 1).lines()
+    assert empty[1:] == ["no routes configured for this sender",
+                         "transport: direct delivery (default, no route matched)"]
+    with pytest.raises(ValueError, match="^attempt counts from 1$"):
+        explain(cfg, "a@example.org", "x@c.example", 0)
+
+
+def test_explain_finds_the_account_of_the_sender_unless_given(cfg):
+    assert explain(cfg, "alice@example.org", "x@acct.example", 1).context.account == "alice"
+    assert explain(cfg, "nobody@example.org", "x@acct.example", 1).context.account is None
+    assert explain(cfg, "", "x@acct.example", 1).context.account is None
+    assert explain(cfg, "", "x@acct.example", 1, account="alice").context.account == "alice"
+    given = explain(cfg, "alice@example.org", "x@acct.example", 1, account="bob")
+    assert given.context.account == "bob" and given.resolution.source == "route"
+    assert given.checks[0].route.where == "domain example.org"
+
+
+def test_explain_checks_every_route_until_one_matches(cfg):
+    e = explain(cfg, "nobody@example.org", "x@a.dom.example", 1)
+    assert [(c.route.where, c.route.index, c.matched, c.considered, c.failed) for c in e.checks] == [
+        ("domain example.org", 0, True, True, []),
+        ("domain example.org", 1, False, False, []),
+        ("global", 0, False, False, []),
+        ("global", 1, False, False, []),
+    ]
+    assert e.checks[1].describe().endswith(": not considered, an earlier route matched")
+    assert e.resolution.name == "backup" and e.resolution.source == "route"

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from mox_core.sendmail.command import parse_args, sendmail_command
 from mox_core.sendmail.config import SendmailConfig
+from tests.conftest import program
 
 DOMAINS = """
 [domains."example.org"]
@@ -67,15 +68,45 @@ def mox_config(tmp_path: Path, mox, **overrides) -> Path:
     return write_config(tmp_path / "sendmail.toml", **keys)
 
 
+# MOX_SENDMAIL_TESTS_IN_PROCESS=1 (set by scripts/mutation for this module): the same calls
+# go to main() in this process, with the environment, umask, stdin and output of a process, so
+# that mutmut sees which test runs which function (it cannot see into subprocesses).
+IN_PROCESS = os.environ.get("MOX_SENDMAIL_TESTS_IN_PROCESS") == "1"
+
+
 def sendmail(config: Path | None, *args: str, input: bytes = b"Subject: test\n\nhello\n",
              env: dict[str, str] | None = None, umask: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mox_core.sendmail.command [-C config] ARGS`` as a caller would."""
     e = {k: v for k, v in os.environ.items() if k != "MOX_SENDMAIL_CONFIG"}
     e.update(env or {})
-    cmd = [sys.executable, "-m", "mox_core.sendmail.command", *(["-C", str(config)] if config else []), *args]
+    argv = [*(["-C", str(config)] if config else []), *args]
+    if IN_PROCESS:
+        return _sendmail_in_process(argv, input, e, umask)
+    cmd = [sys.executable, "-m", "mox_core.sendmail.command", *argv]
     r = subprocess.run(cmd, input=input, capture_output=True, env=e, timeout=60,
                        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def _sendmail_in_process(argv: list[str], input: bytes, env: dict[str, str],
+                         umask: int | None) -> subprocess.CompletedProcess[str]:
+    import contextlib
+    import io
+    from unittest import mock
+
+    from mox_core.sendmail.command import main
+
+    stdin = io.TextIOWrapper(io.BytesIO(input))
+    out, err = io.StringIO(), io.StringIO()
+    old_umask = os.umask(umask) if umask is not None else None
+    try:
+        with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "stdin", stdin), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def parse(raw: bytes) -> email.message.EmailMessage:
@@ -296,6 +327,125 @@ def test_server_down_exits_75_and_saves_privately(tmp_path):
     assert str(saved) in r.stderr
 
 
+# A real SMTP peer refusing at one step: smtp-sink's -r (4xx) and -f (5xx), and an aiosmtpd
+# server answering each recipient as its localpart says. 4xx is temporary (75), 5xx
+# permanent (69); one temporary refusal among permanent ones keeps the whole thing
+# temporary (sysexits.h, Postfix sendmail(1)).
+
+TEMP_REPLY = "450 4.3.0 Error: command failed"
+PERM_REPLY = "500 5.3.0 Error: command failed"
+
+
+def sink_config(tmp_path: Path, sink) -> Path:
+    return write_config(tmp_path / "sendmail.toml", host=sink.host, port=sink.port, tls="none",
+                        from_address="cron@client.example", failures_dir=str(tmp_path / "failures"))
+
+
+@pytest.mark.parametrize("command, code, reply", [
+    ("RCPT", EX_TEMPFAIL, TEMP_REPLY),
+    ("DATA", EX_TEMPFAIL, TEMP_REPLY),
+    (".", EX_TEMPFAIL, TEMP_REPLY),
+    ("RCPT", EX_UNAVAILABLE, PERM_REPLY),
+    ("DATA", EX_UNAVAILABLE, PERM_REPLY),
+    (".", EX_UNAVAILABLE, PERM_REPLY),
+])
+def test_refusal_at_rcpt_or_data_exit_status(tmp_path, smtp_sink_factory, command, code, reply):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, **{"reject_4xx" if code == EX_TEMPFAIL else "reject_5xx": command})
+    cfg = sink_config(tmp_path, sink)
+    r = sendmail(cfg, "one@dest.example", "two@dest.example", input=b"Subject: refused\n\nkeep me\n")
+    assert r.returncode == code, r.stderr
+    kind = "temporary" if code == EX_TEMPFAIL else "permanent"
+    for rcpt in ("one@dest.example", "two@dest.example"):
+        line = next(line for line in r.stderr.splitlines() if line.startswith(f"sendmail: {rcpt}: "))
+        assert line.startswith(f"sendmail: {rcpt}: {kind} failure: {reply[:9]}") and line.endswith(reply), line
+    [saved] = saved_files(tmp_path / "failures")
+    assert saved.read_bytes().endswith(b"\r\n\r\nkeep me\r\n")
+    assert "to retry: sendmail -i -f cron@client.example -- one@dest.example two@dest.example <" in r.stderr
+
+
+@pytest.mark.parametrize("code", [EX_TEMPFAIL, EX_UNAVAILABLE])
+def test_refusal_at_mail_exit_status(tmp_path, smtp_sink_factory, code):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, **{"reject_4xx" if code == EX_TEMPFAIL else "reject_5xx": "MAIL"})
+    r = sendmail(sink_config(tmp_path, sink), "one@dest.example")
+    assert r.returncode == code, r.stderr
+    assert (TEMP_REPLY if code == EX_TEMPFAIL else PERM_REPLY).split(" ", 1)[0] in r.stderr
+
+
+def test_421_greeting_exits_75(tmp_path, smtp_sink_factory):
+    sink = smtp_sink_factory(host="127.0.0.1", port=None, reply_421="CONNECT")
+    r = sendmail(sink_config(tmp_path, sink), "one@dest.example")
+    assert r.returncode == EX_TEMPFAIL, r.stderr
+    assert "421" in r.stderr and len(saved_files(tmp_path / "failures")) == 1
+
+
+class _PerRecipient:
+    """aiosmtpd handler: ``temp-*@`` gets 451, ``perm-*@`` 550, the rest 250."""
+
+    def __init__(self) -> None:
+        self.received: list[list[str]] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("temp-"):
+            return "451 4.7.1 try again later"
+        if address.startswith("perm-"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append(list(envelope.rcpt_tos))
+        return "250 OK queued"
+
+
+@pytest.fixture
+def per_recipient_server():
+    from aiosmtpd.controller import Controller
+
+    from mox_testpeers import free_port
+
+    handler = _PerRecipient()
+    port = free_port("127.0.0.1")
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("recipients, code, accepted", [
+    (["temp-a@dest.example", "ok@dest.example"], EX_TEMPFAIL, ["ok@dest.example"]),
+    (["perm-a@dest.example", "temp-b@dest.example"], EX_TEMPFAIL, None),
+    (["temp-a@dest.example", "perm-b@dest.example", "ok@dest.example"], EX_TEMPFAIL, ["ok@dest.example"]),
+    (["perm-a@dest.example", "ok@dest.example"], EX_UNAVAILABLE, ["ok@dest.example"]),
+    (["ok@dest.example", "ok2@dest.example"], 0, ["ok@dest.example", "ok2@dest.example"]),
+])
+def test_exit_status_with_recipients_refused_differently(tmp_path, per_recipient_server, recipients, code, accepted):
+    """In process (``run``), as ``mox sendmail`` calls it."""
+    import io
+
+    from mox_core.sendmail.command import run
+
+    handler, port = per_recipient_server
+    cfg = write_config(tmp_path / "sendmail.toml", host="127.0.0.1", port=port, tls="none",
+                       from_address="cron@client.example", failures_dir=str(tmp_path / "failures"))
+    out, err = io.StringIO(), io.StringIO()
+    status = run(["-C", str(cfg), *recipients], stdin=io.BytesIO(b"Subject: mixed\n\nhello\n"), stdout=out,
+                 stderr=err)
+    assert status == code, err.getvalue()
+    assert handler.received == ([accepted] if accepted else [])
+    text = err.getvalue()
+    for r in recipients:
+        if r.startswith("temp-"):
+            assert f"sendmail: {r}: temporary failure: 451 4.7.1 try again later" in text
+        elif r.startswith("perm-"):
+            assert f"sendmail: {r}: permanent failure: 550 5.1.1 no such user" in text
+    failed = [r for r in recipients if not r.startswith("ok")]
+    assert len(saved_files(tmp_path / "failures")) == (1 if failed else 0)
+    if failed:
+        assert f"to retry: sendmail -i -f cron@client.example -- {' '.join(failed)} <" in text
+
+
 def test_bare_cr_is_refused_and_saved(tmp_path, mox):
     cfg = mox_config(tmp_path, mox)
     raw = b"Subject: cr\n\nx\r.\r\nMAIL FROM:<evil@example.org>\n"
@@ -443,7 +593,7 @@ def test_git_send_email(tmp_path, mox, wrapper):
     repo.mkdir()
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run([program("git", "git"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
 
     assert git("init", "-q").returncode == 0
     (repo / "notes.txt").write_text("first\n.starts with a dot\n.\n")
@@ -469,7 +619,7 @@ def test_bsd_mailx(tmp_path, mox, wrapper):
     mailrc.write_text(f"set sendmail={wrapper}\n")
     env = dict(os.environ, HOME=str(tmp_path), MAILRC=str(mailrc), MOX_SENDMAIL_CONFIG=str(cfg))
     # mailx runs "sendmail -i -t -f alice@example.org" with no recipient arguments
-    r = subprocess.run(["mail", "-n", "-s", "mailx subject", "-r", "Alice <alice@example.org>",
+    r = subprocess.run([program("mail", "bsd-mailx"), "-n", "-s", "mailx subject", "-r", "Alice <alice@example.org>",
                         "-c", "carol@example.org", "-b", "bob@example.org", "admin@example.org"],
                        input="body via mailx\n.\nafter a dot\n", env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

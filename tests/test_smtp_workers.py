@@ -486,7 +486,9 @@ async def test_worker_turns_kick_lines_into_scheduler_calls():
     task = asyncio.create_task(_read_channel(theirs, stop, Scheduler()))
     ours.sendall("kick a.example bücher.example\nkick\nsomething new\n".encode())
     ours.sendall(b"kick " + b"x" * 100_000 + b"\nkick b.example\n")  # too long: a plain kick
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(10):  # the last line read: every line before it was too
+        while len(calls) < 4:
+            await asyncio.sleep(0.005)
     assert not stop.is_set()
     ours.close()  # the main process is gone: the worker stops
     await asyncio.wait_for(stop.wait(), 5)

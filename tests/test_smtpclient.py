@@ -806,11 +806,15 @@ async def test_gather_ips_families(dns_server, dns_resolver):
 
 
 class PolicyServer:
-    """HTTPS on loopback serving /.well-known/mta-sts.txt with the test CA's certificate."""
+    """HTTPS on loopback serving /.well-known/mta-sts.txt with the test CA's certificate.
+
+    Whatever goes wrong while serving a request (an unexpected request line, a client that
+    went away) is kept in ``errors``; the fixture fails the test with them."""
 
     def __init__(self, ca: CA, body: str, status: str = "200 OK", ctype: str = "text/plain") -> None:
         self.ca, self.body, self.status, self.ctype = ca, body, status, ctype
         self.hits = 0
+        self.errors: list[str] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -822,14 +826,19 @@ class PolicyServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await reader.readuntil(b"\r\n\r\n")
-            assert request.startswith(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n")
+            if not request.startswith(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n"):
+                self.errors.append(f"unexpected request {request!r}")
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
+            if b"\r\nhost: mta-sts." not in request.lower():
+                self.errors.append(f"request without the policy host (RFC 8461 §3.3): {request!r}")
             self.hits += 1
             body = self.body.encode()
             writer.write(f"HTTP/1.1 {self.status}\r\nContent-Type: {self.ctype}\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             await writer.drain()
-        except Exception:
-            pass
+        except Exception as exc:
+            self.errors.append(f"serving a request: {exc!r}")
         finally:
             writer.close()
 
@@ -847,6 +856,8 @@ async def policy_server(test_ca):
     server = await PolicyServer(test_ca, POLICY).start()
     yield server
     await server.stop()
+    if server.errors:
+        pytest.fail("the MTA-STS policy server: " + "; ".join(server.errors), pytrace=False)
 
 
 def _fetcher(server: PolicyServer, ca: CA) -> HTTPSPolicyFetcher:

@@ -234,6 +234,11 @@ def test_missing_tool_fails_with_debian_package(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="Debian package 'postfix'"):  # a failure, not a skip
         factory()
     factory.close()
+    # a program a test runs itself (swaks, curl, ...): the same
+    from tests.conftest import program
+
+    with pytest.raises(pytest.fail.Exception, match="'swaks' not found: install the Debian package 'swaks'"):
+        program("swaks", "swaks")
 
 
 # ============================================================================ Postfix smarthost

@@ -16,6 +16,7 @@ import pytest
 
 from mox_testpeers import free_port, run
 from mox_testpeers.moxserver import MoxServer
+from tests.conftest import program
 
 DOMAINS = """\
 [domains."example.org"]
@@ -175,7 +176,7 @@ def test_mta_sts_policy_is_served_only_on_mta_sts_host_of_a_domain_with_a_policy
 
 def _curl(*args: str) -> str:
     """curl as an administrator runs it (``--resolve`` keeps it off DNS)."""
-    return subprocess.run(["curl", "--noproxy", "*", *args], capture_output=True, text=True, check=True, timeout=30).stdout
+    return subprocess.run([program("curl", "curl"), "--noproxy", "*", *args], capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def test_autoconfig_describes_submission_only_on_autoconfig_hosts(web):

@@ -72,6 +72,8 @@ def parse_host(value: str) -> Host:
         if rest and not rest.startswith(":"):
             raise BadRequest("bad host")
         port = rest[1:]
+        if port and not port.isdigit():
+            raise BadRequest("bad host")
         try:
             ipaddress.IPv6Address(name)
         except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import os
@@ -62,6 +63,23 @@ async def running(config: Config | ConfigHolder, clock: FakeClock | None = None,
         yield q
     finally:
         await q.close()
+
+
+async def scheduler_waiting(q: Queue, timeout: float = 10.0) -> None:
+    """Until the scheduler's loop waits for a wake-up with none pending (its pass after the
+    last kick is over) and every delivery it launched has reached the scripted transport.
+    Whatever that pass was going to start has started then: the positive event a check
+    that nothing more started waits for (not a fixed sleep)."""
+    s = q.scheduler
+    waiters = q.clock._waiters  # FakeClock: the scheduler's wake event while it waits
+
+    def waiting() -> bool:
+        return (not s._wake.is_set() and any(ev is s._wake for _, ev in waiters)
+                and len(s._inflight) == queue_scripted.SCRIPT.active)
+
+    async with asyncio.timeout(timeout):
+        while not waiting():
+            await asyncio.sleep(0.002)
 
 
 def maildir_new(config: Config, account: str, mailbox: str = "") -> list[Path]:
