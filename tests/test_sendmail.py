@@ -360,7 +360,7 @@ def test_refusal_at_rcpt_or_data_exit_status(tmp_path, smtp_sink_factory, comman
         assert line.startswith(f"sendmail: {rcpt}: {kind} failure: {reply[:9]}") and line.endswith(reply), line
     [saved] = saved_files(tmp_path / "failures")
     assert saved.read_bytes().endswith(b"\r\n\r\nkeep me\r\n")
-    assert "to retry: sendmail -i -f cron@client.example -- one@dest.example two@dest.example <" in r.stderr
+    assert f"to retry: sendmail -C {cfg} -i -f cron@client.example -- one@dest.example two@dest.example <" in r.stderr
 
 
 @pytest.mark.parametrize("code", [EX_TEMPFAIL, EX_UNAVAILABLE])
@@ -443,7 +443,7 @@ def test_exit_status_with_recipients_refused_differently(tmp_path, per_recipient
     failed = [r for r in recipients if not r.startswith("ok")]
     assert len(saved_files(tmp_path / "failures")) == (1 if failed else 0)
     if failed:
-        assert f"to retry: sendmail -i -f cron@client.example -- {' '.join(failed)} <" in text
+        assert f"to retry: sendmail -C {cfg} -i -f cron@client.example -- {' '.join(failed)} <" in text
 
 
 def test_bare_cr_is_refused_and_saved(tmp_path, mox):
