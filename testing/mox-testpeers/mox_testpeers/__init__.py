@@ -150,9 +150,24 @@ def port_is_free(host: str, port: int, *, udp: bool = False) -> bool:
         return True
 
 
+# Ports handed out for listeners, below Linux's default ephemeral range (32768-60999): a port
+# the kernel chose by bind(0) is one it also gives to outgoing connections as their source
+# port, and a test that makes thousands of connections would take a reserved port before its
+# server listens on it (EADDRINUSE, or a refused connection to a server that never started).
+_FREE_PORTS = (20000, 32767)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on *host*, chosen by the kernel (prefer :func:`reserve`)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A currently free TCP port on *host*, outside the ephemeral range (prefer :func:`reserve`)."""
+    for _ in range(200):
+        port = random.randint(*_FREE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: let the kernel choose
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -230,7 +245,7 @@ def reserve(host: str | None = "127.0.0.1", port: int | None = None, *, prefer_h
     """Reserve host:port for a peer about to listen there.
 
     host None: 127.0.0.2 (*prefer_host*) if free, else a random free 127.0.0.x (x in 2..254).
-    port None (or 0): a free port chosen by the kernel.
+    port None (or 0): a free port (:func:`free_port`).
     An explicitly given host *and* port that is in use raises :class:`PeerError`.
     """
     exclude = exclude or set()
