@@ -143,3 +143,24 @@ async def test_the_log_is_opened_for_its_fsync_read_only_and_close_on_exec(cfg, 
         assert [(f & os.O_ACCMODE, bool(f & os.O_CLOEXEC)) for f in opens] == [(os.O_RDONLY, True)]
     finally:
         await q.close()
+
+
+@pytest.mark.parametrize("alone", [False, True])
+async def test_a_segment_emptied_by_a_finished_attempt_is_recycled(cfg, alone):
+    """Its messages delivered, a sealed segment's row goes and its file becomes a spare (or
+    goes), in the group commit and alone."""
+    from tests.test_queue_segments import fill, seg_dir
+    from tests.test_queue_segments import opened as opened_with_small_segments
+
+    q = await opened_with_small_segments(cfg)
+    try:
+        ids = await fill(q, range(1, 5))  # three fill the first segment, the fourth opens the second
+        (first,), (second,) = q.store.db.execute("SELECT id FROM segment ORDER BY id").fetchall()
+        if alone:
+            q.store._finish_sync(ids[:3], [])
+        else:
+            await q.store.finish_attempt(ids[:3], [])
+        assert q.store.db.execute("SELECT id FROM segment").fetchall() == [(second,)]
+        assert [f for f in os.listdir(seg_dir(q)) if not f.startswith("spare-")] == [str(second)]
+    finally:
+        await q.close()

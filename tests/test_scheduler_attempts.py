@@ -1,0 +1,154 @@
+"""One delivery attempt of the scheduler (mox_core/queue/scheduler.py) when something other
+than the receiver fails: the message file, the transport (missing, not buildable, raising,
+answering for too few recipients); what is counted; the delayed DSN's last retry; stopping
+with and without grace."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from prometheus_client import REGISTRY
+
+from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
+from mox_core.queue import Filter
+from tests.plugins.queue_helpers import (  # noqa: F401
+    MSG,
+    cfg,
+    maildir_new,
+    queue_files,
+    read_mail,
+    reset_script,
+    running,
+)
+from tests.plugins.queue_scripted import SCRIPT, T
+
+
+async def add(q, *rcpts: str, **kw) -> list[int]:
+    return await q.add(account="alice", mail_from="alice@example.org", recipients=list(rcpts), data=MSG, **kw)
+
+
+def only_result(m) -> dict:
+    r = dict(m.results[-1])
+    del r["start"], r["duration"]
+    return r
+
+
+def temporary(text: str, transport: str = "") -> dict:
+    return {"success": False, "code": None, "enhanced_code": None, "remote_host": None, "text": text,
+            "permanent": False, "transport": transport}
+
+
+async def test_an_unreadable_message_file_is_a_temporary_failure(cfg):
+    async with running(cfg) as q:
+        q.store.inline_max = 0
+        [mid] = await add(q, "a@remote.example", hold=True)
+        [file] = queue_files(cfg)
+        (cfg.data_dir / "queue" / "msg" / file).unlink()
+        await q.store.update(Filter(ids=(mid,)), {"hold": 0})
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert m.attempts == 1 and SCRIPT.calls == []
+        assert only_result(m) == temporary("reading queued message: No such file or directory")
+
+
+async def test_a_missing_transport_is_a_temporary_failure(cfg):
+    async with running(cfg) as q:
+        await add(q, "a@remote.example", transport="gone")
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert only_result(m) == temporary('cannot find transport "gone"', "gone") and SCRIPT.calls == []
+
+
+async def test_a_transport_that_cannot_be_built_is_a_temporary_failure(cfg, monkeypatch):
+    async with running(cfg) as q:
+        def get(config, res):
+            raise ValueError("bad settings")
+
+        monkeypatch.setattr(q.scheduler.transports, "get", get)
+        await add(q, "a@remote.example", transport="relay")
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert only_result(m) == temporary("transport 'relay' could not be set up: bad settings", "relay")
+
+
+async def test_a_raising_transport_is_a_temporary_failure_with_the_exception(cfg):
+    SCRIPT.raise_error = RuntimeError("boom")
+    async with running(cfg) as q:
+        await add(q, "a@remote.example")
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert only_result(m) == temporary("transport error: RuntimeError: boom")
+
+
+class _Partial:
+    """Answers only for the first recipient (in upper case), as a buggy transport might."""
+
+    async def deliver(self, message, ctx):
+        first = message.recipients[0]
+        return [RecipientResult(first.upper(), DeliveryStatus.DELIVERED, 250, "2.0.0", "mx.remote.example", "ok")]
+
+
+async def test_recipients_a_transport_gave_no_result_for_are_tried_again(cfg, monkeypatch):
+    async with running(cfg) as q:
+        monkeypatch.setattr(q.scheduler.transports, "get", lambda config, res: _Partial())
+        await add(q, "a@remote.example", "b@remote.example")
+        await q.scheduler.settle()
+        [m] = await q.list_messages()
+        assert m.recipient == "b@remote.example" and m.attempts == 1
+        assert only_result(m) == temporary("transport gave no result")
+
+
+def counted(transport: str, result: str) -> float:
+    return REGISTRY.get_sample_value("mox_queue_deliveries_total", {"transport": transport, "result": result}) or 0.0
+
+
+async def test_each_recipients_result_is_counted_under_its_transport(cfg):
+    SCRIPT.respond("b@remote.example", (T, 451, "4.3.0", "later"))
+    before = {k: counted(*k) for k in [("direct", "delivered"), ("direct", "temporary"), ("relay", "delivered")]}
+    async with running(cfg) as q:
+        await add(q, "a@remote.example", "b@remote.example")
+        await add(q, "c@other.example", transport="relay")
+        await q.scheduler.settle()
+    assert {k: counted(*k) - v for k, v in before.items()} == {
+        ("direct", "delivered"): 1.0, ("direct", "temporary"): 1.0, ("relay", "delivered"): 1.0}
+
+
+async def test_the_delayed_dsn_says_until_when_it_is_tried(cfg):
+    SCRIPT.default = (T, 451, "4.3.0", "mailbox busy")
+    async with running(cfg) as q:
+        await add(q, "bob@remote.example")
+        await q.scheduler.settle()
+        for iv in [450, 900, 1800, 3600]:
+            q.clock.advance(iv)
+            await q.scheduler.settle()
+        fifth = q.clock.now()
+    [path] = maildir_new(cfg, "alice")
+    status = list(read_mail(path).iter_parts())[1].get_payload()
+    last = format_datetime(datetime.fromtimestamp(fifth + 7200 + 14400 + 28800, UTC))
+    assert status[1]["Action"] == "delayed" and status[1]["Will-Retry-Until"] == last
+
+
+async def test_stopping_gives_running_deliveries_their_grace(cfg):
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await add(q, "a@remote.example")
+        async with asyncio.timeout(10):
+            while not SCRIPT.active:
+                await asyncio.sleep(0.001)
+        SCRIPT.gate.set()  # it can end now: within the grace
+        await q.scheduler.stop(grace=30)
+        assert await q.list_messages() == []
+
+
+async def test_stopping_without_grace_cancels_running_deliveries(cfg):
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await add(q, "a@remote.example")
+        async with asyncio.timeout(10):
+            while not SCRIPT.active:
+                await asyncio.sleep(0.001)
+        await q.scheduler.stop()  # no grace: cancelled where it waits
+        [m] = await q.list_messages()
+        assert m.attempts == 1 and m.results[-1]["text"] == "delivering..."  # tried again after a restart
