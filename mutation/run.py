@@ -262,6 +262,13 @@ def recheck_timeouts(work: Path, env: dict[str, str], only: list[str], names: li
     return read_results(work, env, only)
 
 
+def module_env(spec: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MOX_CONFIG", None)
+    env.update(spec.get("env", {}))
+    return env
+
+
 def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Path, jobs: int) -> Result:
     work = workdir / key
     shutil.rmtree(work, ignore_errors=True)
@@ -271,9 +278,7 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
     top = sorted(p.name for p in work.iterdir())
     with (work / "pyproject.toml").open("a") as f:
         f.write(mutmut_table(spec, top))
-    env = dict(os.environ)
-    env.pop("MOX_CONFIG", None)
-    env.update(spec.get("env", {}))
+    env = module_env(spec)
     only = spec.get("only", [])
     start = time.monotonic()
     with (work / "mutmut.log").open("w") as log:
@@ -284,8 +289,20 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
         raise SystemExit(f"mutmut run failed for {key} (exit {r.returncode}), see {work}/mutmut.log:\n{tail}")
     timed_out = [m.name for m in mutants if m.status == "timeout"]
     if timed_out:
-        mutants = recheck_timeouts(work, env, only, timed_out, jobs)
-    seconds = time.monotonic() - start
+        recheck_timeouts(work, env, only, timed_out, jobs)
+    (work / "seconds").write_text(f"{time.monotonic() - start:.0f}\n")
+    return collect(key, spec, equivalents, workdir)
+
+
+def collect(key: str, spec: dict, equivalents: list[Equivalent], workdir: Path) -> Result:
+    """The results of the last run of module ``key`` in its work directory, each survivor
+    matched against the recorded equivalents."""
+    work = workdir / key
+    if not (work / "mutants").is_dir():
+        raise SystemExit(f"{key} has not been run (no {work}/mutants)")
+    env = module_env(spec)
+    mutants = read_results(work, env, spec.get("only", []))
+    seconds = float((work / "seconds").read_text()) if (work / "seconds").exists() else 0.0
     for m in mutants:
         if m.status in KILLED:
             continue
@@ -339,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=90.0, help="kill rate a module must reach (%%)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every equivalent mutant")
+    parser.add_argument("--report", action="store_true",
+                        help="no new run: the results of each module's last run in --workdir, with the "
+                             "equivalents recorded now")
     args = parser.parse_args(argv)
     modules, equivalents = load_config()
     if args.list:
@@ -351,11 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown module(s) {', '.join(unknown)}; see --list")
     results = []
     for key in args.modules or list(modules):
-        print(f"-- {key}: mutating {', '.join(modules[key]['paths'])}", flush=True)
-        res = run_module(key, modules[key], equivalents, args.workdir, args.jobs)
+        if args.report:
+            res = collect(key, modules[key], equivalents, args.workdir)
+        else:
+            print(f"-- {key}: mutating {', '.join(modules[key]['paths'])}", flush=True)
+            res = run_module(key, modules[key], equivalents, args.workdir, args.jobs)
         print_result(res, args.verbose)
         results.append(res)
-    command = "scripts/mutation" + "".join(f" {m}" for m in args.modules)
+    command = "scripts/mutation" + (" --report" if args.report else "") + "".join(f" {m}" for m in args.modules)
     print("\n" + markdown(results, command))
     if args.json:
         args.json.write_text(json.dumps([{
