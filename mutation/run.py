@@ -105,11 +105,31 @@ class Mutant:
     added: list[str] = field(default_factory=list)
     why: str = ""  # recorded as equivalent: why
 
-    def describe(self) -> str:
-        change = "; ".join(f"`{a}` -> `{b}`" for a, b in zip(self.removed, self.added, strict=False))
+    def describe(self, short: bool = False) -> str:
+        """The function and the change; ``short``: only the changed part of each line, with a
+        little context."""
+        cut = _changed_part if short else (lambda a, b: (a, b))
+        change = "; ".join("`{}` -> `{}`".format(*cut(a, b)) for a, b in zip(self.removed, self.added, strict=False))
         if len(self.removed) != len(self.added):
             change = f"`{' / '.join(self.removed)}` -> `{' / '.join(self.added)}`"
         return f"{self.function}: {change}"
+
+
+def _changed_part(a: str, b: str, context: int = 16) -> tuple[str, str]:
+    """``a`` and ``b`` without the start and end they share, but ``context`` characters."""
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    q = 0
+    while q < min(len(a), len(b)) - p and a[-1 - q] == b[-1 - q]:
+        q += 1
+    start = max(0, p - context)
+
+    def part(x: str) -> str:
+        end = min(len(x), len(x) - q + context)
+        return ("…" if start else "") + x[start:end] + ("…" if end < len(x) else "")
+
+    return part(a), part(b)
 
 
 @dataclass
@@ -343,6 +363,14 @@ def markdown(results: list[Result], command: str) -> str:
     for r in results:
         lines.append(f"| {r.module} | {len(r.mutants)} | {r.killed} | {len(r.equivalent)} | "
                      f"{len(r.survivors)} | {r.rate:.1f} % |")
+    for r in results:
+        if not r.equivalent and not r.survivors:
+            continue
+        lines += ["", f"**{r.module}**", ""]
+        for why, group in equivalent_groups(r).items():
+            lines.append(f"- equivalent: {why}")
+            lines += [f"  - {m.describe(short=True)}" for m in group]
+        lines += [f"- not explained: {m.describe(short=True)}" for m in r.survivors]
     return "\n".join(lines)
 
 
