@@ -105,11 +105,31 @@ class Mutant:
     added: list[str] = field(default_factory=list)
     why: str = ""  # recorded as equivalent: why
 
-    def describe(self) -> str:
-        change = "; ".join(f"`{a}` -> `{b}`" for a, b in zip(self.removed, self.added, strict=False))
+    def describe(self, short: bool = False) -> str:
+        """The function and the change; ``short``: only the changed part of each line, with a
+        little context."""
+        cut = _changed_part if short else (lambda a, b: (a, b))
+        change = "; ".join("`{}` -> `{}`".format(*cut(a, b)) for a, b in zip(self.removed, self.added, strict=False))
         if len(self.removed) != len(self.added):
             change = f"`{' / '.join(self.removed)}` -> `{' / '.join(self.added)}`"
         return f"{self.function}: {change}"
+
+
+def _changed_part(a: str, b: str, context: int = 16) -> tuple[str, str]:
+    """``a`` and ``b`` without the start and end they share, but ``context`` characters."""
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    q = 0
+    while q < min(len(a), len(b)) - p and a[-1 - q] == b[-1 - q]:
+        q += 1
+    start = max(0, p - context)
+
+    def part(x: str) -> str:
+        end = min(len(x), len(x) - q + context)
+        return ("…" if start else "") + x[start:end] + ("…" if end < len(x) else "")
+
+    return part(a), part(b)
 
 
 @dataclass
@@ -262,6 +282,13 @@ def recheck_timeouts(work: Path, env: dict[str, str], only: list[str], names: li
     return read_results(work, env, only)
 
 
+def module_env(spec: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MOX_CONFIG", None)
+    env.update(spec.get("env", {}))
+    return env
+
+
 def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Path, jobs: int) -> Result:
     work = workdir / key
     shutil.rmtree(work, ignore_errors=True)
@@ -271,9 +298,7 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
     top = sorted(p.name for p in work.iterdir())
     with (work / "pyproject.toml").open("a") as f:
         f.write(mutmut_table(spec, top))
-    env = dict(os.environ)
-    env.pop("MOX_CONFIG", None)
-    env.update(spec.get("env", {}))
+    env = module_env(spec)
     only = spec.get("only", [])
     start = time.monotonic()
     with (work / "mutmut.log").open("w") as log:
@@ -284,8 +309,20 @@ def run_module(key: str, spec: dict, equivalents: list[Equivalent], workdir: Pat
         raise SystemExit(f"mutmut run failed for {key} (exit {r.returncode}), see {work}/mutmut.log:\n{tail}")
     timed_out = [m.name for m in mutants if m.status == "timeout"]
     if timed_out:
-        mutants = recheck_timeouts(work, env, only, timed_out, jobs)
-    seconds = time.monotonic() - start
+        recheck_timeouts(work, env, only, timed_out, jobs)
+    (work / "seconds").write_text(f"{time.monotonic() - start:.0f}\n")
+    return collect(key, spec, equivalents, workdir)
+
+
+def collect(key: str, spec: dict, equivalents: list[Equivalent], workdir: Path) -> Result:
+    """The results of the last run of module ``key`` in its work directory, each survivor
+    matched against the recorded equivalents."""
+    work = workdir / key
+    if not (work / "mutants").is_dir():
+        raise SystemExit(f"{key} has not been run (no {work}/mutants)")
+    env = module_env(spec)
+    mutants = read_results(work, env, spec.get("only", []))
+    seconds = float((work / "seconds").read_text()) if (work / "seconds").exists() else 0.0
     for m in mutants:
         if m.status in KILLED:
             continue
@@ -326,6 +363,14 @@ def markdown(results: list[Result], command: str) -> str:
     for r in results:
         lines.append(f"| {r.module} | {len(r.mutants)} | {r.killed} | {len(r.equivalent)} | "
                      f"{len(r.survivors)} | {r.rate:.1f} % |")
+    for r in results:
+        if not r.equivalent and not r.survivors:
+            continue
+        lines += ["", f"**{r.module}**", ""]
+        for why, group in equivalent_groups(r).items():
+            lines.append(f"- equivalent: {why}")
+            lines += [f"  - {m.describe(short=True)}" for m in group]
+        lines += [f"- not explained: {m.describe(short=True)}" for m in r.survivors]
     return "\n".join(lines)
 
 
@@ -339,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=90.0, help="kill rate a module must reach (%%)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every equivalent mutant")
+    parser.add_argument("--report", action="store_true",
+                        help="no new run: the results of each module's last run in --workdir, with the "
+                             "equivalents recorded now")
     args = parser.parse_args(argv)
     modules, equivalents = load_config()
     if args.list:
@@ -351,11 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown module(s) {', '.join(unknown)}; see --list")
     results = []
     for key in args.modules or list(modules):
-        print(f"-- {key}: mutating {', '.join(modules[key]['paths'])}", flush=True)
-        res = run_module(key, modules[key], equivalents, args.workdir, args.jobs)
+        if args.report:
+            res = collect(key, modules[key], equivalents, args.workdir)
+        else:
+            print(f"-- {key}: mutating {', '.join(modules[key]['paths'])}", flush=True)
+            res = run_module(key, modules[key], equivalents, args.workdir, args.jobs)
         print_result(res, args.verbose)
         results.append(res)
-    command = "scripts/mutation" + "".join(f" {m}" for m in args.modules)
+    command = "scripts/mutation" + (" --report" if args.report else "") + "".join(f" {m}" for m in args.modules)
     print("\n" + markdown(results, command))
     if args.json:
         args.json.write_text(json.dumps([{

@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+import pytest
 from prometheus_client import REGISTRY
 
 from mox_core.plugins.kinds import DeliveryStatus, RecipientResult
@@ -22,7 +23,7 @@ from tests.plugins.queue_helpers import (  # noqa: F401
     reset_script,
     running,
 )
-from tests.plugins.queue_scripted import SCRIPT, T
+from tests.plugins.queue_scripted import SCRIPT, P, T
 
 
 async def add(q, *rcpts: str, **kw) -> list[int]:
@@ -152,3 +153,54 @@ async def test_stopping_without_grace_cancels_running_deliveries(cfg):
         await q.scheduler.stop()  # no grace: cancelled where it waits
         [m] = await q.list_messages()
         assert m.attempts == 1 and m.results[-1]["text"] == "delivering..."  # tried again after a restart
+
+
+async def test_each_outcome_is_logged_with_the_message_recipient_and_reply(cfg):
+    from structlog.testing import capture_logs
+
+    SCRIPT.respond("b@remote.example", (T, 451, "4.3.0", "later", "mx2.remote.example"))
+    SCRIPT.respond("c@remote.example", (P, 550, "5.1.1", "no such user"))
+    with capture_logs() as logs:
+        async with running(cfg) as q:
+            ids = await add(q, "a@remote.example", "b@remote.example", "c@remote.example", transport="relay")
+            await q.scheduler.settle()
+    keys = ("event", "msg_id", "recipient", "transport", "attempt", "code", "enhanced_code", "remote_host", "text")
+    got = [tuple(e.get(k) for k in keys) for e in logs if e["event"].startswith("delivery_") and "msg_id" in e]
+    assert got == [
+        ("delivery_delivered", ids[0], "a@remote.example", "relay", 1, 250, "2.0.0", "mx.remote.example", "ok"),
+        ("delivery_deferred", ids[1], "b@remote.example", "relay", 1, 451, "4.3.0", "mx2.remote.example", "later"),
+        ("delivery_failed", ids[2], "c@remote.example", "relay", 1, 550, "5.1.1", "mx.remote.example",
+         "no such user"),
+    ]
+
+
+async def test_settling_gives_up_when_a_delivery_never_ends(cfg):
+    SCRIPT.gate = asyncio.Event()  # never set
+    async with running(cfg) as q:
+        await add(q, "a@remote.example")
+        with pytest.raises(TimeoutError):
+            await q.scheduler.settle(timeout=0.01)
+        await q.scheduler.stop()
+
+
+FAST = '[transports.fast]\nkind = "queue_scripted"\ndestination_concurrency = 3\n'
+
+
+async def test_a_domain_waiting_for_a_one_at_a_time_transport_takes_nothing_else(tmp_path):
+    """r1 runs through a transport allowing 3 at once; b, through one allowing one, must wait
+    for r1 (postponed: the domain is blocked); r4 may not start meanwhile either."""
+    from tests.plugins.queue_helpers import make_config, scheduler_waiting
+
+    SCRIPT.gate = asyncio.Event()
+    async with running(make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')) as q:
+        await add(q, "r1@one.example")
+        await scheduler_waiting(q)
+        [b] = await add(q, "b@one.example", transport="backup")
+        await scheduler_waiting(q)
+        await add(q, "r4@one.example")
+        await scheduler_waiting(q)
+        assert [c.recipients for c in SCRIPT.calls] == [["r1@one.example"]]
+        assert (await q.store.get(b)).attempts == 0
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert [c.recipients[0] for c in SCRIPT.calls] == ["r1@one.example", "b@one.example", "r4@one.example"]
