@@ -127,7 +127,7 @@ def test_b09a_early_talker_is_refused(site):
     came after the 220 and is served). Some of a few tries must be caught, each one either
     refused or served correctly."""
     refused = 0
-    for _ in range(10):
+    for _ in range(40):
         with Raw(site.smtp_port, greeting=False) as c:
             c.send(b"EHLO x\r\n")
             first = c.reply()
