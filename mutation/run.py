@@ -65,9 +65,13 @@ class Equivalent:
     after: str  # the mutated line, stripped ("*": any text)
     why: str
     rule: str = ""
+    above: str = ""  # the original line just above the changed one ("": any)
 
-    def matches(self, function: str, removed: list[str], added: list[str], original: list[str] = ()) -> bool:
+    def matches(self, function: str, removed: list[str], added: list[str], original: list[str] = (),
+                above: str = "") -> bool:
         if not fnmatch.fnmatch(function, self.function):
+            return False
+        if self.above and not _like(self.above, above):
             return False
         if self.rule == "sql-case":
             return (len(removed) == len(added) > 0 and all(_in_sql(a, list(original)) for a in removed)
@@ -159,7 +163,7 @@ class Result:
 def load_config(path: Path = CONFIG) -> tuple[dict[str, dict], list[Equivalent]]:
     data = tomllib.loads(path.read_text())
     equivalents = [Equivalent(e["module"], e["function"], e.get("from", ""), e.get("to", ""), e["why"],
-                              e.get("rule", "")) for e in data.get("equivalent", [])]
+                              e.get("rule", ""), e.get("above", "")) for e in data.get("equivalent", [])]
     return data["modules"], equivalents
 
 
@@ -244,14 +248,16 @@ def function_of(name: str) -> str:
     return m.group(1) if m.group(1) else f"{m.group(2)}.{m.group(3)}"
 
 
-def diff_lines(diff: str) -> tuple[list[str], list[str], list[str]]:
-    """The removed and the added lines of a mutant's diff, and its hunk as it was (context
-    and removed lines), each stripped."""
+def diff_lines(diff: str) -> tuple[list[str], list[str], list[str], str]:
+    """The removed and the added lines of a mutant's diff, its hunk as it was (context and
+    removed lines), and the line above the first removed one, each stripped."""
     lines = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@", "#"))]
     removed = [line[1:].strip() for line in lines if line.startswith("-")]
     added = [line[1:].strip() for line in lines if line.startswith("+")]
     original = [line[1:].strip() for line in lines if line.startswith(("-", " "))]
-    return removed, added, original
+    first = next((i for i, line in enumerate(lines) if line.startswith("-")), 0)
+    above = lines[first - 1][1:].strip() if first > 0 else ""
+    return removed, added, original, above
 
 
 def read_results(work: Path, env: dict[str, str], only: list[str]) -> list[Mutant]:
@@ -327,9 +333,9 @@ def collect(key: str, spec: dict, equivalents: list[Equivalent], workdir: Path) 
         if m.status in KILLED:
             continue
         shown = mutmut(work, "show", m.name, env=env).stdout
-        m.removed, m.added, original = diff_lines(shown)
+        m.removed, m.added, original, above = diff_lines(shown)
         for e in equivalents:
-            if fnmatch.fnmatch(key, e.module) and e.matches(m.function, m.removed, m.added, original):
+            if fnmatch.fnmatch(key, e.module) and e.matches(m.function, m.removed, m.added, original, above):
                 m.why = e.why
                 break
     return Result(key, mutants, seconds)

@@ -152,7 +152,8 @@ async def test_stopping_without_grace_cancels_running_deliveries(cfg):
                 await asyncio.sleep(0.001)
         await q.scheduler.stop()  # no grace: cancelled where it waits
         [m] = await q.list_messages()
-        assert m.attempts == 1 and m.results[-1]["text"] == "delivering..."  # tried again after a restart
+        assert m.attempts == 1  # tried again after a restart; its result says what was going on:
+        assert m.results == [{"start": q.clock.now(), "text": "delivering...", "transport": "", "pending": True}]
 
 
 async def test_each_outcome_is_logged_with_the_message_recipient_and_reply(cfg):
@@ -204,3 +205,82 @@ async def test_a_domain_waiting_for_a_one_at_a_time_transport_takes_nothing_else
         SCRIPT.gate.set()
         await q.scheduler.settle()
         assert [c.recipients[0] for c in SCRIPT.calls] == ["r1@one.example", "b@one.example", "r4@one.example"]
+
+
+ROUTES = """
+[[accounts.alice.routes]]
+to_domain = ["account.example"]
+transport = "relay"
+
+[[routes]]
+minimum_attempts = 2
+transport = "backup"
+"""
+
+
+async def test_routes_see_the_sending_account_and_the_attempts_made(tmp_path):
+    from tests.plugins.queue_helpers import make_config
+
+    SCRIPT.default = (T, 451, "4.3.0", "later")
+    async with running(make_config(tmp_path, domains=ROUTES)) as q:
+        await add(q, "a@account.example")
+        await add(q, "b@other.example")
+        await q.scheduler.settle()
+        for iv in [450, 900]:
+            q.clock.advance(iv)
+            await q.scheduler.settle()
+        got = sorted((c.recipients[0], c.attempt, c.transport) for c in SCRIPT.calls)
+        assert got == [("a@account.example", 0, "relay"), ("a@account.example", 1, "relay"),
+                       ("a@account.example", 2, "relay"), ("b@other.example", 0, ""),
+                       ("b@other.example", 1, ""), ("b@other.example", 2, "backup")]
+
+
+class _Parallel:
+    """The default transport, declaring that it takes three deliveries to a domain at once."""
+
+    destination_concurrency = 3
+
+    def __init__(self, scripted):
+        self.scripted = scripted
+
+    async def deliver(self, message, ctx):
+        return await self.scripted.deliver(message, ctx)
+
+
+async def test_the_default_transports_own_concurrency_lets_deliveries_to_a_domain_run_together(cfg, monkeypatch):
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        real_get = q.scheduler.transports.get
+        monkeypatch.setattr(q.scheduler.transports, "get", lambda config, res: _Parallel(real_get(config, res)))
+        for i in range(4):
+            await add(q, f"u{i}@one.example")
+        async with asyncio.timeout(10):
+            while SCRIPT.active < 3:
+                await asyncio.sleep(0.001)
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert SCRIPT.max_active == 3 and len(SCRIPT.calls) == 4
+
+
+async def test_an_attempt_at_its_domains_limit_costs_no_extra_scheduler_pass(cfg):
+    """The scheduler looks again after an attempt's route is resolved only when the domain may
+    take more deliveries than the one running (one here)."""
+    from tests.plugins.queue_helpers import scheduler_waiting
+
+    SCRIPT.gate = asyncio.Event()
+    async with running(cfg) as q:
+        await scheduler_waiting(q)
+        passes = 0
+        pick = q.store.pick_and_next_due
+
+        async def counting_pick(*args, **kw):
+            nonlocal passes
+            passes += 1
+            return await pick(*args, **kw)
+
+        q.store.pick_and_next_due = counting_pick
+        await add(q, "a@remote.example")
+        await scheduler_waiting(q)
+        assert SCRIPT.active == 1 and passes == 1
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
