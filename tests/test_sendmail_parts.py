@@ -208,10 +208,11 @@ def test_the_added_from_has_the_name_from_the_environment_without_control_charac
 
 def test_a_refusal_of_the_null_sender_says_how_to_retry(tmp_path, server):
     handler, port = server
-    code, _, err = run(config(tmp_path, port), "-f", "<>", "perm-a@dest.example", "b@dest.example")
+    cfg = config(tmp_path, port)
+    code, _, err = run(cfg, "-f", "<>", "perm-a@dest.example", "b@dest.example")
     assert code == EX_UNAVAILABLE
     [path] = saved(tmp_path)
     assert "sendmail: perm-a@dest.example: permanent failure: 550 5.1.1 no such user\n" in err
     assert "sendmail: the message was accepted for 1 other recipient(s)\n" in err
-    assert err.endswith(f"sendmail: to retry: sendmail -i -f '<>' -- perm-a@dest.example < {path}\n")
+    assert err.endswith(f"sendmail: to retry: sendmail -C {cfg} -i -f '<>' -- perm-a@dest.example < {path}\n")
     assert handler.received[0][:2] == ("<>", ["b@dest.example"])
