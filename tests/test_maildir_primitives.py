@@ -67,6 +67,8 @@ def test_storage_error_replies():
     assert str(plain) == "451 4.3.0 local error in processing" and plain.reply == str(plain)
     assert (plain.errno, plain.step, plain.detail) == (None, "", "")
     assert str(StorageError.local_error(detail="gone")) == "451 4.3.0 local error in processing (: gone)"
+    made = StorageError(451, "4.3.0", "main process gone")  # as the hand-off builds one
+    assert (made.step, made.detail, made.errno, str(made)) == ("", "", None, "451 4.3.0 main process gone")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +87,12 @@ def test_unique_name_format():
     assert ma.group(6) is None and mb.group(7) == "1234"
     assert unique_name(0).endswith(",S=0")
     assert 0 <= int(ma.group(2)) < 1_000_000
+
+
+def test_unique_name_starts_with_the_time_in_seconds_and_microseconds(monkeypatch):
+    monkeypatch.setattr(md.time, "time_ns", lambda: 1_796_000_000_123_456_789)
+    m = NAME.match(unique_name())
+    assert m and (m.group(1), m.group(2)) == ("1796000000", "123456")
 
 
 def test_host_part_of_names_escapes_slash_colon_and_comma(monkeypatch):
@@ -146,6 +154,7 @@ def test_mkdir_durable_on_a_file(tmp_path):
     with pytest.raises(NotADirectoryError) as exc:
         mkdir_durable(str(tmp_path / "f"))
     assert exc.value.errno == errno.ENOTDIR and exc.value.filename == str(tmp_path / "f")
+    assert exc.value.strerror == "exists and is not a directory"
 
 
 def test_mkdir_durable_when_another_creates_it_meanwhile(tmp_path, monkeypatch, fsyncs):
@@ -191,6 +200,14 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     assert (tmp_path / "m").read_bytes() == b"PREFIX:0123456789"
     write_file(str(tmp_path / "n"), b"", b"abcdefghij")
     assert (tmp_path / "n").read_bytes() == b"abcdefghij"
+
+
+def test_writes_of_one_byte_each_are_progress(tmp_path, monkeypatch):
+    real_write = os.write
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: real_write(fd, bytes(buffers[0])[:1]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:1]))
+    write_file(str(tmp_path / "m"), b"P:", b"body")
+    assert (tmp_path / "m").read_bytes() == b"P:body"
 
 
 def test_a_write_without_progress_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
@@ -268,6 +285,9 @@ def test_ensure_a_subfolder_creates_the_account_maildir_and_the_marker(tmp_path,
     os.unlink(folder / "maildirfolder")
     Maildir.for_mailbox(tmp_path / "u", "Archive").ensure()  # only the marker was missing
     assert (folder / "maildirfolder").exists() and fsyncs == [str(folder)]
+    fsyncs.clear()
+    Maildir.for_mailbox(tmp_path / "u", "Archive").ensure()  # complete: the marker is not made again
+    assert fsyncs == []
 
 
 def test_clean_tmp_removes_old_files_only(tmp_path):
@@ -308,12 +328,46 @@ def test_clean_tmp_a_file_gone_meanwhile(tmp_path, monkeypatch):
         (tmp_path / "u" / "tmp" / n).write_text("x")
         os.utime(tmp_path / "u" / "tmp" / n, (0, 0))
     real_unlink = os.unlink
+    gone: list[str] = []
 
     def unlink(path):
-        if path.endswith("/a"):
-            real_unlink(path)
-            raise FileNotFoundError(errno.ENOENT, "gone", path)
         real_unlink(path)
+        if not gone:  # the first one, in whatever order scandir lists them, went meanwhile
+            gone.append(path)
+            raise FileNotFoundError(errno.ENOENT, "gone", path)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    assert m.clean_tmp() == 1  # "a" went by someone else; "b" by us
+    assert m.clean_tmp() == 1  # one went by someone else, the other by us: cleaning went on
+    assert len(gone) == 1 and os.listdir(tmp_path / "u" / "tmp") == []
+
+
+# --------------------------------------------------------------------------------------------
+# owners
+
+
+@pytest.mark.parametrize("owner", [(5000, 5001), (1, 0), (0, 1)], ids=["mail-user", "uid-1", "gid-1"])
+def test_as_root_what_is_created_takes_the_owner_of_its_directory(tmp_path, owner):
+    """Running as root, directories take their parent's owner and files the Maildir's, so a
+    Maildir the mail user owns stays readable by Dovecot running as that user; a directory
+    root owns keeps what is made in it root's. Not as root everything is ours: no owner."""
+    if os.geteuid() != 0:
+        assert md.owner_of(str(tmp_path)) is None
+        return
+    os.chown(tmp_path, *owner)
+    assert md.owner_of(str(tmp_path)) == owner
+    sub = Maildir.for_mailbox(tmp_path / "alice" / "Maildir", "Archive")
+    sub.ensure()
+    made = [tmp_path / "alice", tmp_path / "alice" / "Maildir", *(tmp_path / "alice" / "Maildir").iterdir(),
+            *(tmp_path / "alice" / "Maildir" / ".Archive").iterdir()]
+    assert len(made) == 2 + 4 + 4
+    assert {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made} == {p.name: owner for p in made}
+    assert sub.owner == owner
+    write_file(os.path.join(sub.tmp, "m"), b"", b"x", owner=sub.owner)
+    assert (os.stat(os.path.join(sub.tmp, "m")).st_uid, os.stat(os.path.join(sub.tmp, "m")).st_gid) == owner
+    root_owned = tmp_path / "root-owned"
+    root_owned.mkdir()
+    os.chown(root_owned, 0, 0)
+    assert md.owner_of(str(root_owned)) is None
+    m = Maildir(root_owned / "bob")
+    m.ensure()
+    assert m.owner is None and os.stat(root_owned / "bob" / "new").st_uid == 0

@@ -345,8 +345,11 @@ async def test_segment_messages_are_delivered_and_their_segment_freed(cfg):
         got = {c.recipients[0]: c.data for c in SCRIPT.calls}
         for i in range(1, 7):
             assert got[f"r{i}@d{i}.example"] == got[f"s{i}@e{i}.example"] == mid(i)
-        # only the segment still appended to is left
-        assert q.store.db.execute("SELECT live, sealed FROM segment").fetchall() == [(0, None)]
+        # only the segment still appended to is left; the files of the freed ones became
+        # spares or went (none lingers until the next start's orphan sweep)
+        [(active, live, sealed)] = q.store.db.execute("SELECT id, live, sealed FROM segment").fetchall()
+        assert (live, sealed) == (0, None)
+        assert [n for n in os.listdir(seg_dir(q)) if not n.startswith("spare-")] == [str(active)]
 
 
 async def test_two_processes_adding_to_one_queue_append_to_segments_of_their_own(cfg):

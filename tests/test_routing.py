@@ -351,6 +351,9 @@ def test_explain_texts(tmp_path):
         "'c.example'; minimum_attempts = 2, but 0 attempt(s) made",
         "transport: direct delivery (default, no route matched)",
     ]
+    # a recipient without a domain (a bare "x@") is said as such, as the null sender is
+    no_domain = explain(cfg, "a@a.example", "x@", 2).lines()
+    assert "to_domain ['b.example'] does not include '(empty)'" in no_domain[1]
     over = explain(cfg, "alice@example.org", "x@c.example", 2, override="backup").lines()
     assert over[0] == "attempt 2 (1 attempt(s) made before), from domain example.org, to domain c.example, account alice"
     assert over[-1] == "transport: backup (kind queue_scripted), override"
