@@ -5,7 +5,10 @@ Maildirs, a commit that crashes, closing, and results for futures cancelled mean
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -98,6 +101,15 @@ def test_store_refuses_bad_sizes():
     for kw in ({"writers": 0}, {"max_batch": 0}):
         with pytest.raises(ValueError, match="^writers and max_batch must be at least 1$"):
             MaildirStore(**kw)
+    MaildirStore(writers=1, max_batch=1).close()  # one at a time is allowed
+
+
+def test_store_defaults_four_writers_and_batches_of_64():
+    store = MaildirStore()
+    try:
+        assert len(store._threads) == 4 and store._max_batch == 64
+    finally:
+        store.close()
 
 
 def test_store_threads_and_close(monkeypatch):
@@ -147,3 +159,94 @@ async def test_results_skip_futures_already_done():
     durable._resolve_in_loop([(cancelled, [Path("/a")]), (waiting, [Path("/b")]), (failing, err)])
     assert waiting.result() == [Path("/b")]
     assert failing.exception() is err
+
+
+def test_two_messages_in_one_new_dir_both_fail_when_its_fsync_fails(tmp_path, monkeypatch):
+    """One fsync of new/ for the whole batch: when it fails, every message renamed into that
+    directory fails (none may be acknowledged without it), not only the first."""
+    real_fsync = os.fsync
+    new = str(tmp_path / "u" / "new")
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}") == new:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    MaildirCache().get(tmp_path / "u", "Inbox")  # made before the fault
+    monkeypatch.setattr(os, "fsync", fsync)
+    stats = StoreStats()
+    results = commit_batch([[Delivery(tmp_path / "u", MSG)], [Delivery(tmp_path / "u", MSG + b"2\r\n")],
+                            [Delivery(tmp_path / "u", MSG + b"3\r\n")]], stats=stats)
+    assert [(r.code, r.step) for r in results] == [(451, "fsync_dir")] * 3
+    assert new_files(tmp_path / "u") == [] and stats.failed == 3
+
+
+def test_a_maildir_removed_behind_the_cache_is_made_again(tmp_path):
+    cache = MaildirCache()
+    deliver_sync([Delivery(tmp_path / "u", MSG)], cache)
+    shutil.rmtree(tmp_path / "u")
+    [p] = deliver_sync([Delivery(tmp_path / "u", MSG, prefix=b"X-Again: 1\r\n")], cache)
+    assert p.parent == tmp_path / "u" / "new" and p.read_bytes() == b"X-Again: 1\r\n" + MSG
+
+
+def test_as_root_delivered_files_take_the_maildirs_owner(tmp_path):
+    """Also when the Maildir was removed and made again, and for a second copy that is not a
+    link (another prefix). Not as root there is nobody else to give a file to."""
+    if os.geteuid() != 0:
+        [p] = deliver_sync([Delivery(tmp_path / "u", MSG)])
+        assert os.stat(p).st_uid == os.geteuid()
+        return
+    owner = (5000, 5001)
+    os.chown(tmp_path, *owner)
+    cache = MaildirCache()
+    paths = deliver_sync([Delivery(tmp_path / "u", MSG), Delivery(tmp_path / "u", MSG, prefix=b"X-B: 1\r\n")],
+                         cache)
+    owners = [(os.stat(p).st_uid, os.stat(p).st_gid) for p in paths]
+    shutil.rmtree(tmp_path / "u")
+    [again] = deliver_sync([Delivery(tmp_path / "u", MSG)], cache)
+    owners.append((os.stat(again).st_uid, os.stat(again).st_gid))
+    assert owners == [owner] * 3
+
+
+async def test_failures_resolved_together_are_each_counted(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    new = str(tmp_path / "u" / "new")
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}") == new:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    MaildirCache().get(tmp_path / "u", "Inbox")
+    store = MaildirStore(writers=1)
+    try:
+        monkeypatch.setattr(os, "fsync", fsync)
+        jobs = [durable._Job(durable._Unit([Delivery(tmp_path / "u", MSG + b"%d\r\n" % i)]),
+                             asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+                for i in range(2)]
+        for job in jobs:
+            store._write(job)
+        await asyncio.to_thread(store._commit, jobs)  # one commit, one resolve for both
+        assert store.stats.failed == 2
+        for job in jobs:
+            with pytest.raises(StorageError, match="^452 4.3.1 "):
+                await asyncio.wait_for(job.fut, 10)
+    finally:
+        store.close()
+
+
+def test_a_result_for_an_event_loop_that_is_gone_is_dropped(tmp_path):
+    """The caller's loop closed while its message was written: nobody waits for the result,
+    and the writer goes on (no exception out of the writer thread)."""
+    loop = asyncio.new_event_loop()
+    fut = loop.create_future()
+    loop.close()
+    store = MaildirStore(writers=1)
+    try:
+        job = durable._Job(durable._Unit([Delivery(tmp_path / "u", MSG)]), loop, fut)
+        store._write(job)
+        store._commit([job])  # resolving into the closed loop raises RuntimeError there: dropped
+        assert store.stats.deliveries == 1 and len(new_files(tmp_path / "u")) == 1
+        assert deliver_sync([Delivery(tmp_path / "u", MSG)])
+    finally:
+        store.close()

@@ -356,15 +356,16 @@ async def test_close_drains_pending_work(tmp_path: Path, write_gate: WriterGate)
     ready(root)
     tasks = [await enqueue(store, [Delivery(root, MSG + b"0\r\n")])]
     await write_gate.wait_entered()  # the rest stays queued behind the busy writer
-    tasks += [await enqueue(store, [Delivery(root, MSG + b"%d\r\n" % i)]) for i in range(1, 40)]
+    # 42, not a multiple of max_batch: the writer finds the stop marker behind the last two
+    tasks += [await enqueue(store, [Delivery(root, MSG + b"%d\r\n" % i)]) for i in range(1, 42)]
     closing = asyncio.create_task(store.aclose())
     await asyncio.sleep(0.05)
     assert not closing.done()
     write_gate.release.set()
     await asyncio.wait_for(closing, 10)
     paths = [p for [p] in await settle(*tasks)]
-    assert [p.read_bytes() for p in paths] == [MSG + b"%d\r\n" % i for i in range(40)]
-    assert store.stats.deliveries == 40 and store.stats.largest_batch == 8
+    assert [p.read_bytes() for p in paths] == [MSG + b"%d\r\n" % i for i in range(42)]
+    assert store.stats.deliveries == 42 and store.stats.largest_batch == 8
     with pytest.raises(StorageError) as ei:
         await store.deliver([Delivery(root, MSG)])
     assert ei.value.code == CODE_LOCAL_ERROR
@@ -484,6 +485,7 @@ async def test_fault_gives_reply_and_leaves_nothing(
         await store.deliver([Delivery(root, MSG, prefix=b"Delivered-To: u@local.test\r\n")])
     assert (ei.value.code, ei.value.enhanced_code) == (code, enhanced)
     assert ei.value.errno == err
+    assert ei.value.step == {"rename": "rename", "dir_fsync": "fsync_dir"}.get(fault, "write")
     assert listing(root) == {"tmp": [], "new": [], "cur": []}
     assert store.stats.failed == 1
 
