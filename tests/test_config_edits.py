@@ -251,6 +251,11 @@ def test_a_quoted_localpart_with_at_signs():
     add_address(d, "q", '"x@c.example"@example.org')
     remove_domain(d, "c.example")  # the localpart names c.example, the address is not in it
     assert "c.example" not in tomlkit.dumps(d).split("[accounts")[0]
+    # and an address with an @ in its localpart is in the domain after the last @
+    d = tomlkit.parse('[domains."a.example"]\n[domains."d.example"]\n\n[accounts.x]\ndomain = "a.example"\n')
+    add_address(d, "x", '"p@q"@d.example')
+    assert refused(remove_domain, d, "d.example") == (
+        'domain d.example is still used by: address "p@q"@d.example of account x; remove or change those first')
 
 
 def test_a_new_destinations_table_has_no_header_of_its_own():

@@ -222,3 +222,22 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     writer.change(lambda doc: edits.add_account(doc, "alice", "alice@example.org"))
     assert not stale.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_temp_file_gone_before_its_removal_does_not_stop_the_write(tmp_path, monkeypatch):
+    """Another process removed the stale temp file between the listing and the unlink (or
+    it cannot be removed): the save still goes through."""
+    writer, _, _ = writer_for(tmp_path)
+    stale = tmp_path / ".domains.toml.999999.tmp"
+    stale.write_text("half a file")
+    real_unlink = type(stale).unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == stale.name:
+            real_unlink(self)
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(type(stale), "unlink", unlink)
+    writer.change(lambda doc: edits.add_account(doc, "alice", "alice@example.org"))
+    assert "[accounts.alice]" in (tmp_path / "domains.toml").read_text()

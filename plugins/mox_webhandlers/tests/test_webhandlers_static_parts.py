@@ -66,6 +66,7 @@ def test_lookup_names_the_real_path_and_root(tmp_path, www):
     try:
         assert (found.kind, found.path, found.root, found.file.name) == ("file", f"{real}/sub/b.txt", real, "b.txt")
         assert os.read(found.file.fd, 10) == b"bee"
+        assert found.file.head == b"bee"  # read with the lookup: a small file needs no second trip
     finally:
         os.close(found.file.fd)
 
@@ -96,8 +97,9 @@ async def test_a_file_replaced_by_a_directory_before_the_open_is_not_served(tmp_
     (errno.EIO, 500, b"500 - internal server error"),
     (errno.EACCES, 403, b"403 - permission denied"),
 ])
+@pytest.mark.parametrize("step", ["check", "first-read"])
 async def test_an_error_after_the_open_is_answered_and_the_file_closed(tmp_path, www, monkeypatch, error, status,
-                                                                        text):
+                                                                        text, step):
     opened = []
     real_open = mod.open_file
 
@@ -105,11 +107,14 @@ async def test_an_error_after_the_open_is_answered_and_the_file_closed(tmp_path,
         opened.append(real_open(path))
         return opened[-1]
 
-    def check_opened(fd, root):
+    def failing(*args):
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(mod, "open_file", open_file)
-    monkeypatch.setattr(mod, "check_opened", check_opened)
+    if step == "check":
+        monkeypatch.setattr(mod, "check_opened", failing)
+    else:
+        monkeypatch.setattr(mod.os, "pread", failing)
     r = await call(static(tmp_path, www), "/a.txt")
     assert (r.status, r.body) == (status, text)
     assert len(opened) == 1 and closed(opened[0])
