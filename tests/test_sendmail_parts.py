@@ -91,6 +91,22 @@ def test_a_failure_is_saved_in_a_private_folder_made_with_its_parents(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_the_saved_message_is_private_from_its_creation_not_only_after_the_chmod(tmp_path, monkeypatch):
+    """Another user who opened the file or folder in the moment between its creation and the
+    chmod could read the message written later: both are created private already."""
+    seen = []
+    monkeypatch.setattr(os, "chmod", lambda path, mode: seen.append(("chmod", mode)))
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: seen.append(("fchmod", mode)))
+    old = os.umask(0)
+    try:
+        folder = tmp_path / "failures"
+        path = command.save_failure(SendmailConfig(host="h", failures_dir=folder), b"the message")
+    finally:
+        os.umask(old)
+    assert seen == [("chmod", 0o700), ("fchmod", 0o600)]  # still done, for what the umask took
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_a_message_that_cannot_be_saved_keeps_the_exit_status(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     cfg = config(tmp_path, closed_port(), failures_dir=str(tmp_path / "a-file" / "failures"),
