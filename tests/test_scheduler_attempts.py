@@ -265,22 +265,14 @@ async def test_the_default_transports_own_concurrency_lets_deliveries_to_a_domai
 async def test_an_attempt_at_its_domains_limit_costs_no_extra_scheduler_pass(cfg):
     """The scheduler looks again after an attempt's route is resolved only when the domain may
     take more deliveries than the one running (one here)."""
-    from tests.plugins.queue_helpers import scheduler_waiting
+    from tests.plugins.queue_helpers import count_picks, scheduler_waiting
 
     SCRIPT.gate = asyncio.Event()
     async with running(cfg) as q:
         await scheduler_waiting(q)
-        passes = 0
-        pick = q.store.pick_and_next_due
-
-        async def counting_pick(*args, **kw):
-            nonlocal passes
-            passes += 1
-            return await pick(*args, **kw)
-
-        q.store.pick_and_next_due = counting_pick
+        passes = count_picks(q)
         await add(q, "a@remote.example")
         await scheduler_waiting(q)
-        assert SCRIPT.active == 1 and passes == 1
+        assert SCRIPT.active == 1 and passes[0] == 1
         SCRIPT.gate.set()
         await q.scheduler.settle()

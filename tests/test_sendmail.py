@@ -8,6 +8,7 @@ Cyrus SASL, and two real callers, ``git send-email`` and bsd-mailx's ``mail``, e
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
@@ -90,7 +91,6 @@ def sendmail(config: Path | None, *args: str, input: bytes = b"Subject: test\n\n
 
 def _sendmail_in_process(argv: list[str], input: bytes, env: dict[str, str],
                          umask: int | None) -> subprocess.CompletedProcess[str]:
-    import contextlib
     import io
     from unittest import mock
 
@@ -397,13 +397,13 @@ class _PerRecipient:
         return "250 OK queued"
 
 
-@pytest.fixture
-def per_recipient_server():
+@contextlib.contextmanager
+def smtp_server(handler):
+    """An aiosmtpd server with ``handler`` on a free loopback port: (handler, port)."""
     from aiosmtpd.controller import Controller
 
     from mox_testpeers import free_port
 
-    handler = _PerRecipient()
     port = free_port("127.0.0.1")
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -411,6 +411,12 @@ def per_recipient_server():
         yield handler, port
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def per_recipient_server():
+    with smtp_server(_PerRecipient()) as server:
+        yield server
 
 
 @pytest.mark.parametrize("recipients, code, accepted", [

@@ -40,18 +40,10 @@ class _Recorder:
 
 @pytest.fixture
 def server():
-    from aiosmtpd.controller import Controller
+    from tests.test_sendmail import smtp_server
 
-    from mox_testpeers import free_port
-
-    handler = _Recorder()
-    port = free_port("127.0.0.1")
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield handler, port
-    finally:
-        controller.stop()
+    with smtp_server(_Recorder()) as server:
+        yield server
 
 
 def config(tmp_path: Path, port: int, **keys) -> Path:

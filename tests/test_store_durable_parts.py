@@ -161,19 +161,23 @@ async def test_results_skip_futures_already_done():
     assert failing.exception() is err
 
 
+def failing_fsync_of(directory: Path, err: int):
+    """os.fsync failing with ``err`` for ``directory`` only."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}") == str(directory):
+            raise OSError(err, os.strerror(err))
+        real_fsync(fd)
+
+    return fsync
+
+
 def test_two_messages_in_one_new_dir_both_fail_when_its_fsync_fails(tmp_path, monkeypatch):
     """One fsync of new/ for the whole batch: when it fails, every message renamed into that
     directory fails (none may be acknowledged without it), not only the first."""
-    real_fsync = os.fsync
-    new = str(tmp_path / "u" / "new")
-
-    def fsync(fd):
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}") == new:
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
     MaildirCache().get(tmp_path / "u", "Inbox")  # made before the fault
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync_of(tmp_path / "u" / "new", errno.EIO))
     stats = StoreStats()
     results = commit_batch([[Delivery(tmp_path / "u", MSG)], [Delivery(tmp_path / "u", MSG + b"2\r\n")],
                             [Delivery(tmp_path / "u", MSG + b"3\r\n")]], stats=stats)
@@ -209,18 +213,10 @@ def test_as_root_delivered_files_take_the_maildirs_owner(tmp_path):
 
 
 async def test_failures_resolved_together_are_each_counted(tmp_path, monkeypatch):
-    real_fsync = os.fsync
-    new = str(tmp_path / "u" / "new")
-
-    def fsync(fd):
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}") == new:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
     MaildirCache().get(tmp_path / "u", "Inbox")
     store = MaildirStore(writers=1)
     try:
-        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", failing_fsync_of(tmp_path / "u" / "new", errno.ENOSPC))
         jobs = [durable._Job(durable._Unit([Delivery(tmp_path / "u", MSG + b"%d\r\n" % i)]),
                              asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
                 for i in range(2)]

@@ -65,6 +65,20 @@ async def running(config: Config | ConfigHolder, clock: FakeClock | None = None,
         await q.close()
 
 
+def count_picks(q: Queue) -> list[int]:
+    """Count the scheduler's passes over the database (its calls of ``pick_and_next_due``)
+    from now on: the one-element list it returns holds the count."""
+    passes = [0]
+    pick = q.store.pick_and_next_due
+
+    async def counting_pick(*args, **kw):
+        passes[0] += 1
+        return await pick(*args, **kw)
+
+    q.store.pick_and_next_due = counting_pick
+    return passes
+
+
 async def scheduler_waiting(q: Queue, timeout: float = 10.0) -> None:
     """Until the scheduler's loop waits for a wake-up with none pending (its pass after the
     last kick is over) and every delivery it launched has reached the scripted transport.
