@@ -103,32 +103,26 @@ def raise_nofile(n: int = 65536) -> tuple[int, int]:
     return lim
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its descendants (all threads), from /proc/PID/stat."""
-    total = 0.0
+def cpu_seconds(pid: int, *, exited_children: bool = False) -> float:
+    """utime + stime of a process and its descendants (all threads), from /proc/PID/stat; with
+    ``exited_children`` also what their children that have exited used (cutime + cstime,
+    counted once a child is waited for): Postfix's smtpd, cleanup and trivial-rewrite processes
+    come and go under its master."""
+    last = 15 if exited_children else 13
+    ticks = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        ticks += sum(int(x) for x in fields[11:last])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds_all(pid: int) -> float:
-    """utime + stime of ``pid`` and its descendants, plus what their children that have exited
-    used (cutime + cstime, counted once a child is waited for): Postfix's smtpd, cleanup and
-    trivial-rewrite processes come and go under its master."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+    """:func:`cpu_seconds` with the children that have exited."""
+    return cpu_seconds(pid, exited_children=True)
 
 
 def rotate(items: list, k: int) -> list:
