@@ -1,7 +1,8 @@
 """The account pages through a real ``mox serve`` (its web process and request pipeline), over
 plain HTTP and HTTPS: login and its throttle, cookies, logout, CSRF, session fixation, a
 password change seen by SMTP AUTH, a message delivered over SMTP, names that are not
-messages, sessions across a restart; and ``mox setadminpassword``."""
+messages, sessions across a restart; and ``mox setaccountpassword`` / ``mox setadminpassword``
+ending the sessions of the password they replace."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import httpx
 import pytest
 
 from mox_core.accounts.adminpasswd import check_admin_password
-from tests.accountweb import BOB_PASSWORD, AccountWeb, csrf_of
+from mox_core.webui import SessionStore
+from tests.accountweb import BOB_PASSWORD, PASSWORD, AccountWeb, csrf_of
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +164,38 @@ def test_sessions_survive_a_restart_of_the_server(web):
         web.mox.stop()
         web.mox.start()
         assert c.get(web.url("/account/")).status_code == 200
+
+
+def test_setaccountpassword_logs_out_that_accounts_web_sessions_at_once(web):
+    web.mox.mox("setaccountpassword", "admin", input="admin-by-cli-1\n")  # whatever another test set
+    with web.client() as first, web.client() as second, web.client() as alice:
+        for c, user, password in ((first, "admin@example.org", "admin-by-cli-1"),
+                                  (second, "admin@example.org", "admin-by-cli-1"),
+                                  (alice, "alice@example.org", PASSWORD)):
+            assert web.login(c, user, password).status_code == 303
+            assert c.get(web.url("/account/")).status_code == 200
+        out = web.mox.mox("setaccountpassword", "admin", input="admin-by-cli-2\n")
+        assert "password for account admin set; 2 web sessions ended" in out.stdout
+        for c in (first, second):  # the running server, no restart
+            r = c.get(web.url("/account/"))
+            assert r.status_code == 303 and r.headers["location"] == "/account/login"
+        assert alice.get(web.url("/account/")).status_code == 200  # another account's session stays
+        assert web.login(first, "admin@example.org", "admin-by-cli-1").status_code == 403
+        assert web.login(first, "admin@example.org", "admin-by-cli-2").status_code == 303
+        assert first.get(web.url("/account/")).status_code == 200
+
+
+def test_setadminpassword_ends_the_admin_pages_sessions(web):
+    store = SessionStore.for_data_dir(web.mox.data_dir)  # as the admin pages' login makes them
+    try:
+        admin = store.create("admin", "admin")
+        account = store.create("account", "alice")
+        out = web.mox.mox("setadminpassword", input="admin pages secret\n")
+        assert out.stdout.rstrip().endswith("; 1 web session ended")
+        assert store.get("admin", admin.id) is None
+        assert store.get("account", account.id).principal == "alice"
+    finally:
+        store.close()
 
 
 def test_setadminpassword_stores_only_a_salted_hash(web):

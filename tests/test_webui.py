@@ -11,6 +11,7 @@ import pytest
 
 from mox_core.webui import SessionStore
 from mox_core.webui.security import same_origin
+from mox_core.webui.sessions import end_sessions
 from tests.accountweb import PASSWORD, AccountASGI, csrf_of
 
 
@@ -155,6 +156,20 @@ def test_sessions_survive_a_restart_and_the_database_holds_no_session_id(tmp_pat
     raw = b"".join(p.read_bytes() for p in (tmp_path / "web").iterdir())
     assert s.id.encode() not in raw
     assert ((tmp_path / "web" / "sessions.db").stat().st_mode & 0o777) == 0o600
+
+
+def test_end_sessions_ends_one_principals_sessions_of_one_service(tmp_path):
+    assert end_sessions(tmp_path, "account", "alice") == 0
+    assert not (tmp_path / "web").exists()  # no login ever: no sessions file made for nothing
+    store = SessionStore.for_data_dir(tmp_path)
+    alice = [store.create("account", "alice") for _ in range(2)]
+    bob = store.create("account", "bob")
+    admin = store.create("admin", "alice")  # another service's principal of the same name
+    assert end_sessions(tmp_path, "account", "alice") == 2
+    assert [store.get("account", s.id) for s in alice] == [None, None]
+    assert store.get("account", bob.id).principal == "bob"
+    assert store.get("admin", admin.id).principal == "alice"
+    assert end_sessions(tmp_path, "account", "alice") == 0
 
 
 async def test_a_removed_account_loses_its_sessions(ui, tmp_path):

@@ -114,15 +114,18 @@ def web_worker(state: State, parent: int, channel: int, sockets: tuple[str, ...]
 def setaccountpassword(state: State, account: str) -> None:
     """Set the password of ACCOUNT (read from the terminal, or the first line of stdin).
 
-    Only derived credentials are stored (salted hash, SCRAM keys, CRAM-MD5 states).
+    Only derived credentials are stored (salted hash, SCRAM keys, CRAM-MD5 states). The
+    account's web sessions end: its pages ask for the new password.
     """
     from mox_core.accounts.db import set_password
+    from mox_core.webui.sessions import end_sessions
 
     cfg = state.load_config()
     if account not in cfg.dynamic.model.accounts:
         raise MoxError(f"no account {account!r} in {cfg.domains_path}")
     set_password(cfg, account, _read_password())
-    click.echo(f"password for account {account} set")
+    ended = end_sessions(cfg.data_dir, "account", account)
+    click.echo(f"password for account {account} set" + _sessions_ended(ended))
 
 
 @cli.command("setadminpassword")
@@ -131,12 +134,19 @@ def setadminpassword(state: State) -> None:
     """Set the password of the admin pages (read from the terminal, or the first line of stdin).
 
     Only a salted scrypt hash is stored, in the file adminpasswd beside mox.toml (mode 0600).
+    Every session of the admin pages ends: they ask for the new password.
     """
     from mox_core.accounts.adminpasswd import set_admin_password
+    from mox_core.webui.sessions import end_sessions
 
     cfg = state.load_config()
     path = set_admin_password(cfg.config_dir, _read_password())
-    click.echo(f"admin password set in {path}")
+    ended = end_sessions(cfg.data_dir, "admin", "admin")
+    click.echo(f"admin password set in {path}" + _sessions_ended(ended))
+
+
+def _sessions_ended(n: int) -> str:
+    return f"; {n} web session{'' if n == 1 else 's'} ended" if n else ""
 
 
 def _read_password() -> str:

@@ -9,7 +9,10 @@ Each session has its own random CSRF token (256 bits), which every form of its p
 back (:mod:`mox_core.webui.security`).
 
 A session ends at logout (the row is deleted), after ``idle`` seconds without a request, or
-``absolute`` seconds after the login, whatever happens in between. Expired rows are deleted
+``absolute`` seconds after the login, whatever happens in between; and every session of an
+account or of the admin pages ends when its password is set anew, on the pages or with ``mox
+setaccountpassword`` / ``mox setadminpassword`` (:func:`end_sessions`): whoever knew the old
+password and logged in with it is out. Expired rows are deleted
 when they are met and at each login. The file survives a restart of the web process; the
 pages of several services (account, admin) share it, each session belonging to one service.
 """
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ABSOLUTE_TIMEOUT", "IDLE_TIMEOUT", "Session", "SessionStore", "new_token"]
+__all__ = ["ABSOLUTE_TIMEOUT", "IDLE_TIMEOUT", "Session", "SessionStore", "end_sessions", "new_token"]
 
 IDLE_TIMEOUT = 24 * 3600.0
 ABSOLUTE_TIMEOUT = 7 * 24 * 3600.0
@@ -146,3 +149,18 @@ class SessionStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def end_sessions(data_dir: Path, service: str, principal: str) -> int:
+    """End every session of ``principal`` on ``service`` ("account" or "admin"), as the
+    commands that set a password do; how many there were. A running web process reads each
+    session from the database at every request, so they end at once. No sessions file (no web
+    page has had a login yet): nothing to end, and none is made."""
+    path = Path(data_dir) / "web" / "sessions.db"
+    if not path.exists():
+        return 0
+    store = SessionStore(path)
+    try:
+        return store.delete_principal(service, principal)
+    finally:
+        store.close()
