@@ -27,6 +27,8 @@ domain = "example.org"
 full_name = "Alice Liddell"
 [accounts.alice.destinations."alice@example.org"]
 [accounts.alice.destinations."support@example.org"]
+[accounts.alice.destinations."lists@example.org"]
+mailbox = "Lists"
 [accounts.alice.destinations."@example.org"]
 
 [accounts.bob]

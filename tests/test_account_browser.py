@@ -1,6 +1,6 @@
 """The account pages in a real browser (Debian's chromium through Playwright) against a real
 ``mox serve``: log in, the overview, a message sent over SMTP in the list and opened, the
-password change, log out, and a phone-sized window. Screenshots of the main pages go to
+password change, log out, a mailbox other than the Inbox, and a phone-sized window. Screenshots of the main pages go to
 tests/artifacts/screenshots/ (see the README)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from mox_testpeers import wait_for
 from tests.accountweb import BOB_PASSWORD, PASSWORD, AccountWeb
 from tests.browser import CHROMIUM, require_chromium
 
@@ -30,7 +31,11 @@ def web(tmp_path_factory):
               html="<html><head><style>p{color:red}</style></head><body><h1>March news</h1>"
                    "<p>Read <a href=\"https://letters.example/march\">online</a>.</p>"
                    "<script>alert(1)</script></body></html>")
+    w.deliver("lists@example.org", "[dev] Release 1.4 is out", "Changelog attached.\n",
+              sender="Dev list <dev@lists.example>")
     w.mox.wait_for_messages("alice", 4)
+    lists_new = w.mox.data_dir / "accounts" / "alice" / "Maildir" / ".Lists" / "new"
+    wait_for(lambda: lists_new.is_dir() and any(lists_new.iterdir()), 10, what="the message in alice's Lists")
     w.submit("alice@example.org", PASSWORD, "admin@example.org", "Lunch?")
     yield w
     w.stop()
@@ -90,6 +95,29 @@ def test_a_user_logs_in_reads_a_message_from_smtp_and_logs_out(web, browser_cont
     expect(page.get_by_role("status")).to_have_text("You are logged out.")
     page.goto(web.url("/account/messages"))
     expect(page).to_have_url(re.compile(r"/account/login\?next="))
+
+
+def test_a_user_reads_a_mailbox_other_than_the_inbox(web, browser_context, screenshot):
+    page = browser_context.new_page()
+    _login(page, web)
+    page.get_by_role("link", name="Messages", exact=True).click()
+    mailboxes = page.get_by_role("navigation", name="Mailboxes")
+    expect(mailboxes.get_by_role("link")).to_have_text(["Inbox", "Lists"])
+    expect(page.locator("table.messages")).not_to_contain_text("Release 1.4")
+    mailboxes.get_by_role("link", name="Lists").click()
+    expect(page).to_have_url(web.url("/account/messages?mailbox=Lists"))
+    rows = page.locator("table.messages tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Dev list")
+    expect(mailboxes.locator('[aria-current="page"]')).to_have_text("Lists")
+    screenshot(page, "mailbox-lists")
+    page.get_by_role("link", name="[dev] Release 1.4 is out").click()
+    expect(page.locator("pre.body")).to_have_text("Changelog attached.")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download (.eml)").click()
+    assert b"Subject: [dev] Release 1.4 is out" in open(download.value.path(), "rb").read()
+    page.get_by_role("link", name="← Lists").click()
+    expect(page).to_have_url(web.url("/account/messages?mailbox=Lists"))
 
 
 def test_a_user_changes_the_password_in_the_browser(web, browser_context, screenshot):

@@ -1,5 +1,6 @@
 """The account pages as an ASGI app: the overview's addresses, limits and 24-hour use, the
-Inbox (list, one message, download, names that are not messages), and the password change."""
+Inbox and the other mailboxes (list, one message, download, names that are not messages or
+not mailboxes of the account), and the password change."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from mox_core.account.htmltext import html_to_text
-from mox_core.account.mail import Inbox, valid_id
+from mox_core.account.mail import Mailbox, mailboxes, open_mailbox, valid_id
 from mox_core.builtin.rate_limiters import OutgoingLog
 from mox_core.plugins.kinds import Submission
+from mox_core.store import mailbox_dir
 from tests.accountweb import BOB_PASSWORD, PASSWORD, AccountASGI
 
 
@@ -190,11 +192,106 @@ async def test_names_that_are_not_maildir_messages_of_the_account_are_not_found(
             assert b"hostname" not in r.content and b"Bob's" not in r.content and b"In tmp" not in r.content
 
 
+def _folder(root: Path, name: str) -> Path:
+    """The Maildir++ folder ``name`` ("Archive/2024" -> ``.Archive.2024``) as the store makes it."""
+    folder = root / ("." + name.replace("/", "."))
+    for sub in ("new", "cur", "tmp"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def test_the_other_mailboxes_are_listed_and_their_messages_shown(ui):
+    root = _maildir(ui)
+    now = time.time()
+    _put(root, "8000.M1P1Q1.host", _msg("In the Inbox"), now)
+    lists = _folder(root, "Lists")
+    for i in range(52):
+        _put(lists, f"{8100 + i}.M1P1Q{i}.host", _msg(f"List post {i:02d}"), now - 100 + i)
+    _put(_folder(root, "Archive/2024"), "8200.M1P1Q1.host,S=9:2,S", _msg("Archived"), now, sub="cur")
+    (root / ".NotAFolder").mkdir()  # no cur/ or new/: not a mailbox
+    async with ui.client() as c:
+        await ui.login(c)
+        inbox = (await c.get("/account/messages")).text
+        box = (await c.get("/account/messages?mailbox=Lists")).text
+        second = (await c.get("/account/messages?mailbox=Lists&page=2")).text
+        one = await c.get("/account/messages/8100.M1P1Q0.host?mailbox=Lists")
+        raw = await c.get("/account/raw/8100.M1P1Q0.host?mailbox=Lists")
+        archived = await c.get("/account/messages/8200.M1P1Q1.host,S=9?mailbox=Archive%2F2024")
+        not_in_the_inbox = await c.get("/account/messages/8100.M1P1Q0.host")
+        inbox_by_any_case = (await c.get("/account/messages?mailbox=INBOX")).text
+    nav = inbox.split('aria-label="Mailboxes"')[1].split("</nav>")[0]
+    assert [line.split(">")[1].split("<")[0] for line in nav.split("<a ")[1:]] == ["Inbox", "Archive/2024", "Lists"]
+    assert 'href="/account/messages?mailbox=Archive/2024"' in nav and 'aria-current="page">Inbox<' in nav
+    assert "In the Inbox" in inbox and "List post" not in inbox
+    assert "List post 51" in box and "List post 02" in box and "List post 01" not in box and "In the Inbox" not in box
+    assert "Lists · 52 messages" in box and 'aria-current="page">Lists<' in box
+    assert 'href="/account/messages/8151.M1P1Q51.host?mailbox=Lists"' in box
+    assert 'href="/account/messages?mailbox=Lists&amp;page=2"' in box
+    assert "List post 01" in second and "List post 00" in second and "51–52 of 52" in second
+    assert one.status_code == 200 and "List post 00" in one.text
+    assert 'href="/account/messages?mailbox=Lists">← Lists<' in one.text
+    assert 'href="/account/raw/8100.M1P1Q0.host?mailbox=Lists"' in one.text
+    assert raw.status_code == 200 and raw.content == (lists / "new" / "8100.M1P1Q0.host").read_bytes()
+    assert archived.status_code == 200 and "Archived" in archived.text
+    assert not_in_the_inbox.status_code == 404 and "List post" not in not_in_the_inbox.text
+    assert "In the Inbox" in inbox_by_any_case
+
+
+async def test_the_mailbox_list_is_not_shown_with_only_the_inbox(ui):
+    _put(_maildir(ui), "8300.M1P1Q1.host", _msg("Only here"), time.time())
+    async with ui.client() as c:
+        await ui.login(c)
+        page = (await c.get("/account/messages")).text
+    assert "Only here" in page and 'aria-label="Mailboxes"' not in page
+
+
+@pytest.mark.parametrize("mailbox", [
+    "..", ".", "../bob", "..%2Fbob%2FMaildir", "Lists%2F..%2F..", "%2Fetc", "Elsewhere", "NotAFolder",
+    "Nope", "Lists%00", ".Lists", "lists", "new", "cur",
+])
+async def test_names_that_are_not_mailboxes_of_the_account_are_not_found(ui, mailbox):
+    root = _maildir(ui)
+    _put(_folder(root, "Lists"), "8400.M1P1Q1.host", _msg("Alice's list post"), time.time())
+    _put(root, "8401.M1P1Q1.host", _msg("Alice's own"), time.time())
+    bob = _maildir(ui, "bob")
+    _put(bob, "8402.M1P1Q1.host", _msg("Bob's"), time.time())
+    (root / ".Elsewhere").symlink_to(bob)  # a folder that is a link is not one of alice's
+    (root / ".NotAFolder").mkdir()
+    async with ui.client() as c:
+        await ui.login(c)
+        assert (await c.get("/account/messages?mailbox=Lists")).status_code == 200
+        for path in ("/account/messages", "/account/messages/8402.M1P1Q1.host", "/account/raw/8402.M1P1Q1.host",
+                     "/account/messages/8400.M1P1Q1.host", "/account/messages/8401.M1P1Q1.host"):
+            r = await c.get(f"{path}?mailbox={mailbox}")
+            assert r.status_code == 404, (path, mailbox)
+            assert b"Bob's" not in r.content and b"Alice's" not in r.content
+
+
+def test_mailboxes_are_the_inbox_and_the_maildir_plus_plus_folders(tmp_path):
+    root = tmp_path / "Maildir"
+    assert mailboxes(root) == ["Inbox"]  # not delivered to yet
+    for name in ("Lists", "archive", "Archive/2024", "Zed"):
+        _folder(root, name)
+    (root / ".Trash").mkdir()
+    (root / ".Trash" / "cur").mkdir()  # a reader's folder with cur/ only
+    (root / ".Empty").mkdir()
+    (root / "..Bad").mkdir()
+    (root / "..Bad" / "new").mkdir()
+    (root / ".file").write_text("not a folder")
+    assert mailboxes(root) == ["Inbox", "archive", "Archive/2024", "Lists", "Trash", "Zed"]
+    for name in mailboxes(root):  # where the store delivers into each of them
+        assert open_mailbox(root, name).root == mailbox_dir(root, name)
+    assert open_mailbox(root, "inbox").root == root
+    assert open_mailbox(root, "Archive/2024").root == root / ".Archive.2024"
+    for bad in ("Empty", "Bad", ".Bad", "", "/", "Archive", "2024", "../Maildir", "file"):
+        assert open_mailbox(root, bad) is None, bad
+
+
 def test_message_ids_are_single_unhidden_path_components():
     assert valid_id("1700000000.M1P2Q3.mail.example.org,S=123")
     for bad in ("", ".", "..", "../x", "/etc/passwd", "a/b", ".hidden", "a\x00b", "a:2,S", "x" * 300):
         assert not valid_id(bad)
-    assert Inbox(Path("/nonexistent")).page(1, 50) == ([], 0)
+    assert Mailbox(Path("/nonexistent")).page(1, 50) == ([], 0)
 
 
 def test_the_inbox_finds_only_its_own_files(tmp_path):
@@ -203,7 +300,7 @@ def test_the_inbox_finds_only_its_own_files(tmp_path):
         (root / sub).mkdir(parents=True)
     (root / "cur" / "7000.M1P1Q1.host:2,S").write_bytes(b"Subject: x\r\n\r\n")
     (root / "tmp" / "7001.M1P1Q1.host").write_bytes(b"Subject: y\r\n\r\n")
-    inbox = Inbox(root)
+    inbox = Mailbox(root)
     assert inbox.find("7000.M1P1Q1.host") == root / "cur" / "7000.M1P1Q1.host:2,S"
     for bad in ("7001.M1P1Q1.host", "..", ".", "../cur/7000.M1P1Q1.host", str(root / "cur" / "7000.M1P1Q1.host"),
                 "new", "cur", "7000.M1P1Q1.host:2,S"):

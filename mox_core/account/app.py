@@ -3,9 +3,10 @@ account name and the account's password, the same check as SMTP AUTH PLAIN
 (:func:`mox_core.accounts.passwords.verify_password` on the stored credentials), and sees:
 
 - ``/``: the overview: addresses, outgoing limits and the use of the last 24 hours;
-- ``/messages``: the Inbox, newest first, 50 a page; ``/messages/<id>`` one message (its
-  headers and text), ``/raw/<id>`` the message as a file (``Content-Disposition:
-  attachment``);
+- ``/messages``: the Inbox, newest first, 50 a page, and the other mailboxes
+  (``?mailbox=Lists``: the Maildir++ folders where destinations with a ``mailbox`` deliver);
+  ``/messages/<id>`` one message (its headers and text), ``/raw/<id>`` the message as a file
+  (``Content-Disposition: attachment``), each with the same ``mailbox`` parameter;
 - ``/password``: change the password (the current one is required); the account's other
   sessions end, this one stays.
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from urllib.parse import quote
 
 from starlette.responses import FileResponse, Response
 
-from mox_core.account.mail import Inbox
+from mox_core.account.mail import Mailbox, mailboxes, open_mailbox
 from mox_core.account.usage import account_addresses, account_limits, submission_ports
 from mox_core.accounts.db import account_for_login, set_password
 from mox_core.accounts.passwords import verify_password
@@ -77,8 +79,14 @@ def _overview(ui: WebUI, holder: ConfigHolder, data_dir: Path) -> None:
 
 
 def _messages(ui: WebUI, data_dir: Path) -> None:
-    def inbox(account: str) -> Inbox:
-        return Inbox(data_dir / "accounts" / account / "Maildir")
+    def account_root(page: Page) -> Path:
+        return data_dir / "accounts" / page.principal / "Maildir"
+
+    def mailbox(page: Page) -> Mailbox | None:
+        return open_mailbox(account_root(page), page.request.query_params.get("mailbox", "Inbox"))
+
+    def no_mailbox(page: Page) -> Response:
+        return ui.error(page.request, 404, "There is no such mailbox in your account.", page.session)
 
     @ui.page("/messages")
     async def messages(page: Page) -> Response:
@@ -86,25 +94,37 @@ def _messages(ui: WebUI, data_dir: Path) -> None:
             number = max(1, int(page.request.query_params.get("page", "1")))
         except ValueError:
             number = 1
-        items, total = await asyncio.to_thread(inbox(page.principal).page, number, PER_PAGE)
+        box = await asyncio.to_thread(mailbox, page)
+        if box is None:
+            return no_mailbox(page)
+        items, total = await asyncio.to_thread(box.page, number, PER_PAGE)
+        names = await asyncio.to_thread(mailboxes, account_root(page))
         pages = max(1, -(-total // PER_PAGE))
         return page.render("messages.html", messages=items, total=total, number=number, pages=pages,
-                           first=(number - 1) * PER_PAGE + 1, last=(number - 1) * PER_PAGE + len(items))
+                           first=(number - 1) * PER_PAGE + 1, last=(number - 1) * PER_PAGE + len(items),
+                           mailbox=box.name, mailboxes=names, in_box=_in_box(box.name))
 
     @ui.page("/messages/{msg_id:path}")
     async def message(page: Page) -> Response:
-        view = await asyncio.to_thread(inbox(page.principal).view, page.request.path_params["msg_id"])
+        box = await asyncio.to_thread(mailbox, page)
+        view = await asyncio.to_thread(box.view, page.request.path_params["msg_id"]) if box else None
         if view is None:
-            return ui.error(page.request, 404, "There is no such message in your Inbox.", page.session)
-        return page.render("message.html", msg=view)
+            return ui.error(page.request, 404, "There is no such message in your mailbox.", page.session)
+        return page.render("message.html", msg=view, mailbox=box.name, in_box=_in_box(box.name))
 
     @ui.page("/raw/{msg_id:path}")
     async def raw(page: Page) -> Response:
         msg_id = page.request.path_params["msg_id"]
-        path = await asyncio.to_thread(inbox(page.principal).find, msg_id)
+        box = await asyncio.to_thread(mailbox, page)
+        path = await asyncio.to_thread(box.find, msg_id) if box else None
         if path is None:
-            return ui.error(page.request, 404, "There is no such message in your Inbox.", page.session)
+            return ui.error(page.request, 404, "There is no such message in your mailbox.", page.session)
         return FileResponse(path, media_type="message/rfc822", filename=f"{msg_id}.eml")
+
+
+def _in_box(name: str) -> str:
+    """The query that names mailbox ``name`` in a link ("" for the Inbox)."""
+    return "" if name == "Inbox" else "mailbox=" + quote(name, safe="/")
 
 
 def _password(ui: WebUI, holder: ConfigHolder, credentials: CredentialStore) -> None:

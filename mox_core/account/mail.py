@@ -1,11 +1,14 @@
-"""The messages of an account's Inbox (``<data_dir>/accounts/<account>/Maildir``, its
-``new/`` and ``cur/``) as the account pages list and show them.
+"""The messages of an account's mailboxes as the account pages list and show them: the Inbox
+(``<data_dir>/accounts/<account>/Maildir``, its ``new/`` and ``cur/``) and its Maildir++
+folders (``.Lists``, ``.Archive.2024``: the mailboxes "Lists" and "Archive/2024", where
+deliveries to a destination's ``mailbox`` go, :func:`mox_core.store.mailbox_dir`).
 
 A message is named in URLs by its Maildir unique name: the file name without the ``:2,``
 info part that readers add in ``cur/`` (see :mod:`mox_core.store.maildir`), so its URL stays
 the same when a mail client marks it read. A name is only ever looked up among the entries of
-the two directories (:meth:`Inbox.find`): a name with ``/``, NUL or ``:``, a name starting
+the two directories (:meth:`Mailbox.find`): a name with ``/``, NUL or ``:``, a name starting
 with ``.``, or one that is not there, is not found, so a request cannot reach any other file.
+Likewise a mailbox is only one found among the account Maildir's folders (:func:`open_mailbox`).
 
 Headers are decoded (RFC 2047 encoded words, RFC 6532 UTF-8) by :mod:`email`'s default
 policy; the text shown is the message's text/plain part, else its text/html part converted to
@@ -25,8 +28,9 @@ from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 
 from mox_core.account.htmltext import html_to_text
+from mox_core.store import INBOX
 
-__all__ = ["MAX_VIEW", "Inbox", "MessageView", "Summary", "valid_id"]
+__all__ = ["MAX_VIEW", "Mailbox", "MessageView", "Summary", "mailboxes", "open_mailbox", "valid_id"]
 
 MAX_VIEW = 25 * 1024 * 1024  # larger messages: headers only on the page, download for the rest
 _MAX_HEAD = 256 * 1024
@@ -106,11 +110,40 @@ def _date(msg: Message) -> datetime | None:
         return None
 
 
-class Inbox:
-    """The Inbox Maildir at ``root`` (which may not exist yet: then it is empty)."""
+def mailboxes(root: Path) -> list[str]:
+    """The mailboxes of the account Maildir at ``root``: "Inbox", then its Maildir++ folders
+    (directories ``.A.B`` with a ``cur/`` or ``new/``, named "A/B") in name order."""
+    folders = []
+    try:
+        it = os.scandir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return [INBOX]
+    with it:
+        for e in it:
+            parts = e.name[1:].split(".")
+            if (not e.name.startswith(".") or not all(parts) or not e.is_dir(follow_symlinks=False)
+                    or not any(os.path.isdir(os.path.join(e.path, sub)) for sub in ("cur", "new"))):
+                continue
+            folders.append("/".join(parts))
+    return [INBOX, *sorted(folders, key=lambda n: (n.casefold(), n))]
 
-    def __init__(self, root: Path) -> None:
+
+def open_mailbox(root: Path, name: str) -> Mailbox | None:
+    """Mailbox ``name`` ("Inbox" in any letter case, or one of :func:`mailboxes`) of the
+    account Maildir at ``root``; None if the account has no such mailbox."""
+    if name.upper() == "INBOX":
+        return Mailbox(root, INBOX)
+    if name not in mailboxes(root):
+        return None
+    return Mailbox(Path(root) / ("." + name.replace("/", ".")), name)
+
+
+class Mailbox:
+    """The Maildir of one mailbox at ``root`` (which may not exist yet: then it is empty)."""
+
+    def __init__(self, root: Path, name: str = INBOX) -> None:
         self.root = Path(root)
+        self.name = name
 
     def _entries(self) -> list[tuple[float, str, str, int, bool]]:
         """(mtime, unique name, path, size, seen) of every message, newest first."""

@@ -12,7 +12,7 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescap
 
 from mox_core.webui.static import StaticFiles
 
-__all__ = ["HERE", "Renderer", "human_size", "human_time"]
+__all__ = ["HERE", "Renderer", "human_size", "human_time", "query"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,6 +41,13 @@ def human_time(value: float | datetime.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M")
 
 
+def query(*parts: str) -> str:
+    """A link's query from its already encoded ``name=value`` parts, the empty ones left out:
+    ``query("mailbox=Lists", "page=2")`` -> ``?mailbox=Lists&page=2``, ``query("")`` -> ``""``."""
+    given = [p for p in parts if p]
+    return "?" + "&".join(given) if given else ""
+
+
 class Renderer:
     """The Jinja2 environment and the static files of one web application."""
 
@@ -50,6 +57,7 @@ class Renderer:
                                trim_blocks=True, lstrip_blocks=True)
         self.env.filters["size"] = human_size
         self.env.filters["when"] = human_time
+        self.env.globals["query"] = query
         self.static = StaticFiles(HERE / "static", *([static] if static is not None else []))
 
     def render(self, template: str, context: dict[str, Any]) -> str:
