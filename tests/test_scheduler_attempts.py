@@ -207,6 +207,32 @@ async def test_a_domain_waiting_for_a_one_at_a_time_transport_takes_nothing_else
         assert [c.recipients[0] for c in SCRIPT.calls] == ["r1@one.example", "b@one.example", "r4@one.example"]
 
 
+async def test_a_blocked_domain_takes_its_transports_concurrency_again_once_the_block_is_over(tmp_path):
+    """The domain blocked for b (above) is blocked only until its deliveries are done: then
+    three deliveries through the fast transport run at once again, not one at a time."""
+    from tests.plugins.queue_helpers import make_config, scheduler_waiting
+
+    SCRIPT.gate = asyncio.Event()
+    async with running(make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')) as q:
+        await add(q, "r1@one.example")
+        await scheduler_waiting(q)
+        await add(q, "b@one.example", transport="backup")
+        await scheduler_waiting(q)
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert [c.recipients[0] for c in SCRIPT.calls] == ["r1@one.example", "b@one.example"]
+        assert SCRIPT.max_active == 1
+        SCRIPT.gate = asyncio.Event()
+        for i in range(3):
+            await add(q, f"u{i}@one.example")
+        async with asyncio.timeout(10):
+            while SCRIPT.active < 3:
+                await asyncio.sleep(0.001)
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert SCRIPT.max_active == 3 and len(SCRIPT.calls) == 5
+
+
 ROUTES = """
 [[accounts.alice.routes]]
 to_domain = ["account.example"]
