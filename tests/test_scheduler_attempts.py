@@ -231,6 +231,8 @@ async def test_a_blocked_domain_takes_its_transports_concurrency_again_once_the_
         SCRIPT.gate.set()
         await q.scheduler.settle()
         assert SCRIPT.max_active == 3 and len(SCRIPT.calls) == 5
+        s = q.scheduler  # and nothing is kept for the domain once its deliveries are done
+        assert (s._per_domain, s._allowed, s._blocked, s._running, s._inflight) == ({}, {}, set(), {}, {})
 
 
 ROUTES = """

@@ -1,6 +1,7 @@
 """The delivery scheduler's parts (mox_core/queue/scheduler.py) one by one: the remaining
 retry schedule past the interval list, a transport's own destination concurrency, the times of
-a result, the DSNs of a batch (one per submission, skipped, failing), a domain at launch."""
+a result, the DSNs of a batch (one per submission, skipped, failing), a domain at launch and the
+room of a domain in flight."""
 
 from __future__ import annotations
 
@@ -99,12 +100,32 @@ async def test_a_domain_just_launched_takes_no_other_delivery_before_its_route_i
         await s.stop()
 
 
+async def test_a_domain_in_flight_has_room_for_as_many_more_as_its_transport_allows(tmp_path):
+    fast = '[transports.fast]\nkind = "queue_scripted"\ndestination_concurrency = 3\n'
+    cfg = make_config(tmp_path, fast, '[[routes]]\ntransport = "fast"\n')
+    async with running(cfg) as q:
+        await q.scheduler.stop()  # the rows are this test's scheduler's alone
+        rows = [(await queued(q, "alice", "alice@example.org", f"u{i}@remote.example", hold=False))[0]
+                for i in range(3)]
+        s = Scheduler(q.store, lambda: cfg, maildir_store=None, clock=q.clock)
+        SCRIPT.gate = asyncio.Event()
+        for n, row in enumerate(rows, 1):
+            s._launch([row])
+            async with asyncio.timeout(10):
+                while SCRIPT.active < n:  # the attempt has learnt the transport's limit
+                    await asyncio.sleep(0.001)
+            assert s._room() == ({"remote.example": 3 - n} if n < 3 else {})
+            assert s.busy_domains == (set() if n < 3 else {"remote.example"})
+        SCRIPT.gate.set()
+        await s.stop(grace=10)
+
+
 def failed(m, text: str = "no such user") -> tuple:
     return m, RecipientResult(m.recipient, DeliveryStatus.PERMANENT, 550, "5.1.1", "mx.remote.example", text)
 
 
-async def queued(q, account, mail_from, *rcpts, **kw):
-    ids = await q.add(account=account, mail_from=mail_from, recipients=list(rcpts), data=MSG, hold=True, **kw)
+async def queued(q, account, mail_from, *rcpts, hold: bool = True, **kw):
+    ids = await q.add(account=account, mail_from=mail_from, recipients=list(rcpts), data=MSG, hold=hold, **kw)
     rows = {m.id: m for m in await q.list_messages()}
     return [rows[i] for i in ids]
 
