@@ -8,7 +8,15 @@ import asyncio
 import math
 
 from mox_core.queue import Filter
-from tests.plugins.queue_helpers import MSG, cfg, make_config, reset_script, running, scheduler_waiting  # noqa: F401
+from tests.plugins.queue_helpers import (  # noqa: F401
+    MSG,
+    cfg,
+    count_picks,
+    make_config,
+    reset_script,
+    running,
+    scheduler_waiting,
+)
 from tests.plugins.queue_scripted import SCRIPT, T
 
 HOUR = 3600.0
@@ -79,6 +87,10 @@ async def test_with_deliveries_in_flight_it_waits_for_the_next_due_or_for_them(t
         await until(lambda: SCRIPT.active == 2)
         await scheduler_waiting(q)
         assert deadline(q) == math.inf  # every slot taken: only a delivery's end wakes it
+        passes = count_picks(q)
+        q.scheduler.kick()  # and a pass then (after an add) has nothing to ask the database
+        await scheduler_waiting(q)
+        assert passes[0] == 0 and deadline(q) == math.inf
         SCRIPT.gate.set()
         await until(lambda: SCRIPT.active == 0)
         await scheduler_waiting(q)
