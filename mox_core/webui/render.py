@@ -12,7 +12,7 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescap
 
 from mox_core.webui.static import StaticFiles
 
-__all__ = ["HERE", "Renderer", "human_size", "human_time", "query"]
+__all__ = ["HERE", "Renderer", "human_size", "human_time", "url_query"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,9 +41,9 @@ def human_time(value: float | datetime.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M")
 
 
-def query(*parts: str) -> str:
+def url_query(*parts: str) -> str:
     """A link's query from its already encoded ``name=value`` parts, the empty ones left out:
-    ``query("mailbox=Lists", "page=2")`` -> ``?mailbox=Lists&page=2``, ``query("")`` -> ``""``."""
+    ``url_query("mailbox=Lists", "page=2")`` -> ``?mailbox=Lists&page=2``, ``url_query("")`` -> ``""``."""
     given = [p for p in parts if p]
     return "?" + "&".join(given) if given else ""
 
@@ -57,7 +57,7 @@ class Renderer:
                                trim_blocks=True, lstrip_blocks=True)
         self.env.filters["size"] = human_size
         self.env.filters["when"] = human_time
-        self.env.globals["query"] = query
+        self.env.globals["url_query"] = url_query
         self.static = StaticFiles(HERE / "static", *([static] if static is not None else []))
 
     def render(self, template: str, context: dict[str, Any]) -> str:
