@@ -51,9 +51,46 @@ EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 64, 65, 69, 75, 7
 BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
+ACCOUNTS = ("admin", "alice", "bob", "carol")
+
+
+@pytest.fixture(scope="module")
+def module_mox(tmp_path_factory):
+    """One ``mox serve`` for the module: starting one takes a second or two, and some 60 tests
+    use it (each as if it were new: the ``mox`` fixture)."""
+    from mox_testpeers.moxserver import MoxServer
+
+    server = MoxServer(tmp_path_factory.mktemp("sendmail") / "mox", domains=DOMAINS)
+    server.set_password("alice", "alice-secret")
+    server.start()
+    yield server
+    server.stop()
+
+
+class FreshMox:
+    """The module's ``mox serve`` as one test sees it: no mail in any account's Inbox when the
+    test starts (each test waits for its own deliveries, so none is under way then), and a log
+    that starts with the test."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+        for account in ACCOUNTS:
+            for sub in ("new", "cur"):
+                folder = server.maildir(account) / sub
+                for path in folder.iterdir() if folder.exists() else ():
+                    path.unlink()
+        self._log_start = len(server.log_text())
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+    def log_text(self) -> str:
+        return self._server.log_text()[self._log_start:]
+
+
 @pytest.fixture
-def mox(mox_server_factory):
-    return mox_server_factory(DOMAINS, passwords={"alice": "alice-secret"})
+def mox(module_mox):
+    return FreshMox(module_mox)
 
 
 def write_config(path: Path, **keys) -> Path:
