@@ -95,3 +95,80 @@ async def test_with_deliveries_in_flight_it_waits_for_the_next_due_or_for_them(t
         await until(lambda: SCRIPT.active == 0)
         await scheduler_waiting(q)
         assert deadline(q) == q.clock.now() + 60
+
+
+async def test_a_message_due_within_the_second_is_looked_at_on_time(tmp_path):
+    async with running(make_config(tmp_path)) as q:
+        [mid] = await add(q, "a@remote.example", hold=True)
+        await q.store.update(Filter(ids=(mid,)), {"hold": 0, "next_attempt": q.clock.now() + 0.25})
+        q.scheduler.kick()
+        await scheduler_waiting(q)
+        assert deadline(q) == q.clock.now() + 0.25 and SCRIPT.calls == []
+
+
+async def test_a_due_time_already_past_that_nothing_took_is_looked_at_again_in_50_ms(tmp_path):
+    """Should the database say something is due that no pick takes (it does not, with a
+    consistent queue), the scheduler looks again shortly, neither at once (a busy loop) nor
+    much later."""
+    async with running(make_config(tmp_path)) as q:
+        await scheduler_waiting(q)
+
+        async def inconsistent(now, *args, **kw):
+            return [], now - 5, True
+
+        q.store.pick_and_next_due = inconsistent
+        q.scheduler.kick()
+        await scheduler_waiting(q)
+        assert deadline(q) == q.clock.now() + 0.05
+
+
+FAST = '[transports.fast]\nkind = "queue_scripted"\ndestination_concurrency = 3\n'
+
+
+async def held(q, *rcpts: str) -> list[int]:
+    return [(await add(q, r, hold=True))[0] for r in rcpts]
+
+
+async def test_a_domain_taking_three_at_once_gets_them_in_two_passes(tmp_path):
+    """The first pass takes one message (the domain's limit is not known before its route is
+    resolved); the attempt learns it is 3 and asks for another pass, which takes the other two
+    together, as the room the domain has left."""
+    SCRIPT.gate = asyncio.Event()
+    async with running(make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')) as q:
+        ids = await held(q, "a@one.example", "b@one.example", "c@one.example")
+        await scheduler_waiting(q)
+        passes = count_picks(q)
+        await q.store.update(Filter(ids=tuple(ids)), {"hold": 0})
+        q.scheduler.kick()
+        await until(lambda: SCRIPT.active == 3)
+        await scheduler_waiting(q)
+        assert passes[0] == 2
+        SCRIPT.gate.set()
+        await q.scheduler.settle()
+        assert sorted(c.recipients[0] for c in SCRIPT.calls) == ["a@one.example", "b@one.example", "c@one.example"]
+
+
+async def test_a_message_whose_attempt_has_not_started_yet_is_not_picked_again(tmp_path):
+    """Between its launch and the attempt marking its row in the database, a message is still
+    due there: a pass in between (here: the attempt's own, for the domain's room) must not
+    start it a second time."""
+    async with running(make_config(tmp_path, FAST, '[[routes]]\ntransport = "fast"\n')) as q:
+        start_attempt, release = q.store.start_attempt, asyncio.Event()
+
+        async def slow_start_attempt(*args, **kw):
+            await release.wait()
+            return await start_attempt(*args, **kw)
+
+        q.store.start_attempt = slow_start_attempt
+        passes = count_picks(q)
+        await add(q, "a@one.example")
+        s = q.scheduler
+
+        def second_pass_over() -> bool:  # the launch's pass, and the one the attempt asked for
+            return passes[0] >= 2 and not s._wake.is_set() and any(ev is s._wake for _, ev in q.clock._waiters)
+
+        await until(second_pass_over)
+        assert len(s._inflight) == 1
+        release.set()
+        await q.scheduler.settle()
+        assert [c.recipients[0] for c in SCRIPT.calls] == ["a@one.example"]
