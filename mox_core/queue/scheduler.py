@@ -208,31 +208,27 @@ class Scheduler:
             self._wake.clear()
             delay: float | None
             try:
-                started = 0
                 busy = self.busy_domains  # deliveries may finish while we pick: use this set
-                room = self._room()
                 free = self.concurrency - len(self._inflight)
-                nxt, have_next = None, False
+                batches: list[list[QueuedMessage]] = []
+                nxt = None
                 if free > 0:
                     # One trip to the database thread for both questions (a pass runs after
-                    # every queued message).
-                    batches, nxt, have_next = await self.store.pick_and_next_due(
-                        self.clock.now(), busy, free, room, frozenset(self._inflight_ids))
+                    # every queued message). The next due time comes back whenever the batches
+                    # leave a slot free; it leaves out the domains with room left, which gave
+                    # all their due rows (waiting for those is waiting for a delivery's end,
+                    # which wakes us).
+                    batches, nxt, _ = await self.store.pick_and_next_due(
+                        self.clock.now(), busy, free, self._room(), frozenset(self._inflight_ids))
                     for batch in batches:
                         self._launch(batch)
-                        room.pop(batch[0].recipient_domain, None)
-                        started += 1
-                if not started and not busy and not self._inflight:
+                if not batches and not busy and not self._inflight:
                     self._set_idle(gen)
                 if len(self._inflight) >= self.concurrency:
                     delay = None  # a finishing delivery wakes us
                 else:
-                    # a domain with room left that gave nothing has all its due rows in flight:
-                    # waiting for it is waiting for a delivery to finish, and that wakes us
-                    if not have_next:
-                        nxt = await self.store.next_due(self.busy_domains | set(room))
                     delay = None if nxt is None else max(0.0, nxt - self.clock.now())
-                    if delay == 0.0 and not started:
+                    if delay == 0.0 and not batches:
                         delay = 0.05  # never spin; should not happen with consistent state
                     # wake up now and then anyway, in case the wall clock jumped
                     delay = 3600.0 if delay is None else min(delay, 3600.0)
